@@ -1,0 +1,205 @@
+"""The training flow: data → validate → split → train → evaluate → register → promote (→ monitor).
+
+Tasks are thin: each calls one library stage function and logs. Parameters are a
+pydantic model so the Prefect UI renders them as a form; anything else can be set
+with ``overrides`` (``section.field=value``, validated like ``--set``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from pipeline.config import Settings, load_settings, with_overrides
+
+
+class TrainingParameters(BaseModel):
+    """What a person can change when starting a training run from the UI or CLI."""
+
+    source: str | None = Field(None, title="Dataset source",
+                               description="synthetic, folder, kaggle-pneumonia, nih-cxr14, rsna-pneumonia, dicom, "
+                                           "sklearn:digits, keras:mnist, keras:cifar10. Empty = params.yaml.")
+    input: str | None = Field(None, title="Dataset folder", description="Raw dataset folder. Empty = params.yaml.")
+    rev: str | None = Field(None, title="Dataset version (git rev/tag)",
+                            description="Read the dataset at this DVC/git revision. Empty = the workspace.")
+    model: str | None = Field(None, title="Model", description="Zoo model name (`xrayops model list`).")
+    epochs: int | None = Field(None, ge=1, title="Epochs", description="Training epochs. Empty = params.yaml.")
+    require_approval: bool | None = Field(None, title="Require human approval",
+                                          description="Pause for a reviewer before moving the champion alias.")
+    simulate_production: bool = Field(True, title="Simulate production traffic and drift report",
+                                      description="Score a shifted batch and write an Evidently drift report.")
+    overrides: list[str] = Field(default_factory=list, title="Other settings",
+                                 description="section.field=value strings, e.g. train.batch_size=16.")
+    params_path: str | None = Field(None, title="params.yaml path", description="Empty = the project's params.yaml.")
+
+    def settings(self) -> Settings:
+        mapped = {"data.source": self.source, "data.input": self.input, "data.rev": self.rev,
+                  "train.model": self.model, "train.epochs": self.epochs,
+                  "promote.require_approval": self.require_approval}
+        sets = [f"{k}={v}" for k, v in mapped.items() if v is not None]
+        return with_overrides(load_settings(self.params_path), [*sets, *self.overrides])
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(settings: Settings) -> str:
+    from pipeline.ingest import prepare_raw
+
+    return str(prepare_raw(settings))
+
+
+@task(name="version-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
+def version_data(settings: Settings) -> Any:
+    from pipeline.ingest import version_raw
+
+    version = version_raw(settings)
+    if version:
+        get_run_logger().info("dataset version: md5=%s rev=%s", version.dvc_md5, version.rev)
+    return version
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(settings: Settings, version: Any) -> dict[str, Any]:
+    from pipeline.ingest import run_ingest
+
+    summary = run_ingest(settings, version, show_progress=False)
+    get_run_logger().info("ingested %s of %s files (%s quarantined: %s)", summary["ingested"],
+                          summary["files_seen"], summary["quarantined"], summary["quarantine_reasons"])
+    return summary
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate(settings: Settings) -> dict[str, Any]:
+    from pipeline.validate import run_validation
+
+    return run_validation(settings)
+
+
+@task(name="split", cache_policy=NO_CACHE)
+def split(settings: Settings) -> dict[str, Any]:
+    from pipeline.split import run_split
+
+    return run_split(settings)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(settings: Settings, version: Any) -> Any:
+    from pipeline.train import run_train
+
+    return run_train(settings, version=version)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(settings: Settings, trained: Any) -> Any:
+    from pipeline.evaluate import run_evaluate
+    from pipeline.job import log_reference_profile
+
+    result = run_evaluate(settings, trained)
+    log_reference_profile(settings, trained, result)
+    return result
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
+def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
+    from pipeline.registry import register_version
+
+    return register_version(settings, trained, evaluation)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any:
+    from pipeline.registry import gate as run_gate
+    from pipeline.registry import record_decision
+
+    decision = run_gate(settings, version, evaluation)
+    record_decision(settings, version, decision, trained.run_id)
+    create_markdown_artifact(decision.to_markdown(), key="promotion-gate", description="Promotion gate decision")
+    return decision
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(settings: Settings, version: Any, decision: Any) -> dict[str, Any]:
+    from pipeline.registry import move_champion
+
+    if not decision.promote:
+        get_run_logger().warning("challenger v%s not promoted: %s", version.version, decision.reason)
+        return {"promoted": False}
+    if settings.promote.require_approval:
+        from flows.approval import request_approval
+
+        approval = request_approval(settings, version, decision)
+        if not approval["approved"]:
+            return {"promoted": False, "approval": approval}
+        return {"promoted": True, "approval": approval, **move_champion(settings, version.version,
+                                                                        reason=f"approved by {approval['reviewer']}")}
+    return {"promoted": True, **move_champion(settings, version.version, reason=decision.reason)}
+
+
+@task(name="simulate-and-monitor", cache_policy=NO_CACHE)
+def simulate_and_monitor(settings: Settings) -> dict[str, Any]:
+    from pipeline.job import simulate_and_report
+
+    return simulate_and_report(settings)
+
+
+# --------------------------------------------------------------------------- flow
+
+
+@flow(name="xrayops-training", log_prints=True)
+def training_flow(params: TrainingParameters | None = None) -> dict[str, Any]:
+    """Train, evaluate, register and (through the gate) promote a model; optionally report drift."""
+    from pipeline.job import run_summary
+
+    params = params or TrainingParameters()
+    started = datetime.now(UTC)
+    settings = params.settings()
+    logger = get_run_logger()
+    logger.info("dataset %s (source %s), model %s", settings.dataset_name, settings.data.source,
+                settings.train.model)
+    prepare_data(settings)
+    version = version_data(settings)
+    ingest_summary = ingest(settings, version)
+    validation = validate(settings)
+    certificate = split(settings)
+    trained = train(settings, version)
+    evaluation = evaluate(settings, trained)
+    mv = register(settings, trained, evaluation)
+    decision = gate(settings, mv, evaluation, trained)
+    promotion = promote(settings, mv, decision)
+    drift = simulate_and_monitor(settings) if (params.simulate_production and settings.monitor.simulate_rows) else None
+    summary = run_summary(settings, started=started, ingest=ingest_summary, validation=validation,
+                          certificate=certificate, trained=trained, evaluation=evaluation, version=mv,
+                          decision=decision, promotion=promotion, drift=drift)
+    create_markdown_artifact(summary_markdown(summary), key="training-summary", description="Training run summary")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    reg, m = summary["registry"], summary["metrics"]
+    lines = [f"## xrayops training run — {summary['data']['dataset']}",
+             f"- data version: DVC `{summary['data']['dvc_md5']}` (rev `{summary['data']['dvc_rev']}`)",
+             f"- model: `{summary['train']['model']}`, MLflow run `{summary['train']['run_id']}`",
+             f"- registry: `{reg['model_name']}` v{reg['version']} aliases {reg['aliases']}",
+             f"- gate: {'pass' if reg['gate']['promote'] else 'fail'} — {reg['gate']['reason']}",
+             "- metrics: " + ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, float)),
+             f"- drift report: {summary['reports'].get('drift_html')}"]
+    return "\n".join(lines) + "\n"
+
+
+def run(params: TrainingParameters, summary_path: Path | None = None) -> dict[str, Any]:
+    """Run the flow in this process (temporary Prefect server unless PREFECT_API_URL is set)."""
+    import json
+
+    summary = training_flow(params)
+    if summary_path:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return summary

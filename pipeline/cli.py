@@ -1,0 +1,320 @@
+"""``xrayops`` command line. Heavy libraries are imported inside commands, so ``--help`` is instant.
+
+Every command that runs a stage or flow takes ``--set section.field=value`` (repeatable),
+validated against the config models, and ``--params PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(name="xrayops", help="Train, review, ship and watch chest X-ray classifiers.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Raw datasets: generate / materialise and version with DVC.", no_args_is_help=True)
+model_app = typer.Typer(help="The model zoo.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Files rejected at ingestion.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+app.add_typer(quarantine_app, name="quarantine")
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).",
+                                                  metavar="KEY=VALUE")]
+ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params.yaml to use (default: ./params.yaml).",
+                                                envvar="XRAYOPS_PARAMS")]
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.config import ConfigError
+    from pipeline.data.sources.base import SourceError
+    from pipeline.data.versioning import VersioningError
+    from pipeline.inputs import InputError
+    from pipeline.models.registry import UnknownModel
+    from pipeline.split import LeakageError
+
+    return (ConfigError, SourceError, VersioningError, InputError, UnknownModel, LeakageError,
+            FileNotFoundError, NotADirectoryError)
+
+
+@contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn expected failures into a short message on stderr (exit 2; failed validation exits 1)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        from pipeline.validate import ValidationFailed
+
+        if isinstance(exc, ValidationFailed):
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(1) from None
+        if isinstance(exc, _known_errors()):
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(2) from None
+        raise
+
+
+def settings_for(params: Path | None, sets: list[str] | None, extra: list[str] | None = None) -> Any:
+    """Load settings, apply overrides, switch telemetry off and configure logging."""
+    from pipeline.config import load_settings
+    from pipeline.runtime import configure_logging, quiet_tools
+
+    quiet_tools()
+    configure_logging()
+    return load_settings(params, [*(extra or []), *(sets or [])])
+
+
+def _dump(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- basics
+
+
+@app.command()
+def version() -> None:
+    """Print the xrayops version and the versions of its core tools."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    typer.echo(f"xrayops {v('xrayops')}")
+    for pkg in ("prefect", "mlflow", "tensorflow", "keras", "dvc", "great-expectations", "evidently"):
+        try:
+            typer.echo(f"  {pkg} {v(pkg)}")
+        except PackageNotFoundError:
+            typer.echo(f"  {pkg} (not installed)")
+
+
+@app.command()
+def run(
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+    summary: Annotated[Path | None, typer.Option(help="Also write the run summary JSON here.")] = None,
+    simulate: Annotated[bool, typer.Option(help="Simulate production traffic and write a drift report.")] = True,
+) -> None:
+    """Run the whole training flow (Prefect; temporary local server unless PREFECT_API_URL is set)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.runtime import configure_prefect
+
+        configure_prefect(settings)
+        from flows.training import TrainingParameters
+        from flows.training import run as run_flow
+
+        result = run_flow(TrainingParameters(overrides=list(sets or []), simulate_production=simulate,
+                                             params_path=str(params) if params else None), summary)
+        _print_summary(result)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    reg, m = s["registry"], s["metrics"]
+    typer.secho("\nxrayops run complete", bold=True)
+    typer.echo(f"  data      {s['data']['dataset']}  DVC md5 {s['data']['dvc_md5']}  "
+               f"({s['data']['ingested']} images, {s['data']['quarantined']} quarantined, "
+               f"{s['data']['patients']} patients)")
+    shown = {k: v for k, v in m.items() if isinstance(v, float) and k in
+             ("auc", "sensitivity", "specificity", "accuracy", "macro_f1", "ece")}
+    typer.echo("  metrics   " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+    typer.echo(f"  registry  {reg['model_name']} v{reg['version']}  aliases {reg['aliases']}  "
+               f"gate: {reg['gate']['reason']}")
+    if s["reports"].get("drift_html"):
+        typer.echo(f"  drift     share {s['drift']['drift_share']}  report {s['reports']['drift_html']}")
+    typer.echo(f"  wall time {s['wall_seconds']} s")
+    typer.echo(f"  MLflow UI {s['mlflow_ui']}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("generate")
+def data_generate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Generate/materialise the configured raw dataset and version it with DVC."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.ingest import prepare_raw, version_raw
+
+        root = prepare_raw(settings)
+        version = version_raw(settings)
+        _dump({"raw_dir": str(root), "dvc": version.to_dict() if version else None})
+
+
+@app.command()
+def ingest(
+    source: Annotated[str | None, typer.Option(help="Source name (default: data.source).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="Raw dataset folder.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Label / mapping CSV.")] = None,
+    rev: Annotated[str | None, typer.Option(help="Git rev/tag of the dataset in its DVC repo.")] = None,
+    repo: Annotated[str | None, typer.Option(help="DVC repo holding the dataset (with --rev).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output dataset folder.")] = None,
+    version_with_dvc: Annotated[bool | None, typer.Option("--dvc/--no-dvc",
+                                                          help="Version the raw folder with DVC first.")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Build DIR/manifest.parquet, DIR/quarantine.csv and DIR/ingest_summary.json from a raw dataset."""
+    extra = _opt_sets({"data.source": source, "data.input": _abs(input), "data.labels": _abs(labels),
+                       "data.rev": rev, "data.repo": repo, "data.dataset_dir": _abs(out),
+                       "data.version_with_dvc": version_with_dvc})
+    if input is not None and version_with_dvc is None and rev is None:
+        extra.append("data.version_with_dvc=false")  # an explicit folder may live outside any DVC repo
+    with friendly_errors():
+        settings = settings_for(params, sets, extra)
+        from pipeline.ingest import prepare_raw, run_ingest, version_raw
+
+        if input is None and not settings.data.rev:
+            prepare_raw(settings)
+        version = version_raw(settings)
+        summary = run_ingest(settings, version)
+        _dump({k: summary[k] for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons", "patients")})
+
+
+def _abs(path: Path | None) -> str | None:
+    return str(path.resolve()) if path is not None else None
+
+
+def _opt_sets(values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = json.dumps(value) if isinstance(value, (bool, int, float)) else json.dumps(str(value))
+        out.append(f"{key}={text}")
+    return out
+
+
+@app.command()
+def validate(
+    dataset_dir: Annotated[Path | None, typer.Argument(help="Dataset folder (default: from params).")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Validate DIR/manifest.parquet with Great Expectations; exit 1 on a critical failure."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.validate import run_validation
+
+        result = run_validation(settings, dataset_dir.resolve() if dataset_dir else None)
+        typer.echo(f"validation passed: {result['statistics']['successful_expectations']}/"
+                   f"{result['statistics']['evaluated_expectations']} expectations; "
+                   f"warnings: {result['warning_failures'] or 'none'}; docs: {result['data_docs']}")
+
+
+@app.command()
+def split(
+    dataset_dir: Annotated[Path | None, typer.Argument(help="Dataset folder (default: from params).")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Split DIR by patient; writes DIR/split.parquet and DIR/split_certificate.json."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.split import run_split
+
+        cert = run_split(settings, dataset_dir.resolve() if dataset_dir else None)
+        _dump({k: cert[k] for k in ("images", "patients", "prevalence", "patient_overlap",
+                                    "exact_duplicates_across_splits")}
+              | {"near_duplicates_across_splits": len(cert["near_duplicates_across_splits"])})
+
+
+@app.command()
+def train(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Train train.model on the split dataset (MLflow-tracked); writes <models_dir>/<dataset>/."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.train import run_train
+
+        result = run_train(settings)
+        _dump({"run_id": result.run_id, "model_uri": result.model_uri, "epochs": result.epochs_run,
+               "seconds": result.seconds, "final": {k: v[-1] for k, v in result.history.items()}})
+
+
+@app.command()
+def evaluate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Evaluate the last trained model on the test split (metrics with patient-level CIs)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.evaluate import run_evaluate
+        from pipeline.job import log_reference_profile
+        from pipeline.train import load_trained
+
+        trained = load_trained(settings)
+        result = run_evaluate(settings, trained)
+        log_reference_profile(settings, trained, result)
+        _dump(result.to_json()["metrics"])
+
+
+@app.command()
+def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Register the last evaluated model and promote it through the gate."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.registry import move_champion, record_decision, register_version
+        from pipeline.registry import gate as run_gate
+
+        trained, evaluation = _reload_evaluation(settings)
+        mv = register_version(settings, trained, evaluation)
+        decision = run_gate(settings, mv, evaluation)
+        record_decision(settings, mv, decision, trained.run_id)
+        if decision.promote and not settings.promote.require_approval:
+            move_champion(settings, mv.version, reason=decision.reason)
+        elif decision.promote:
+            typer.echo("gate passed; approval required: run the training flow with require_approval, "
+                       "or approve with `xrayops registry promote`")
+        _dump(decision.to_dict())
+
+
+def _reload_evaluation(settings: Any) -> tuple[Any, Any]:
+    from pipeline.evaluate import run_evaluate
+    from pipeline.train import load_trained
+
+    trained = load_trained(settings)
+    return trained, run_evaluate(settings, trained)
+
+
+# --------------------------------------------------------------------------- model zoo
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the zoo models."""
+    from pipeline.models import list_models
+
+    for spec in list_models():
+        typer.echo(f"{spec.name:<18} {spec.family:<9} {spec.image_size}x{spec.image_size}x{spec.channels}  "
+                   f"{spec.description}")
+
+
+# --------------------------------------------------------------------------- quarantine
+
+
+@quarantine_app.command("locate")
+def quarantine_locate(
+    dataset_dir: Annotated[Path, typer.Argument(help="Dataset folder holding quarantine.csv.")],
+    input: Annotated[Path, typer.Option("--input", help="The raw dataset folder that was ingested.")],
+    params: ParamsOpt = None,
+) -> None:
+    """Resolve de-identified quarantine references to files (prints paths: may show identifiers)."""
+    with friendly_errors():
+        settings = settings_for(params, None)
+        from pipeline.data.deid import load_salt
+        from pipeline.data.quarantine import locate, read_quarantine
+
+        found = locate(dataset_dir, input, load_salt(settings.data.ingest.salt_env, settings.home))
+        for entry in read_quarantine(dataset_dir):
+            typer.echo(f"{entry.reason:<20} {found.get(entry.path, '<not found>')}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Typed configuration: one pydantic model per ``params.yaml`` section.
+
+``params.yaml`` is the one source of defaults: the models below declare types,
+ranges and documentation but no values, so a field missing from the file is an
+error that names the field, not a silently different default.  Overrides come
+as ``section.field=value`` strings (``--set`` on the CLI, ``overrides`` in a
+flow run, ``-S`` in ``dvc exp run``) and are validated by the same models.
+
+Nothing here touches the file system at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_ENV = "XRAYOPS_PARAMS"
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who has to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class BaseSection(_Section):
+    seed: int = Field(description="The one random seed; every stage derives its randomness from it.")
+    project: str = Field(description="Project name; prefixes MLflow experiments.")
+
+
+class PathsSection(_Section):
+    home: str = Field(description="Folder for local state (MLflow DB, Prefect home, DVC remote, logs).")
+    data_dir: str = Field(description="Folder holding raw data and ingested datasets.")
+    reports_dir: str = Field(description="Folder for human-facing reports (drift, model cards).")
+    models_dir: str = Field(description="Folder for trained-model outputs of the DVC stages (model.keras, train.json).")
+    mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI; null = SQLite under home.")
+    mlflow_artifact_root: str | None = Field(description="Artifact root for new experiments; null = under home.")
+    mlflow_registry_uri: str | None = Field(description="MLflow registry URI; null = the tracking URI.")
+    prefect_home: str | None = Field(description="PREFECT_HOME; null = <home>/prefect.")
+    dvc_remote: str | None = Field(description="DVC remote URL (path, s3://…); null = <home>/dvc-remote.")
+    production_log: str | None = Field(description="Prediction log folder; null = <home>/production-log.")
+    feedback_log: str | None = Field(description="Clinician feedback folder; null = <home>/feedback.")
+
+
+class SyntheticSection(_Section):
+    n_patients: int = Field(ge=4, description="Number of synthetic patients.")
+    images_per_patient: tuple[int, int] = Field(description="Inclusive [min, max] images per patient.")
+    prevalence: float = Field(gt=0, lt=1, description="Share of patients with pneumonia.")
+    image_size: int = Field(ge=32, le=4096, description="Side of the square images in pixels.")
+    bit_depth: Literal[8, 16] = Field(description="PNG bit depth of the generated images.")
+    bad_files: int = Field(ge=0, description="Deliberately bad files to add (corrupt, empty, tiny, ...).")
+    shift: float = Field(ge=0, description="Acquisition shift (exposure/contrast/noise); 0 = training-like.")
+
+    @field_validator("images_per_patient")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("must be [min, max] with 1 <= min <= max")
+        return v
+
+
+class IngestSection(_Section):
+    workers: int = Field(ge=0, description="Parallel readers; 0 = one per CPU core.")
+    min_size: int | None = Field(ge=1, description="Smallest accepted side in pixels; null = the source's default.")
+    max_pixels: int = Field(ge=1, description="Largest accepted width*height (decompression-bomb guard).")
+    max_bytes: int = Field(ge=1, description="Largest accepted file size in bytes.")
+    dicom_bit_depth: Literal[8, 16] = Field(description="Keep DICOM at 16 bits or normalise to 8 bits.")
+    salt_env: str = Field(description="Environment variable holding the pseudonymisation salt.")
+
+
+class DataSection(_Section):
+    source: str = Field(description="Dataset source: synthetic, folder, kaggle-pneumonia, nih-cxr14, "
+                        "rsna-pneumonia, dicom, keras:mnist, keras:cifar10, sklearn:digits.")
+    name: str | None = Field(description="Dataset name; null = derived from the source.")
+    input: str | None = Field(description="Raw data folder; null = <data_dir>/raw/<name>.")
+    labels: str | None = Field(description="Label/mapping CSV for sources that need one.")
+    repo: str | None = Field(description="DVC repo (path or URL) to read the dataset from; null = this project.")
+    rev: str | None = Field(description="Git rev/tag of the dataset version; null = the workspace.")
+    dataset_dir: str | None = Field(description="Where ingest writes; null = <data_dir>/datasets/<name>.")
+    classes: list[str] | None = Field(description="Class names in label-index order; null = the source's.")
+    positive_class: str | None = Field(description="Positive class of a binary task; null = the source's.")
+    version_with_dvc: bool = Field(description="Track the raw dataset with DVC and record its hash.")
+    dvc_push: bool = Field(description="Push the dataset version to the DVC remote.")
+    synthetic: SyntheticSection
+    ingest: IngestSection
+
+
+class ValidateSection(_Section):
+    min_rows: int = Field(ge=1, description="Fewest images a dataset may have (critical).")
+    max_rows: int = Field(ge=1, description="Most images a dataset may have (critical).")
+    prevalence_range: tuple[float, float] = Field(description="Allowed share of the positive class (warning).")
+    max_images_per_patient: int = Field(ge=1, description="Most images one patient may have (warning).")
+    size_range: tuple[int, int] | None = Field(description="Allowed image side range; null = the source's.")
+    mean_range: tuple[float, float] = Field(description="Allowed mean intensity on a 0-1 scale (warning).")
+    std_range: tuple[float, float] = Field(description="Allowed intensity std on a 0-1 scale (warning).")
+    fail_on_warning: bool = Field(description="Treat warning-level failures as critical.")
+
+
+class SplitSection(_Section):
+    fractions: tuple[float, float, float] = Field(description="Train/val/test fractions of patients.")
+    near_duplicate_hamming: int = Field(ge=0, le=31, description="Max differing bits (of 256) of near-duplicate pHashes.")
+    near_duplicate_action: Literal["merge", "drop", "report"] = Field(
+        description="merge: keep near-duplicate patients on one side; drop: remove the later image; "
+        "report: only list them.")
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"must be three positive numbers summing to 1, got {list(v)}")
+        return v
+
+
+class AugmentSection(_Section):
+    rotation_deg: float = Field(ge=0, le=45, description="Max rotation in degrees.")
+    translate: float = Field(ge=0, le=0.5, description="Max translation as a fraction of the side.")
+    zoom: float = Field(ge=0, le=0.5, description="Max zoom in/out as a fraction.")
+    contrast: float = Field(ge=0, le=1, description="Max contrast change factor.")
+    brightness: float = Field(ge=0, le=1, description="Max brightness change factor.")
+    horizontal_flip: bool = Field(description="Flip left/right (off for chest X-rays: anatomy is lateralised).")
+
+
+class TrainSection(_Section):
+    model: str = Field(description="Zoo model name (see `xrayops model list`).")
+    image_size: int | None = Field(ge=8, description="Input side in pixels; null = the model's default.")
+    channels: Literal[1, 3] | None = Field(description="Input channels; null = the model's default.")
+    epochs: int = Field(ge=1, description="Training epochs (phase 1 for transfer models).")
+    batch_size: int = Field(ge=1, description="Batch size per replica.")
+    learning_rate: float = Field(gt=0, description="Initial learning rate.")
+    loss: Literal["crossentropy", "focal"] = Field(description="Loss; focal applies to binary tasks.")
+    class_weights: bool = Field(description="Weight classes by inverse frequency in the training split.")
+    early_stopping_patience: int = Field(ge=1, description="Epochs without val improvement before stopping.")
+    reduce_lr_patience: int = Field(ge=1, description="Epochs without val improvement before halving the LR.")
+    weights: str = Field(description="Transfer backbones: imagenet | none | path to a .weights.h5 file.")
+    fine_tune_epochs: int = Field(ge=0, description="Phase-2 epochs with the top layers unfrozen.")
+    fine_tune_layers: int = Field(ge=0, description="Backbone layers to unfreeze in phase 2.")
+    fine_tune_learning_rate: float = Field(gt=0, description="Learning rate of phase 2.")
+    mixed_precision: Literal["auto", "on", "off"] = Field(description="mixed_float16 on GPUs when auto.")
+    xla: bool = Field(description="Compile with XLA (slower on CPU).")
+    deterministic: bool = Field(description="Enable TensorFlow op determinism (slower).")
+    cache: bool = Field(description="Cache decoded, resized images in memory.")
+    augment: AugmentSection
+
+
+class EvaluateSection(_Section):
+    threshold_policy: Literal["sensitivity_floor", "youden", "fixed"] = Field(
+        description="How the operating threshold is chosen on the validation split.")
+    sensitivity_floor: float = Field(gt=0, le=1, description="Minimum validation sensitivity (policy floor).")
+    fixed_threshold: float = Field(gt=0, lt=1, description="Threshold for policy 'fixed'.")
+    bootstrap_resamples: int = Field(ge=10, description="Patient-level bootstrap resamples for CIs.")
+    ci_level: float = Field(gt=0.5, lt=1, description="Confidence level of intervals.")
+    calibration_bins: int = Field(ge=2, description="Bins of the reliability diagram / ECE.")
+    gradcam_examples: int = Field(ge=0, description="Images per cell of the Grad-CAM grid.")
+    gradcam_sanity_max_rank_corr: float = Field(description="Max rank correlation trained vs randomised.")
+
+
+class PromoteSection(_Section):
+    registered_model: str | None = Field(description="Registered model name; null = <project>-<dataset>.")
+    min_auc: float = Field(ge=0, le=1, description="Absolute floor on test ROC-AUC (binary).")
+    min_accuracy: float = Field(ge=0, le=1, description="Absolute floor on test accuracy (multi-class).")
+    sensitivity_ci_floor: float = Field(ge=0, le=1, description="Floor on the sensitivity CI lower bound.")
+    auc_margin: float = Field(ge=0, description="Non-inferiority margin on paired ΔAUC lower bound.")
+    require_superiority: bool = Field(description="Also require the ΔAUC lower bound > 0.")
+    max_ece: float = Field(ge=0, le=1, description="Upper limit of expected calibration error.")
+    require_approval: bool = Field(description="Pause for a human decision before moving 'champion'.")
+    approval_timeout_s: int = Field(ge=1, description="Seconds to wait for a reviewer.")
+    export_onnx: bool = Field(description="Export the registered model to ONNX with a parity check.")
+
+
+class MonitorSection(_Section):
+    drift_share_threshold: float = Field(ge=0, le=1, description="Drifted-feature share that raises an alert.")
+    min_rows: int = Field(ge=1, description="Fewest production rows for a meaningful report.")
+    window_hours: float | None = Field(description="Current window: last N hours; null = use last_k.")
+    last_k: int = Field(ge=1, description="Current window: last K predictions when window_hours is null.")
+    simulate_rows: int = Field(ge=0, description="Production images simulated by the main job (0 = none).")
+    simulate_shift: float = Field(ge=0, description="Acquisition shift of the simulated production batch.")
+    simulate_shifted_fraction: float = Field(ge=0, le=1, description="Share of simulated images that are shifted.")
+    retrain_on_drift: bool = Field(description="Trigger the training deployment when drift is detected.")
+    embedding_components: int = Field(ge=1, description="PCA components of the penultimate-layer embedding.")
+
+
+class ServeSection(_Section):
+    host: str = Field(description="API bind address.")
+    port: int = Field(ge=1, le=65535, description="API port.")
+    model_alias: str = Field(description="Registry alias served.")
+    api_key_env: str = Field(description="Environment variable holding the API key.")
+    require_api_key: bool = Field(description="Reject requests without a valid X-API-Key.")
+    max_upload_bytes: int = Field(ge=1, description="Largest accepted upload.")
+    max_pixels: int = Field(ge=1, description="Largest accepted width*height.")
+    min_side: int = Field(ge=1, description="Smallest accepted image side.")
+    max_aspect: float = Field(ge=1, description="Largest accepted aspect ratio.")
+    workers: int = Field(ge=1, description="Inference thread pool size.")
+    alias_poll_s: float = Field(gt=0, description="Seconds between checks for a moved alias.")
+    engine: Literal["onnx", "tf"] = Field(description="Inference engine of the compiled path.")
+
+
+class OrchestrateSection(_Section):
+    timezone: str = Field(description="Timezone of schedules.")
+    training_cron: str = Field(description="Cron schedule of the training deployment.")
+    monitoring_cron: str = Field(description="Cron schedule of the monitoring deployment.")
+    work_pool: str = Field(description="Prefect work pool the deployments run on.")
+    task_retries: int = Field(ge=0, description="Retries of I/O tasks.")
+    task_retry_delay_s: float = Field(ge=0, description="First retry delay (doubles each retry).")
+    dask_address: str | None = Field(description="Dask scheduler for data tasks; 'local' = a local cluster.")
+
+
+class Settings(_Section):
+    """The whole of ``params.yaml``; ``root`` is the folder relative paths resolve against."""
+
+    base: BaseSection
+    paths: PathsSection
+    data: DataSection
+    validate_: ValidateSection = Field(alias="validate")
+    split: SplitSection
+    train: TrainSection
+    evaluate: EvaluateSection
+    promote: PromoteSection
+    monitor: MonitorSection
+    serve: ServeSection
+    orchestrate: OrchestrateSection
+    root: Path = Field(default=Path("."), exclude=True, description="Folder of params.yaml.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.validate_.min_rows > self.validate_.max_rows:
+            raise ValueError("validate.min_rows must not exceed validate.max_rows")
+        return self
+
+    # ---------------------------------------------------------------- derived locations
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """Resolve a configured path against the folder of ``params.yaml`` (never the cwd)."""
+        p = Path(os.path.expanduser(str(path)))
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+    @property
+    def home(self) -> Path:
+        return self.resolve(self.paths.home)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.resolve(self.paths.reports_dir)
+
+    @property
+    def dataset_name(self) -> str:
+        return self.data.name or self.data.source.replace(":", "-")
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.resolve(self.data.input or Path(self.paths.data_dir) / "raw" / self.dataset_name)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.resolve(self.data.dataset_dir or Path(self.paths.data_dir) / "datasets" / self.dataset_name)
+
+    @property
+    def model_dir(self) -> Path:
+        """Training/evaluation outputs of this dataset (DVC stage outs)."""
+        return self.resolve(Path(self.paths.models_dir) / self.dataset_name)
+
+    @property
+    def experiment_name(self) -> str:
+        return f"{self.base.project}/{self.dataset_name}"
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.paths.mlflow_tracking_uri:
+            return self.paths.mlflow_tracking_uri
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.paths.mlflow_registry_uri or self.tracking_uri
+
+    @property
+    def artifact_root(self) -> str:
+        if self.paths.mlflow_artifact_root:
+            root = self.paths.mlflow_artifact_root
+            return root if "://" in root else self.resolve(root).as_uri()
+        return (self.home / "mlartifacts").as_uri()
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.resolve(self.paths.prefect_home or self.home / "prefect")
+
+    @property
+    def dvc_remote(self) -> str:
+        remote = self.paths.dvc_remote
+        if remote and "://" in remote:
+            return remote
+        return str(self.resolve(remote or self.home / "dvc-remote"))
+
+    @property
+    def production_log(self) -> Path:
+        return self.resolve(self.paths.production_log or self.home / "production-log")
+
+    @property
+    def feedback_log(self) -> Path:
+        return self.resolve(self.paths.feedback_log or self.home / "feedback")
+
+    @property
+    def registered_model(self) -> str:
+        return self.promote.registered_model or f"{self.base.project}-{self.dataset_name}"
+
+    def section(self, name: str) -> BaseModel:
+        """Return a section by its ``params.yaml`` name."""
+        return getattr(self, "validate_" if name == "validate" else name)
+
+    def to_params(self) -> dict[str, Any]:
+        """The settings as a plain dict keyed like ``params.yaml``."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def flat_params(self) -> dict[str, Any]:
+        """``section.field`` → value, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_params())
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_params_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """Locate ``params.yaml``: explicit path, ``$XRAYOPS_PARAMS``, the cwd, then the project checkout."""
+    candidates: list[Path] = []
+    if path:
+        candidates.append(Path(path))
+    elif os.environ.get(PARAMS_ENV):
+        candidates.append(Path(os.environ[PARAMS_ENV]))
+    else:
+        candidates += [Path.cwd() / PARAMS_FILE, Path(__file__).resolve().parents[1] / PARAMS_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(
+        f"cannot find params.yaml (looked at: {', '.join(str(c) for c in candidates)}). "
+        f"Run from the project folder, pass --params PATH, or set {PARAMS_ENV}."
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.field=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form section.field=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides to a params dict (a new dict is returned)."""
+    import copy
+
+    result = copy.deepcopy(params)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for depth, k in enumerate(keys[:-1]):
+            if not isinstance(node.get(k), dict):
+                where = ".".join(keys[: depth + 1])
+                known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+                raise ConfigError(f"override {text!r}: unknown section '{where}' (known: {known})")
+            node = node[k]
+        if keys[-1] not in node:
+            known = ", ".join(sorted(node))
+            raise ConfigError(f"override {text!r}: unknown field '{'.'.join(keys)}' (known here: {known})")
+        node[keys[-1]] = value
+    return result
+
+
+def _explain(exc: ValidationError, origin: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+        if err["type"] == "missing":
+            lines.append(f"{loc}: missing — add it to params.yaml or pass --set {loc}=VALUE")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown field — remove it or check the spelling")
+        else:
+            got = err.get("input")
+            lines.append(f"{loc}: {err['msg']} (got {got!r})")
+    return ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines))
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+) -> Settings:
+    """Load ``params.yaml``, apply overrides and validate.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a field is missing, unknown or invalid.
+    """
+    params_path = find_params_file(path)
+    try:
+        params = yaml.safe_load(params_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_path} is not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{params_path} must hold a mapping of sections, found {type(params).__name__}")
+    return settings_from_dict(params, overrides or [], root=params_path.parent, origin=str(params_path))
+
+
+def settings_from_dict(
+    params: dict[str, Any], overrides: list[str] | None = None, *, root: Path, origin: str = "params"
+) -> Settings:
+    """Validate a params dict (plus overrides) into :class:`Settings`."""
+    merged = apply_overrides(params, overrides or [])
+    try:
+        return Settings.model_validate({**merged, "root": root})
+    except ValidationError as exc:
+        raise _explain(exc, origin) from None
+
+
+def with_overrides(settings: Settings, overrides: list[str]) -> Settings:
+    """Return a copy of ``settings`` with more overrides applied and validated."""
+    if not overrides:
+        return settings
+    return settings_from_dict(settings.to_params(), overrides, root=settings.root, origin="overrides")

@@ -1,0 +1,1 @@
+"""Data layer: sources, decoding, de-identification, ingestion, versioning."""

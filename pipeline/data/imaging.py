@@ -1,0 +1,209 @@
+"""Decode image files (PNG, JPEG, DICOM) into arrays, with reasons for rejection.
+
+One decoder serves ingestion, serving and the clinician UI so that an image is read
+the same way everywhere. DICOM headers are reduced to a short whitelist here: PHI
+tags (names, dates, accession numbers, institutions, ...) never leave this module,
+and the only identifiers that do (patient id, SOP instance UID) are handed to the
+caller for pseudonymisation in :class:`DecodedImage.identifiers`, never stored as is.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class BadImage(Exception):
+    """An input that cannot be used; ``reason`` is a stable code for quarantine and API errors."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedImage:
+    """Pixels plus PHI-free metadata.
+
+    Attributes:
+        pixels: ``(H, W)`` grayscale or ``(H, W, 3)`` colour, uint8 or uint16.
+        bit_depth: 8 or 16.
+        format: ``png``, ``jpeg`` or ``dicom``.
+        meta: PHI-free header fields (view_position, modality, manufacturer, photometric).
+        identifiers: raw identifiers (patient_id, sop_instance_uid) — pseudonymise before storing.
+    """
+
+    pixels: np.ndarray
+    bit_depth: int
+    format: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    identifiers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.pixels.ndim == 2 else int(self.pixels.shape[2])
+
+    def gray01(self) -> np.ndarray:
+        """Float32 grayscale in [0, 1] (luminance for colour images)."""
+        scale = float((1 << self.bit_depth) - 1)
+        px = self.pixels.astype(np.float32) / scale
+        if px.ndim == 3:
+            px = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
+        return px
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Identify the container from its first bytes (never from the file name)."""
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8) -> DecodedImage:
+    """Decode an image from bytes.
+
+    Raises:
+        BadImage: empty, not an image, truncated, too many pixels, unsupported mode, DICOM without pixels.
+    """
+    if not data:
+        raise BadImage("empty_file", "the file has 0 bytes")
+    kind = sniff_format(data[:256])
+    if kind == "dicom":
+        return _decode_dicom(data, max_pixels=max_pixels, bit_depth=dicom_bit_depth)
+    if kind is None:
+        raise BadImage("not_an_image", "content is not PNG, JPEG or DICOM (checked by content, not name)")
+    return _decode_raster(data, kind, max_pixels=max_pixels)
+
+
+def _decode_raster(data: bytes, kind: str, *, max_pixels: int) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > max_pixels:
+                raise BadImage("decompression_bomb", f"{width}x{height} exceeds {max_pixels} pixels")
+            im.load()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage("decompression_bomb", str(exc)[:120]) from None
+    except UnidentifiedImageError:
+        raise BadImage("not_an_image", f"{kind} signature but unreadable header") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage("truncated", f"cannot decode {kind}: {str(exc)[:120]}") from None
+    return _from_pil(im, kind)
+
+
+def _from_pil(im: Image.Image, kind: str) -> DecodedImage:
+    mode = im.mode
+    if mode == "L":
+        return DecodedImage(np.asarray(im, dtype=np.uint8), 8, kind)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im)
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            raise BadImage("unsupported_mode", f"{mode} values outside 0..65535")
+        return DecodedImage(arr.astype(np.uint16), 16, kind)
+    if mode in ("LA", "P", "PA", "RGB", "RGBA"):
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        if _is_gray(rgb):
+            return DecodedImage(np.ascontiguousarray(rgb[..., 0]), 8, kind)
+        return DecodedImage(rgb, 8, kind)
+    raise BadImage("unsupported_mode", f"pixel mode {mode} (expected grayscale 8/16-bit or RGB)")
+
+
+def _is_gray(rgb: np.ndarray, tol: int = 2) -> bool:
+    sample = rgb[:: max(1, rgb.shape[0] // 64), :: max(1, rgb.shape[1] // 64)].astype(np.int16)
+    return bool(np.abs(sample[..., 0] - sample[..., 1]).max() <= tol and np.abs(sample[..., 0] - sample[..., 2]).max() <= tol)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+# Fields that may leave the reader. Everything else (names, dates, accession numbers,
+# institutions, physicians, addresses, free text, private tags) is dropped here.
+_SAFE_DICOM_FIELDS = {
+    "ViewPosition": "view_position",
+    "Modality": "modality",
+    "Manufacturer": "manufacturer",
+    "PhotometricInterpretation": "photometric",
+    "BodyPartExamined": "body_part",
+}
+
+
+def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as exc:
+        raise BadImage("truncated", f"unreadable DICOM: {type(exc).__name__}") from None
+    if "PixelData" not in ds:
+        raise BadImage("dicom_no_pixels", "DICOM file has no PixelData element")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * cols > max_pixels:
+        raise BadImage("decompression_bomb", f"{cols}x{rows} exceeds {max_pixels} pixels")
+    meta = {key: str(ds.get(tag, "") or "").strip() or None for tag, key in _SAFE_DICOM_FIELDS.items()}
+    identifiers = {
+        "patient_id": str(ds.get("PatientID", "") or "").strip(),
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or "").strip(),
+    }
+    pixels = _dicom_pixels(ds, bit_depth)
+    return DecodedImage(pixels, bit_depth, "dicom", meta=meta, identifiers=identifiers)
+
+
+def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
+        reason = "dicom_unsupported" if "handler" in str(exc).lower() else "truncated"
+        raise BadImage(reason, f"cannot decode DICOM pixels: {type(exc).__name__}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if not photometric.startswith("MONOCHROME"):
+        raise BadImage("unsupported_mode", f"DICOM photometric {photometric} (expected MONOCHROME1/2)")
+    if raw.ndim != 2:
+        raise BadImage("unsupported_mode", f"DICOM with {raw.ndim} dimensions (multi-frame not supported)")
+    arr = apply_modality_lut(raw, ds)
+    arr = apply_voi_lut(arr, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else arr
+    arr = np.asarray(arr, dtype=np.float64)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    top = (1 << bit_depth) - 1
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    return np.round(scaled * top).astype(dtype)
+
+
+def encode_png(image: DecodedImage) -> bytes:
+    """Lossless PNG of the decoded pixels (used to store de-identified DICOM pixels)."""
+    buf = io.BytesIO()
+    px = image.pixels
+    if px.dtype == np.uint16:
+        Image.fromarray(px, mode="I;16").save(buf, format="PNG")
+    else:
+        Image.fromarray(px).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,101 @@
+"""The one interface every dataset source implements.
+
+A source turns a raw dataset folder (in its native layout) into a stream of
+:class:`RawRecord`. Records may carry raw identifiers (file names, patient ids):
+they exist only in memory between the source and ingestion, which pseudonymises
+them, and must never be logged.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+XRAY_CLASSES = ("NORMAL", "PNEUMONIA")
+
+
+class SourceError(ValueError):
+    """The raw dataset is not where or how the source expects it."""
+
+
+@dataclass(frozen=True)
+class SourceProfile:
+    """What a source's data looks like; fills ``null`` config fields."""
+
+    classes: tuple[str, ...]
+    positive_class: str | None
+    min_size: int
+    size_range: tuple[int, int]
+    allow_colour: bool = False
+    modality: str = "CXR"
+
+
+@dataclass
+class RawRecord:
+    """One candidate image as the source sees it (may hold PHI; in memory only).
+
+    Attributes:
+        path: absolute path of the file to read.
+        ref: path relative to the raw root (may contain identifiers; never stored as is).
+        label: class name, or None when unknown (quarantined as ``missing_label``).
+        patient_key: raw patient identifier; None → taken from the DICOM header, else the file.
+        source_split: the split the source shipped the file in (recorded, never used for our split).
+        extra: optional slice fields: view_position, sex, age.
+    """
+
+    path: Path
+    ref: str
+    label: str | None
+    patient_key: str | None = None
+    source_split: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Source(Protocol):
+    """A dataset source."""
+
+    name: str
+    profile: SourceProfile
+
+    def prepare(self, root: Path) -> None:
+        """Materialise the raw data under ``root`` when the source can (no-op otherwise)."""
+
+    def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
+        """Yield every file of the dataset (bad ones too: ingestion quarantines them)."""
+
+
+def require_dir(root: Path, layout: str, hint: str = "") -> None:
+    """Raise a :class:`SourceError` naming ``root`` and the expected layout when it is missing."""
+    if not root.is_dir():
+        raise SourceError(
+            f"dataset folder {root} does not exist. Expected layout: {layout}. "
+            + (hint or "Set data.input to the folder (e.g. --set data.input=/path/to/data).")
+        )
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Regular, non-hidden files below ``folder``, sorted (deterministic order)."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Read a CSV, checking its header has ``required`` columns."""
+    if not path.is_file():
+        raise SourceError(f"label file {path} does not exist (set data.labels=PATH)")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SourceError(
+                f"{path.name} lacks column(s) {missing}; found {reader.fieldnames}. "
+                f"Expected a header with {list(required)}."
+            )
+        return list(reader)

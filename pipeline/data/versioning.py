@@ -1,0 +1,162 @@
+"""DVC access: version a raw dataset folder and read a dataset by (repo, path, rev).
+
+Uses DVC's Python API in-process (no CLI round trips). The remote named
+``xrayops`` is written to the repo's *local* config (``.dvc/config.local``, not
+committed) from ``paths.dvc_remote``, so production switches to S3/MinIO by setting
+only. Analytics and update checks are off (see :func:`pipeline.runtime.quiet_tools`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REMOTE_NAME = "xrayops"
+
+
+class VersioningError(RuntimeError):
+    """DVC could not version or fetch a dataset; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """Where a dataset version lives and its content hash."""
+
+    repo: str
+    path: str
+    rev: str | None
+    dvc_md5: str
+    nfiles: int | None
+    pushed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_repo_root(path: Path) -> Path:
+    """The DVC repo containing ``path``.
+
+    Raises:
+        VersioningError: ``path`` is not inside a DVC repository.
+    """
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        return Path(Repo.find_root(str(probe)))
+    except NotDvcRepoError:
+        raise VersioningError(
+            f"{path} is not inside a DVC repository. Run `git init && dvc init` in the project, "
+            "or set data.version_with_dvc=false to skip versioning."
+        ) from None
+
+
+def git_head(root: Path) -> str | None:
+    """The git commit of ``root`` (None outside git or before the first commit)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def ensure_remote(root: Path, url: str) -> None:
+    """Point the local-config remote ``xrayops`` at ``url`` and make it the default."""
+    from dvc.repo import Repo
+
+    if "://" not in url:
+        Path(url).mkdir(parents=True, exist_ok=True)
+    with Repo(str(root)) as repo:
+        with repo.config.edit(level="local") as conf:
+            conf["remote"][REMOTE_NAME] = {"url": url}
+            conf["core"]["remote"] = REMOTE_NAME
+
+
+def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
+    """``dvc add`` a raw dataset folder (and push it); returns its version.
+
+    Re-running on unchanged data is cheap and gives the same hash.
+    """
+    from dvc.repo import Repo
+
+    root = find_repo_root(path)
+    rel = path.resolve().relative_to(root).as_posix()
+    with Repo(str(root)) as repo:
+        owner = _stage_owning(repo, path)
+        if owner:
+            raise VersioningError(
+                f"{rel} is an output of dvc.yaml stage '{owner}'; version it with `dvc repro`/`dvc commit`, "
+                "or point data.input elsewhere."
+            )
+        try:
+            stages = repo.add(str(path))
+        except Exception as exc:  # DVC raises its own error types; say what to do
+            raise VersioningError(f"`dvc add {rel}` failed: {exc}") from None
+        out = stages[0].outs[0]
+        md5 = str(out.hash_info.value)
+        nfiles = getattr(out.meta, "nfiles", None)
+    pushed = False
+    if push and remote_url:
+        ensure_remote(root, remote_url)
+        with Repo(str(root)) as repo:
+            try:
+                repo.push(targets=[str(path)], remote=REMOTE_NAME)
+            except Exception as exc:
+                raise VersioningError(f"`dvc push` of {rel} to {remote_url} failed: {exc}") from None
+        pushed = True
+    version = DatasetVersion(repo=str(root), path=rel, rev=git_head(root), dvc_md5=md5, nfiles=nfiles, pushed=pushed)
+    logger.info("dataset %s versioned with DVC: md5=%s files=%s pushed=%s", rel, md5, nfiles, pushed)
+    return version
+
+
+def _stage_owning(repo: Any, path: Path) -> str | None:
+    target = str(path.resolve())
+    for stage in repo.index.stages:
+        if getattr(stage, "is_data_source", False):
+            continue
+        for out in stage.outs:
+            if str(Path(out.fs_path).resolve()) == target:
+                return str(stage.addressing)
+    return None
+
+
+def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str | None = None) -> DatasetVersion:
+    """Materialise ``path`` of DVC ``repo`` at git ``rev`` into ``dest`` (cache, else remote).
+
+    Raises:
+        VersioningError: the repo, rev or path does not exist, or the data is in no cache or remote.
+    """
+    from dvc.api import DVCFileSystem
+
+    config = {"remote": {REMOTE_NAME: {"url": remote_url}}, "core": {"remote": REMOTE_NAME}} if remote_url else None
+    try:
+        fs = DVCFileSystem(repo, rev=rev, config=config) if config else DVCFileSystem(repo, rev=rev)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise VersioningError(f"{path} does not exist in {repo} at rev {rev or 'workspace'}") from None
+    except Exception as exc:  # dvc/scmrepo raise many types for bad revs/repos
+        raise VersioningError(f"cannot open {repo} at rev {rev!r}: {exc}") from None
+    md5 = str(info.get("md5") or (info.get("dvc_info") or {}).get("md5") or "")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        fs.get(path, str(tmp), recursive=True)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VersioningError(
+            f"cannot fetch {path}@{rev}: {exc}. Is the data pushed? (`dvc push`, remote: {remote_url})"
+        ) from None
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    commit = fs.repo.scm.get_rev() if getattr(fs.repo, "scm", None) else rev
+    nfiles = sum(1 for p in dest.rglob("*") if p.is_file())
+    return DatasetVersion(repo=str(repo), path=path, rev=commit, dvc_md5=md5, nfiles=nfiles, pushed=False)

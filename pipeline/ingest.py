@@ -1,0 +1,103 @@
+"""Stage ``ingest``: prepare the raw dataset, version it with DVC, build the manifest.
+
+Called by the CLI (``xrayops ingest``, used by ``dvc.yaml``) and by the training flow
+with the same :class:`~pipeline.config.Settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Settings
+from pipeline.data.deid import load_salt
+from pipeline.data.manifest import IngestOptions, ingest_records
+from pipeline.data.sources import Source, SourceError, get_source
+from pipeline.data.versioning import DatasetVersion, fetch, track
+
+logger = logging.getLogger(__name__)
+
+
+def classes_of(settings: Settings, source: Source) -> tuple[tuple[str, ...], str | None]:
+    """Class names and positive class: config when set, else the source's."""
+    classes = tuple(settings.data.classes or source.profile.classes)
+    positive = settings.data.positive_class or source.profile.positive_class
+    if len(classes) == 2 and positive not in classes:
+        raise SourceError(f"data.positive_class {positive!r} is not one of data.classes {list(classes)}")
+    return classes, (positive if len(classes) == 2 else None)
+
+
+def prepare_raw(settings: Settings) -> Path:
+    """Materialise the raw data when the source can (synthetic, sklearn/keras); returns its folder."""
+    root = settings.raw_dir
+    get_source(settings).prepare(root)
+    return root
+
+
+def version_raw(settings: Settings) -> DatasetVersion | None:
+    """Version the raw folder with DVC (``dvc add`` + push), or fetch ``data.rev`` from a DVC repo.
+
+    Returns None when ``data.version_with_dvc`` is off.
+    """
+    if settings.data.rev:
+        return fetch_rev(settings)
+    if not settings.data.version_with_dvc:
+        return None
+    return track(settings.raw_dir, remote_url=settings.dvc_remote, push=settings.data.dvc_push)
+
+
+def fetch_rev(settings: Settings) -> DatasetVersion:
+    """Materialise ``data.input`` at ``data.rev`` from ``data.repo`` (default: this project)."""
+    repo = settings.data.repo or str(settings.root)
+    rel = settings.data.input or f"{settings.paths.data_dir}/raw/{settings.dataset_name}"
+    dest = checkout_dir(settings)
+    return fetch(repo, rel, settings.data.rev, dest, remote_url=settings.dvc_remote)
+
+
+def checkout_dir(settings: Settings) -> Path:
+    safe_rev = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(settings.data.rev))
+    return settings.home / "dvc-checkouts" / f"{settings.dataset_name}@{safe_rev}"
+
+
+def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Ingest the configured dataset into ``settings.dataset_dir``; returns the ingest summary."""
+    source = get_source(settings)
+    raw = checkout_dir(settings) if settings.data.rev else settings.raw_dir
+    labels = settings.resolve(settings.data.labels) if settings.data.labels else None
+    classes, positive = classes_of(settings, source)
+    opts = IngestOptions(
+        source=settings.data.source,
+        classes=classes,
+        profile=source.profile,
+        salt=load_salt(settings.data.ingest.salt_env, settings.home),
+        min_size=settings.data.ingest.min_size or source.profile.min_size,
+        max_pixels=settings.data.ingest.max_pixels,
+        max_bytes=settings.data.ingest.max_bytes,
+        dicom_bit_depth=settings.data.ingest.dicom_bit_depth,
+        workers=settings.data.ingest.workers,
+    )
+    records = list(source.records(raw, labels))
+    extra = {
+        "dataset": settings.dataset_name,
+        "positive_class": positive,
+        "task": "binary" if len(classes) == 2 else "multiclass",
+        "dvc": version.to_dict() if version else None,
+    }
+    with _progress(len(records), "ingest", show_progress) as advance:
+        return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance)
+
+
+@contextmanager
+def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)

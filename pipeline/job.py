@@ -1,0 +1,133 @@
+"""Composite steps of the main job that sit between stages (library code, no orchestration).
+
+- the reference profile logged with a trained model (for drift monitoring);
+- simulated production traffic + drift report (the embedded default's monitoring demo);
+- the end-of-run summary whose keys are a stable contract (see README "Run summary").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Settings
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = "xrayops.run-summary/1"
+REFERENCE_MAX_ROWS = 5000
+
+
+def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> None:
+    """Score training+validation images and log their features + outputs with the run."""
+    from pipeline.data.manifest import read_manifest
+    from pipeline.evaluate import predict_proba
+    from pipeline.inputs import InputSpec, check_files, load_images
+    from pipeline.monitor import log_reference, reference_profile
+    from pipeline.split import read_split
+
+    dataset_dir = settings.dataset_dir
+    manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
+    ids = split.loc[split["split"].isin(["train", "val"]), "image_id"]
+    frame = manifest.set_index("image_id").loc[sorted(ids)].reset_index()
+    if len(frame) > REFERENCE_MAX_ROWS:
+        frame = frame.sample(REFERENCE_MAX_ROWS, random_state=settings.base.seed).reset_index(drop=True)
+    images = load_images(check_files(dataset_dir, frame["path"].tolist()), InputSpec(**trained.input))
+    proba = predict_proba(trained.model, images)
+    threshold = evaluation.operating_point["threshold"] if evaluation.operating_point else None
+    log_reference(settings, trained.run_id, reference_profile(frame, proba, threshold))
+
+
+def simulate_and_report(settings: Settings) -> dict[str, Any]:
+    """Simulate a shifted production batch against the champion, log it, and report drift."""
+    from pipeline import production_log
+    from pipeline.data.manifest import read_manifest
+    from pipeline.monitor import drift_report, load_reference, report_dir
+    from pipeline.predictor import Predictor
+    from pipeline.registry import CHAMPION, get_alias, load_version_model
+    from pipeline.simulate import simulate_requests
+    from pipeline.split import read_split
+
+    champion = get_alias(settings, CHAMPION)
+    if champion is None:
+        logger.warning("no champion yet: skipping production simulation and drift report")
+        return {"status": "no_champion"}
+    predictor = Predictor.from_version(load_version_model(settings, champion), champion, settings.registered_model)
+    manifest, split = read_manifest(settings.dataset_dir), read_split(settings.dataset_dir)
+    test_ids = set(split.loc[split["split"] == "test", "image_id"])
+    paths = [settings.dataset_dir / p for p in manifest.loc[manifest["image_id"].isin(test_ids), "path"]]
+    rows = simulate_requests(paths, predictor, n=settings.monitor.simulate_rows,
+                             shift=settings.monitor.simulate_shift, seed=settings.base.seed + 1,
+                             shifted_fraction=settings.monitor.simulate_shifted_fraction)
+    production_log.append(settings.production_log, rows)
+    current = production_log.read(settings.production_log, last_k=settings.monitor.simulate_rows)
+    reference = load_reference(settings, champion.run_id)
+    return drift_report(reference, current, report_dir(settings), share_threshold=settings.monitor.drift_share_threshold,
+                        min_rows=settings.monitor.min_rows,
+                        context={"model_name": settings.registered_model, "model_version": str(champion.version)})
+
+
+def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any], validation: dict[str, Any],
+                certificate: dict[str, Any], trained: Any, evaluation: Any, version: Any, decision: Any,
+                promotion: dict[str, Any], drift: dict[str, Any] | None) -> dict[str, Any]:
+    """The end-of-run summary (stable keys; documented in README.md)."""
+    from pipeline.registry import aliases
+
+    finished = datetime.now(UTC)
+    dvc = ingest.get("dvc") or {}
+    metrics = {k: v for k, v in evaluation.metrics.items() if k != "confusion"}
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "status": "completed",
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "wall_seconds": round((finished - started).total_seconds(), 1),
+        "data": {
+            "source": settings.data.source,
+            "dataset": settings.dataset_name,
+            "dataset_dir": str(settings.dataset_dir),
+            "dvc_md5": dvc.get("dvc_md5"),
+            "dvc_rev": dvc.get("rev"),
+            "files_seen": ingest["files_seen"],
+            "ingested": ingest["ingested"],
+            "quarantined": ingest["quarantined"],
+            "patients": ingest["patients"],
+            "validation_success": not validation["critical_failures"],
+            "split": {"images": certificate["images"], "patients": certificate["patients"],
+                      "patient_overlap": certificate["patient_overlap"],
+                      "certificate_sha256": certificate["certificate_sha256"]},
+        },
+        "train": {"model": trained.model_name, "run_id": trained.run_id, "experiment": settings.experiment_name,
+                  "epochs": trained.epochs_run, "seconds": trained.seconds, "hardware": trained.hardware},
+        "metrics": {**metrics, "ci": evaluation.ci,
+                    "operating_threshold": (evaluation.operating_point or {}).get("threshold")},
+        "registry": {
+            "model_name": settings.registered_model,
+            "version": str(version.version),
+            "aliases": aliases(settings),
+            "promoted": bool(promotion.get("promoted")),
+            "gate": {"promote": decision.promote, "reason": decision.reason, "failed": decision.failed},
+        },
+        "drift": None if drift is None else {k: drift.get(k) for k in ("status", "drift_share", "drift_detected",
+                                                                        "drifted_columns", "current_rows")},
+        "reports": {
+            "drift_html": (drift or {}).get("report_html"),
+            "data_docs": validation.get("data_docs"),
+            "split_certificate": str(settings.dataset_dir / "split_certificate.json"),
+            "metrics": str(settings.model_dir / "metrics.json"),
+        },
+        "tracking_uri": settings.tracking_uri,
+        "mlflow_ui": mlflow_ui_command(settings),
+    }
+
+
+def mlflow_ui_command(settings: Settings) -> str:
+    return f"uv run mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))

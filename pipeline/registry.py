@@ -303,6 +303,6 @@ def aliases(settings: Settings) -> dict[str, str]:
 
     client = configure_mlflow(settings)
     try:
-        return dict(client.get_registered_model(settings.registered_model).aliases)
+        return {k: str(v) for k, v in client.get_registered_model(settings.registered_model).aliases.items()}
     except MlflowException:
         return {}

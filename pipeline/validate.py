@@ -198,6 +198,8 @@ def _safe(value: Any) -> Any:
         return f"<{len(value)} values>"
     if isinstance(value, (list, tuple, set)):
         return [_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        value = value.item()  # numpy scalar → Python
     if isinstance(value, float):
         return round(value, 6)
     return value

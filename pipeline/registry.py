@@ -87,6 +87,8 @@ def register_version(settings: Settings, trained: TrainResult, evaluation: EvalR
     mv = client.create_model_version(name, source=trained.model_uri, run_id=trained.run_id, tags=tags,
                                      description=describe(trained, evaluation))
     _wait_ready(client, name, mv.version)
+    for key, value in export_tags(settings, trained, evaluation).items():
+        client.set_model_version_tag(name, mv.version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     logger.info("registered %s version %s (alias %s)", name, mv.version, CHALLENGER)
     return client.get_model_version(name, mv.version)
@@ -100,6 +102,19 @@ def _wait_ready(client: Any, name: str, version: str, timeout: float = 60.0) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(f"model version {name}/{version} still pending after {timeout:.0f}s")
         time.sleep(0.2)
+
+
+def export_tags(settings: Settings, trained: TrainResult, evaluation: EvalResult, n_sample: int = 8) -> dict[str, str]:
+    """Log SavedModel + ONNX exports to the training run; the parity result as version tags."""
+    from pipeline.export import log_exports
+
+    test = evaluation.test
+    if trained.model is None or test is None or test.frame.empty:
+        logger.warning("no in-memory model or test images: skipping export")
+        return {"export_saved_model": "skipped"}
+    paths = test.frame["path"].tolist()[:n_sample]
+    sample = load_images(check_files(settings.dataset_dir, paths), InputSpec(**trained.input))
+    return log_exports(trained.model, trained.run_id, sample, onnx=settings.promote.export_onnx)
 
 
 def version_tags(settings: Settings, trained: TrainResult, evaluation: EvalResult) -> dict[str, str]:

@@ -291,6 +291,33 @@ def model_list() -> None:
                    f"{spec.description}")
 
 
+@model_app.command("describe")
+def model_describe(
+    name: Annotated[str, typer.Argument(help="Zoo model name (see `xrayops model list`).")],
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input side (default: the model's).")] = None,
+    channels: Annotated[int | None, typer.Option(help="Input channels, 1 or 3 (default: the model's).")] = None,
+    num_classes: Annotated[int | None, typer.Option("--num-classes", help="Classes (default: the model's task).")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Architecture report: per-layer output shape, parameters (formula vs Keras), receptive field, FLOPs."""
+    with friendly_errors():
+        from pipeline.runtime import quiet_tools
+
+        quiet_tools()
+        from pipeline.models import build_model, get_spec
+        from pipeline.models.architecture import architecture_report
+
+        spec = get_spec(name)
+        model = build_model(name, image_size=image_size, channels=channels,
+                            num_classes=num_classes or spec.num_classes, weights="none")
+        report = architecture_report(model)
+        if as_json:
+            _dump(report.to_dict())
+        else:
+            typer.echo(report.to_text())
+
+
 # --------------------------------------------------------------------------- quarantine
 
 

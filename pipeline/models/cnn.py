@@ -53,3 +53,62 @@ def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> 
     x = layers.Dense(128, activation="relu", name="embedding")(x)
     x = layers.Dropout(0.4, name="dropout")(x)
     return keras.Model(inputs, classification_head(x, num_classes), name="mnist_cnn")
+
+
+def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
+    """Seed Q7 exactly: 2×Conv32('same') → MaxPool2 → 2×Conv64('same') → MaxPool2 → Dense256 → Dropout0.5 → Dense."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    for block, filters in enumerate((32, 64), start=1):
+        for i in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{block}_{i}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(256, activation="relu", name="embedding")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    return keras.Model(inputs, classification_head(x, num_classes), name="cifar10_cnn")
+
+
+def simple_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
+    """Seed Q8 ``SimpleCNN`` as written: Conv32(3, pad 1) → Conv64(3, pad 1) → ONE MaxPool2 → Dense128 → Dropout0.4 → Dense.
+
+    ``padding="same"`` with a 3×3 kernel and stride 1 is PyTorch's ``padding=1``: both convs keep
+    28×28, the single pooling halves it once, so the flattened vector has 64·14·14 = 12544
+    features. The seed declared ``nn.Linear(64*7*7, 128)`` (3136 inputs, as if it pooled twice)
+    and crashed with ``mat1 and mat2 shapes cannot be multiplied (128x12544 and 3136x128)``;
+    Keras infers the Dense input size, and ``xrayops model describe simple_cnn`` shows the arithmetic.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="embedding")(x)
+    x = layers.Dropout(0.4, name="dropout")(x)
+    return keras.Model(inputs, classification_head(x, num_classes), name="simple_cnn")
+
+
+def q9_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
+    """Seed Q9 exactly: Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout0.5 → sigmoid (150×150×3).
+
+    The seed's augmentation (rotation, shifts, shear, zoom via ``ImageDataGenerator``) is done
+    by the input pipeline (``train.augment``), on batches, with no horizontal flip by default.
+    """
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="embedding")(x)
+    x = layers.Dropout(0.5, name="dropout")(x)
+    return keras.Model(inputs, classification_head(x, num_classes), name="q9_cnn")

@@ -30,6 +30,9 @@ class ModelSpec:
     family: str  # seed | classic | xray | transfer
     description: str
     options: dict[str, Any] = field(default_factory=dict)
+    # (features, the seed's code, its error) when the seed hard-coded a wrong flatten size
+    seed_flatten: tuple[int, str, str] | None = None
+    num_classes: int = 2  # the task it was written for (default of `xrayops model describe`)
 
     def load_builder(self) -> Builder:
         import importlib

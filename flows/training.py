@@ -16,6 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from flows.caching import (ingest_cache_key, ingest_intact, ingest_key, validate_cache_key, validate_intact,
+                           validate_key, write_stamp)
+from flows.options import io_options
 from pipeline.config import Settings, load_settings, with_overrides
 
 
@@ -56,7 +59,7 @@ def prepare_data(settings: Settings) -> str:
     return str(prepare_raw(settings))
 
 
-@task(name="version-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
+@task(name="version-data", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def version_data(settings: Settings) -> Any:
     from pipeline.ingest import version_raw
 
@@ -66,21 +69,29 @@ def version_data(settings: Settings) -> Any:
     return version
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_key_fn=ingest_cache_key, persist_result=True, result_serializer="json")
 def ingest(settings: Settings, version: Any) -> dict[str, Any]:
+    """Cached on (DVC hash, data settings, code); see flows/caching.py."""
+    from flows.scaleout import ingest_mapper
     from pipeline.ingest import run_ingest
 
-    summary = run_ingest(settings, version, show_progress=False)
+    with ingest_mapper(settings) as mapper:
+        kwargs = {"mapper": mapper} if mapper else {}
+        summary = run_ingest(settings, version, show_progress=False, **kwargs)
+    write_stamp(settings, "ingest", ingest_key(settings, version))
     get_run_logger().info("ingested %s of %s files (%s quarantined: %s)", summary["ingested"],
                           summary["files_seen"], summary["quarantined"], summary["quarantine_reasons"])
     return summary
 
 
-@task(name="validate", cache_policy=NO_CACHE)
-def validate(settings: Settings) -> dict[str, Any]:
+@task(name="validate", cache_key_fn=validate_cache_key, persist_result=True, result_serializer="json")
+def validate(settings: Settings, ingest_summary: dict[str, Any]) -> dict[str, Any]:
+    """Cached on (manifest sha256, validate settings, code); see flows/caching.py."""
     from pipeline.validate import run_validation
 
-    return run_validation(settings)
+    result = run_validation(settings)
+    write_stamp(settings, "validate", validate_key(settings, ingest_summary))
+    return result
 
 
 @task(name="split", cache_policy=NO_CACHE)
@@ -107,7 +118,7 @@ def evaluate(settings: Settings, trained: Any) -> Any:
     return result
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
+@task(name="register", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
     from pipeline.registry import register_version
 
@@ -150,11 +161,22 @@ def simulate_and_monitor(settings: Settings) -> dict[str, Any]:
     return simulate_and_report(settings)
 
 
+def data_stages(settings: Settings) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """prepare → version (DVC) → ingest → validate; ingest/validate reuse cached results when the
+    dataset and settings are unchanged and their outputs are still on disk."""
+    prepare_data(settings)
+    version = version_data.with_options(**io_options(settings))(settings)
+    summary = ingest.with_options(refresh_cache=not ingest_intact(settings, version))(settings, version)
+    summary = {**summary, "dvc": version.to_dict() if version else None}  # this run's git rev, even on a hit
+    validation = validate.with_options(refresh_cache=not validate_intact(settings, summary))(settings, summary)
+    return version, summary, validation
+
+
 # --------------------------------------------------------------------------- flow
 
 
 @flow(name="xrayops-training", log_prints=True)
-def training_flow(params: TrainingParameters | None = None) -> dict[str, Any]:
+def training_flow(params: TrainingParameters = TrainingParameters()) -> dict[str, Any]:  # noqa: B008
     """Train, evaluate, register and (through the gate) promote a model; optionally report drift."""
     from pipeline.job import run_summary
 
@@ -164,14 +186,11 @@ def training_flow(params: TrainingParameters | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("dataset %s (source %s), model %s", settings.dataset_name, settings.data.source,
                 settings.train.model)
-    prepare_data(settings)
-    version = version_data(settings)
-    ingest_summary = ingest(settings, version)
-    validation = validate(settings)
+    version, ingest_summary, validation = data_stages(settings)
     certificate = split(settings)
     trained = train(settings, version)
     evaluation = evaluate(settings, trained)
-    mv = register(settings, trained, evaluation)
+    mv = register.with_options(**io_options(settings))(settings, trained, evaluation)
     decision = gate(settings, mv, evaluation, trained)
     promotion = promote(settings, mv, decision)
     drift = simulate_and_monitor(settings) if (params.simulate_production and settings.monitor.simulate_rows) else None
@@ -191,7 +210,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              f"- gate: {'pass' if reg['gate']['promote'] else 'fail'} — {reg['gate']['reason']}",
              "- metrics: " + ", ".join(f"{k} {v}" for k, v in m.items() if isinstance(v, float)),
              f"- drift report: {summary['reports'].get('drift_html')}"]
-    return "\n".join(lines) + "\n"
+    from flows.links import summary_links
+
+    links = summary_links(summary)
+    return "\n".join(lines + (["", "### Links", *links] if links else [])) + "\n"
 
 
 def run(params: TrainingParameters, summary_path: Path | None = None) -> dict[str, Any]:

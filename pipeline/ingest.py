@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.data.deid import load_salt
-from pipeline.data.manifest import IngestOptions, ingest_records
+from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
 from pipeline.data.sources import Source, SourceError, get_source
 from pipeline.data.versioning import DatasetVersion, fetch, track
 
@@ -50,11 +50,32 @@ def version_raw(settings: Settings) -> DatasetVersion | None:
 
 
 def fetch_rev(settings: Settings) -> DatasetVersion:
-    """Materialise ``data.input`` at ``data.rev`` from ``data.repo`` (default: this project)."""
+    """Materialise ``data.input`` at ``data.rev`` from ``data.repo`` (default: this project).
+
+    ``data.input`` is a path inside that repo (relative to its root, or absolute below it).
+    """
     repo = settings.data.repo or str(settings.root)
-    rel = settings.data.input or f"{settings.paths.data_dir}/raw/{settings.dataset_name}"
+    rel = repo_relative(settings.data.input or f"{settings.paths.data_dir}/raw/{settings.dataset_name}", repo)
     dest = checkout_dir(settings)
-    return fetch(repo, rel, settings.data.rev, dest, remote_url=settings.dvc_remote)
+    remote = None if settings.data.repo else settings.dvc_remote  # other repos use their own remote
+    return fetch(repo, rel, settings.data.rev, dest, remote_url=remote)
+
+
+def repo_relative(path: str, repo: str) -> str:
+    """``path`` relative to a local ``repo`` root (POSIX), as DVC's filesystem addresses it.
+
+    Raises:
+        SourceError: an absolute path outside the repository.
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    root = Path(repo).expanduser().resolve()
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise SourceError(f"data.input {path} is not inside the DVC repo {repo}; with --rev give the dataset "
+                          "path relative to the repo root (e.g. --input data/raw/NAME).") from None
 
 
 def checkout_dir(settings: Settings) -> Path:
@@ -62,8 +83,12 @@ def checkout_dir(settings: Settings) -> Path:
     return settings.home / "dvc-checkouts" / f"{settings.dataset_name}@{safe_rev}"
 
 
-def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, show_progress: bool = True) -> dict[str, Any]:
-    """Ingest the configured dataset into ``settings.dataset_dir``; returns the ingest summary."""
+def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, show_progress: bool = True,
+               mapper: Mapper | None = None) -> dict[str, Any]:
+    """Ingest the configured dataset into ``settings.dataset_dir``; returns the ingest summary.
+
+    ``mapper`` runs the per-file work elsewhere (e.g. Dask shards); default: a local thread pool.
+    """
     source = get_source(settings)
     raw = checkout_dir(settings) if settings.data.rev else settings.raw_dir
     labels = settings.resolve(settings.data.labels) if settings.data.labels else None
@@ -80,14 +105,19 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
         workers=settings.data.ingest.workers,
     )
     records = list(source.records(raw, labels))
+    notes = getattr(source, "notes", None)
     extra = {
         "dataset": settings.dataset_name,
         "positive_class": positive,
         "task": "binary" if len(classes) == 2 else "multiclass",
         "dvc": version.to_dict() if version else None,
+        **(notes.to_dict() if notes is not None else {}),
     }
+    if notes is not None and notes.excluded_images:
+        logger.info("label mapping excluded %d image(s) (%s)", notes.excluded_images,
+                    ", ".join(f"{k}: {v}" for k, v in notes.excluded.most_common(8)))
     with _progress(len(records), "ingest", show_progress) as advance:
-        return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance)
+        return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance, mapper=mapper)
 
 
 @contextmanager

@@ -4,9 +4,12 @@ Never by image: all images of a patient land in one split. Patients linked by
 near-duplicate images (perceptual hash within ``split.near_duplicate_hamming`` bits —
 often the same person under two ids) are kept together when
 ``near_duplicate_action=merge`` (default), dropped with ``drop``, or only listed with
-``report``. The certificate records counts, prevalence, a hash of each split's patient
-set, and the overlaps (patients, identical bytes, near-duplicates) across splits;
-:func:`verify_certificate` re-derives it before training and before promotion.
+``report``. Near-duplicate pairs are confirmed by intensity statistics, and a component
+too large to be one person (more patients than the smallest held-out split) is reported,
+not merged. Patients whose images are byte-identical (``patient_links.csv`` from ingest)
+are always kept together. The certificate records counts, prevalence, a hash of each
+split's patient set, and the overlaps (patients, identical bytes, near-duplicates) across
+splits; :func:`verify_certificate` re-derives it before training and before promotion.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.manifest import read_manifest, read_summary
+from pipeline.data.manifest import read_links, read_manifest, read_summary
 from pipeline.features import hamming_distance, hashes_to_bytes
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,10 @@ CERTIFICATE_FILE = "split_certificate.json"
 
 class LeakageError(RuntimeError):
     """The split certificate does not hold (patient overlap, tampering, stale split)."""
+
+
+class SplitError(LeakageError):
+    """The manifest cannot be split by patient as configured (e.g. too few patients)."""
 
 
 # --------------------------------------------------------------------------- near-duplicates
@@ -99,6 +107,10 @@ def split_by_patient(manifest: pd.DataFrame, fractions: tuple[float, float, floa
     group_of = manifest["patient_id"].map(groups) if groups else manifest["patient_id"]
     glabels = _group_labels(manifest.assign(_group=group_of), positive)
     ids = np.array(sorted(glabels.index))
+    if len(ids) < len(SPLITS):
+        raise SplitError(f"cannot split {len(ids)} patient group(s) into train/val/test: each split needs at least "
+                         "one patient. Ingest more patients (patients linked by identical or near-duplicate "
+                         "images count as one group).")
     strata = glabels.loc[ids].to_numpy()
     f_train, f_val, f_test = fractions
 
@@ -133,22 +145,21 @@ def _group_labels(df: pd.DataFrame, positive: str | None) -> pd.Series:
 
 
 def run_split(settings: Settings, dataset_dir: Path | None = None) -> dict[str, Any]:
-    """Split the manifest by patient; writes ``split.parquet`` and ``split_certificate.json``."""
+    """Split the manifest by patient; writes ``split.parquet`` and ``split_certificate.json``.
+
+    Raises:
+        SplitError: fewer than three patient groups (one per split) after grouping.
+    """
     dataset_dir = dataset_dir or settings.dataset_dir
     manifest = read_manifest(dataset_dir).reset_index(drop=True)
     summary = read_summary(dataset_dir)
     positive = summary.get("positive_class")
     cfg = settings.split
-    pairs = near_duplicate_pairs(manifest["phash"].tolist(), cfg.near_duplicate_hamming)
-    cross_patient = [(a, b, d) for a, b, d in pairs
-                     if manifest.at[a, "patient_id"] != manifest.at[b, "patient_id"]]
-    groups = None
-    if cfg.near_duplicate_action == "merge" and cross_patient:
-        uf = _UnionFind(sorted(manifest["patient_id"].unique()))
-        for a, b, _ in cross_patient:
-            uf.union(manifest.at[a, "patient_id"], manifest.at[b, "patient_id"])
-        groups = {p: uf.find(p) for p in uf.parent}
-    split = split_by_patient(manifest, cfg.fractions, settings.base.seed, positive, groups)
+    cross_patient = confirmed_near_duplicates(manifest, cfg.near_duplicate_hamming)
+    grouping = group_patients(manifest, read_links(dataset_dir),
+                              cross_patient if cfg.near_duplicate_action == "merge" else [],
+                              max_group=_max_near_duplicate_group(manifest, cfg.fractions))
+    split = split_by_patient(manifest, cfg.fractions, settings.base.seed, positive, grouping.groups or None)
     table = pd.DataFrame({"image_id": manifest["image_id"], "patient_id": manifest["patient_id"], "split": split})
     dropped: list[str] = []
     if cfg.near_duplicate_action == "drop":
@@ -156,12 +167,92 @@ def run_split(settings: Settings, dataset_dir: Path | None = None) -> dict[str, 
         table = table[~table["image_id"].isin(dropped)]
     table = table.sort_values(["split", "image_id"]).reset_index(drop=True)
     table.to_parquet(dataset_dir / SPLIT_FILE, index=False)
-    cert = build_certificate(manifest, table, positive, settings, cross_patient, groups, dropped)
+    cert = build_certificate(manifest, table, positive, settings, cross_patient, grouping, dropped)
     (dataset_dir / CERTIFICATE_FILE).write_text(json.dumps(cert, indent=2, sort_keys=True))
     logger.info("split %s patients: %s; patient overlap %d; near-duplicates across splits %d",
                 cert["patients_total"], cert["patients"], cert["patient_overlap"],
                 len(cert["near_duplicates_across_splits"]))
     return cert
+
+
+# Near-duplicate pairs must also agree on mean and std of intensity (0-1 scale) within this,
+# and near-uniform images (std below BLANK_STD) take no part: their pHash carries no signal.
+NEAR_DUPLICATE_STAT_TOLERANCE = 0.05
+BLANK_STD = 0.01
+
+
+def confirmed_near_duplicates(manifest: pd.DataFrame, max_distance: int) -> list[tuple[int, int, int]]:
+    """Near-duplicate pairs ``(i, j, distance)`` across two patients, confirmed by intensity statistics.
+
+    A pHash keeps only low frequencies, so unrelated images that share a layout (e.g. one
+    gradient at two exposures) can collide; a pair counts only when mean and std agree too.
+    """
+    pairs = near_duplicate_pairs(manifest["phash"].tolist(), max_distance)
+    patient = manifest["patient_id"].to_numpy()
+    mean = manifest["mean"].to_numpy(dtype=float) if "mean" in manifest else None
+    std = manifest["std"].to_numpy(dtype=float) if "std" in manifest else None
+    out = []
+    for a, b, d in pairs:
+        if patient[a] == patient[b]:
+            continue
+        if mean is not None and std is not None and (
+                min(std[a], std[b]) < BLANK_STD or abs(mean[a] - mean[b]) > NEAR_DUPLICATE_STAT_TOLERANCE
+                or abs(std[a] - std[b]) > NEAR_DUPLICATE_STAT_TOLERANCE):
+            continue
+        out.append((a, b, d))
+    return out
+
+
+@dataclass
+class Grouping:
+    """Patients kept together: ``groups`` maps patient → group representative."""
+
+    groups: dict[str, str] = field(default_factory=dict)
+    linked_pairs: int = 0
+    merged_groups: int = 0
+    too_large: list[int] = field(default_factory=list)  # patient counts of components left unmerged
+
+
+def group_patients(manifest: pd.DataFrame, links: list[tuple[str, str]], pairs: list[tuple[int, int, int]],
+                   max_group: int) -> Grouping:
+    """Union patients that share identical bytes (always) and near-duplicates (components ≤ ``max_group``).
+
+    A near-duplicate component spanning more patients than ``max_group`` is not one person
+    (the hash does not discriminate these images): it is left unmerged and reported.
+    """
+    patients = sorted(manifest["patient_id"].unique())
+    known = set(patients)
+    uf = _UnionFind(patients)
+    used_links = [(a, b) for a, b in links if a in known and b in known]
+    for a, b in used_links:
+        uf.union(a, b)
+    near = _UnionFind(patients)
+    pid = manifest["patient_id"].to_numpy()
+    for a, b, _ in pairs:
+        near.union(uf.find(pid[a]), uf.find(pid[b]))
+    members: dict[str, set[str]] = defaultdict(set)
+    for p in patients:
+        members[near.find(uf.find(p))].add(p)
+    too_large = []
+    for component in members.values():
+        if len(component) > max_group:
+            too_large.append(len(component))
+            continue
+        first = min(component)
+        for p in component:
+            uf.union(first, p)
+    groups = {p: uf.find(p) for p in patients}
+    sizes = pd.Series(list(groups.values())).value_counts()
+    if too_large:
+        logger.warning("%d near-duplicate component(s) spanning %s patients left unmerged (limit %d)",
+                       len(too_large), sorted(too_large), max_group)
+    return Grouping(groups if len(sizes) < len(patients) else {}, len(used_links), int((sizes > 1).sum()),
+                    sorted(too_large))
+
+
+def _max_near_duplicate_group(manifest: pd.DataFrame, fractions: tuple[float, float, float]) -> int:
+    """Largest near-duplicate component merged: it must fit in the smallest held-out split."""
+    return max(2, int(min(fractions[1], fractions[2]) * manifest["patient_id"].nunique()))
 
 
 def _drop_cross_split(table: pd.DataFrame, pairs: list[tuple[int, int, int]]) -> list[str]:
@@ -176,7 +267,7 @@ def _drop_cross_split(table: pd.DataFrame, pairs: list[tuple[int, int, int]]) ->
 
 
 def build_certificate(manifest: pd.DataFrame, table: pd.DataFrame, positive: str | None, settings: Settings,
-                      pairs: list[tuple[int, int, int]], groups: dict[str, str] | None,
+                      pairs: list[tuple[int, int, int]], grouping: Grouping,
                       dropped: list[str]) -> dict[str, Any]:
     """Counts, prevalence, patient-set hashes and cross-split overlaps of a split table."""
     labels = manifest.set_index("image_id")["label"]
@@ -207,7 +298,9 @@ def build_certificate(manifest: pd.DataFrame, table: pd.DataFrame, positive: str
         "near_duplicate_hamming": settings.split.near_duplicate_hamming,
         "near_duplicate_action": settings.split.near_duplicate_action,
         "near_duplicate_pairs_found": len(pairs),
-        "near_duplicate_groups_merged": (len({v for v in groups.values()}) if groups else None),
+        "near_duplicate_groups_merged": grouping.merged_groups,
+        "near_duplicate_components_not_merged": grouping.too_large,
+        "duplicate_patient_links": grouping.linked_pairs,
         "near_duplicates_across_splits": near,
         "dropped_near_duplicates": dropped,
         "manifest_sha256": _manifest_hash(manifest),

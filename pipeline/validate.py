@@ -4,6 +4,15 @@ Each expectation carries a severity in its ``meta``: a failed *critical* expecta
 stops the pipeline (:class:`ValidationFailed` names each failure and its observed
 value); *warning* failures are reported but pass unless ``validate.fail_on_warning``.
 
+Critical: row count within ``[min_rows, max_rows]`` (the floor only guards against an empty
+or unsplittable dataset), non-null ids/labels, labels in the class set, unique sha256 and
+image ids, image sides within the ingest size range (recorded by ingest, so
+``xrayops validate DIR`` judges DIR by the source it came from), bit depth 8/16, 1 or 3
+channels, per-image mean in [0, 1] and std in [0, 0.5], at least one image per patient.
+Warning: fewer rows than ``warn_min_rows``, mixed bit depths, mean/std outside the
+expected ranges, a patient with more than ``max_images_per_patient`` images, a class with
+no images, positive-class prevalence outside ``prevalence_range``.
+
 No patient data reaches GX: the frame it sees has patient ids replaced by per-run
 integer codes and no file paths; result JSON and Data Docs carry aggregate values only.
 Outputs: ``<dataset>/validation/result.json`` and ``validation/data_docs/index.html``.
@@ -59,8 +68,12 @@ def build_checks(settings: Settings, classes: list[str], positive: str | None, s
         gxe.ExpectColumnValuesToBeInSet(column="bit_depth", value_set=[8, 16]),
         gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[1, 3]),
         gxe.ExpectColumnValuesToBeBetween(column="mean", min_value=0.0, max_value=1.0),
+        gxe.ExpectColumnValuesToBeBetween(column="std", min_value=0.0, max_value=0.5),
+        gxe.ExpectColumnValuesToBeBetween(column="patient_image_count", min_value=1),
     ]
     warn: list[Any] = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=v.warn_min_rows, max_value=v.max_rows),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(column="bit_depth", min_value=1, max_value=1),
         gxe.ExpectColumnMeanToBeBetween(column="mean", min_value=v.mean_range[0], max_value=v.mean_range[1]),
         gxe.ExpectColumnValuesToBeBetween(column="mean", min_value=v.mean_range[0], max_value=v.mean_range[1],
                                           mostly=0.99),
@@ -100,7 +113,7 @@ def run_validation(settings: Settings, dataset_dir: Path | None = None) -> dict[
     manifest = read_manifest(dataset_dir)
     if not classes:
         classes = sorted(manifest["label"].dropna().unique())
-    size_range = tuple(settings.validate_.size_range or _source_size_range(settings))
+    size_range = tuple(settings.validate_.size_range or summary.get("size_range") or _source_size_range(settings))
     checks = build_checks(settings, classes, positive, size_range)  # type: ignore[arg-type]
     out_dir = dataset_dir / "validation"
     result = _run_gx(checks, gx_frame(manifest, positive), out_dir)

@@ -179,8 +179,13 @@ def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:
     try:
         raw = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
-        reason = "dicom_unsupported" if "handler" in str(exc).lower() else "truncated"
-        raise BadImage(reason, f"cannot decode DICOM pixels: {type(exc).__name__}") from None
+        text = str(exc).lower()
+        missing = any(k in text for k in ("handler", "missing dependencies", "no plugins", "not supported"))
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", None) or "unknown transfer syntax"
+        if missing:
+            raise BadImage("dicom_unsupported", f"no decoder installed for {name} (e.g. pylibjpeg)") from None
+        raise BadImage("truncated", f"cannot decode DICOM pixels ({name}): {type(exc).__name__}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if not photometric.startswith("MONOCHROME"):
         raise BadImage("unsupported_mode", f"DICOM photometric {photometric} (expected MONOCHROME1/2)")
@@ -201,9 +206,5 @@ def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:
 def encode_png(image: DecodedImage) -> bytes:
     """Lossless PNG of the decoded pixels (used to store de-identified DICOM pixels)."""
     buf = io.BytesIO()
-    px = image.pixels
-    if px.dtype == np.uint16:
-        Image.fromarray(px, mode="I;16").save(buf, format="PNG")
-    else:
-        Image.fromarray(px).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image.pixels)).save(buf, format="PNG")  # uint16 → mode I;16
     return buf.getvalue()

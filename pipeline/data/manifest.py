@@ -7,11 +7,22 @@ batches, so memory stays flat in the number of images. Output under the dataset 
     images/<id[:2]>/<image_id>.<ext>   de-identified copies (hard links when safe)
     manifest.parquet                   one row per usable image
     quarantine.csv                     one row per unusable file (path,reason,detail)
+    patient_links.csv                  pseudonymised patient pairs sharing identical bytes
     ingest_summary.json                counts; files_seen = ingested + quarantined
+
+Accounting: ``files_seen`` counts every file the source hands to ingestion, and
+``ingested + quarantined = files_seen`` always (checked; a mismatch raises). Files a
+source leaves out on purpose are *not* files seen but are counted next to them:
+``excluded_by_label_mapping`` (labels the task does not use, e.g. NIH findings other than
+Pneumonia / No Finding; per label in ``excluded_labels``) and ``ignored_files``
+(metadata files, unlabelled test folders). ``files_found = files_seen +
+excluded_by_label_mapping``.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
+LINKS_FILE = "patient_links.csv"
 IMAGES_DIR = "images"
 FEATURE_COLUMNS = [f for f in IMAGE_FEATURES if f not in ("width", "height", "bit_depth")]
 
@@ -65,6 +77,7 @@ SCHEMA = pa.schema(
         ("age_band", pa.string()),
         ("modality", pa.string()),
         ("manufacturer", pa.string()),
+        ("photometric", pa.string()),
     ]
 )
 
@@ -90,25 +103,33 @@ class _Outcome:
     quarantine: QuarantineEntry | None = None
 
 
+# mapper(read, records) -> outcomes in input order (see ingest_records)
+Mapper = Callable[[Callable[[RawRecord], _Outcome], Iterable[RawRecord]], Iterable[_Outcome]]
+
+
 def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOptions,
                    extra_summary: dict[str, Any] | None = None,
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int], None] | None = None,
+                   mapper: Mapper | None = None) -> dict[str, Any]:
     """Ingest ``records`` into ``out_dir``; returns the summary (also written as JSON).
 
     The manifest and summary are written to temporary names and moved into place at the
-    end, so a crash mid-run leaves the previous manifest intact.
+    end, so a crash mid-run leaves the previous manifest intact. ``mapper(read, records)``
+    replaces the local thread pool for the per-file work (read, hash, decode, features),
+    e.g. to run it on a Dask cluster; it must yield outcomes in input order.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
     tmp_manifest = out_dir / f".{MANIFEST_FILE}.tmp"
     tmp_quarantine = out_dir / ".quarantine.csv.tmp"
-    accepted: dict[str, tuple[str, str]] = {}  # sha256 -> (label, quarantine ref) of the kept copy
-    conflicts: set[str] = set()
+    dedup = _Dedup()
     files_seen = 0
     writer = pq.ParquetWriter(tmp_manifest, SCHEMA)
     batch: list[dict[str, Any]] = []
     with QuarantineWriter(tmp_quarantine) as quarantine:
-        for outcome in _parallel(records, lambda r: _read_one(r, out_dir, opts), opts.workers):
+        read = functools.partial(_read_one, out_dir=out_dir, opts=opts)
+        outcomes = mapper(read, records) if mapper else _parallel(records, read, opts.workers)
+        for outcome in outcomes:
             files_seen += 1
             if progress:
                 progress(1)
@@ -117,29 +138,72 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
                 continue
             row = outcome.row
             assert row is not None
-            sha, qref = row["sha256"], row.pop("_qref")
-            if sha in accepted:
-                same_label = accepted[sha][0] == row["label"]
-                if not same_label:
-                    conflicts.add(sha)
-                reason = "duplicate_image" if same_label else "conflicting_labels"
-                quarantine.add(QuarantineEntry(qref, reason, "identical bytes " +
-                                               ("already ingested" if same_label else "with another label")))
+            duplicate = dedup.check(row)
+            if duplicate:
+                quarantine.add(duplicate)
                 continue
-            accepted[sha] = (row["label"], qref)
             batch.append(row)
             if len(batch) >= 512:
                 _flush(writer, batch)
         _flush(writer, batch)
         writer.close()
-        n_rows = _drop_conflicts(tmp_manifest, {sha: accepted[sha][1] for sha in conflicts}, quarantine)
+        n_rows = _drop_conflicts(tmp_manifest, dedup.conflicted_refs(), quarantine)
     counts = dict(sorted(quarantine.counts.items()))
-    summary = _summary(out_dir, tmp_manifest, files_seen, n_rows, counts, opts, extra_summary or {})
+    summary = _summary(out_dir, tmp_manifest, files_seen, n_rows, counts, opts,
+                       {**(extra_summary or {}), "patient_links": len(dedup.links)})
+    _write_links(out_dir / f".{LINKS_FILE}.tmp", dedup.links)
+    os.replace(out_dir / f".{LINKS_FILE}.tmp", out_dir / LINKS_FILE)
     os.replace(tmp_quarantine, out_dir / "quarantine.csv")
     os.replace(tmp_manifest, out_dir / MANIFEST_FILE)
     _write_json(out_dir / SUMMARY_FILE, summary)
     logger.info("ingested %d of %d files (%d quarantined)", n_rows, files_seen, files_seen - n_rows)
     return summary
+
+
+class _Dedup:
+    """Identical bytes: keep the first copy; quarantine later copies; record patient links.
+
+    Identical bytes under two patient ids mean one person under two ids (or a mix-up):
+    the pair is written to ``patient_links.csv`` so the split keeps both ids on one side.
+    """
+
+    def __init__(self) -> None:
+        self.accepted: dict[str, tuple[str, str, str]] = {}  # sha256 -> (label, qref, patient) of the kept copy
+        self.conflicts: set[str] = set()
+        self.links: set[tuple[str, str]] = set()
+
+    def check(self, row: dict[str, Any]) -> QuarantineEntry | None:
+        """None when ``row`` is new (it is remembered); else the quarantine entry for it."""
+        sha, qref = row["sha256"], row.pop("_qref")
+        if sha not in self.accepted:
+            self.accepted[sha] = (row["label"], qref, row["patient_id"])
+            return None
+        label, _, patient = self.accepted[sha]
+        if patient != row["patient_id"]:
+            self.links.add(tuple(sorted((patient, row["patient_id"]))))  # type: ignore[arg-type]
+        if label == row["label"]:
+            return QuarantineEntry(qref, "duplicate_image", "identical bytes already ingested")
+        self.conflicts.add(sha)
+        return QuarantineEntry(qref, "conflicting_labels", "identical bytes with another label")
+
+    def conflicted_refs(self) -> dict[str, str]:
+        return {sha: self.accepted[sha][1] for sha in self.conflicts}
+
+
+def _write_links(path: Path, links: set[tuple[str, str]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("patient_a", "patient_b", "reason"))
+        writer.writerows((a, b, "identical_bytes") for a, b in sorted(links))
+
+
+def read_links(dataset_dir: Path) -> list[tuple[str, str]]:
+    """Pseudonymised patient pairs that share an image (written by ingestion)."""
+    path = dataset_dir / LINKS_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [(r["patient_a"], r["patient_b"]) for r in csv.DictReader(fh)]
 
 
 def _flush(writer: pq.ParquetWriter, batch: list[dict[str, Any]]) -> None:
@@ -188,9 +252,12 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
             raise BadImage("too_large_file", f"{size} bytes > {opts.max_bytes}")
         data = record.path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        image = decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth)
+        image = _decode(data, opts)
         _check_image(image, opts)
-        label_index = _check_label(record.label, opts.classes)
+        label = record.label
+        if not label and record.label_by_uid:
+            label = record.label_by_uid.get(image.identifiers.get("sop_instance_uid", "")) or None
+        label_index = _check_label(label, opts.classes)
         patient = record.patient_key or image.identifiers.get("patient_id") or None
         if not patient:
             raise BadImage("missing_patient", "no patient id in the label file or the DICOM header")
@@ -208,7 +275,7 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         "path": rel,
         "sha256": sha,
         "patient_id": pseudonymise(str(patient), opts.salt),
-        "label": record.label,
+        "label": label,
         "label_index": label_index,
         "width": image.width,
         "height": image.height,
@@ -224,8 +291,23 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         "age_band": age_band(_to_float(extra.get("age"))),
         "modality": image.meta.get("modality") or opts.profile.modality,
         "manufacturer": image.meta.get("manufacturer"),
+        "photometric": image.meta.get("photometric"),
         "_qref": qref,
     })
+
+
+def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
+    """Decode; an unexpected decoder exception on odd input quarantines the file instead of
+    stopping the whole ingestion (logged with its type only: messages may quote file content)."""
+    try:
+        return decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth)
+    except BadImage:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything on hostile input
+        logger.warning("decoder raised %s on one file; quarantined as decode_error", type(exc).__name__)
+        raise BadImage("decode_error", f"{type(exc).__name__} while decoding") from None
 
 
 def _check_image(image: DecodedImage, opts: IngestOptions) -> None:
@@ -306,11 +388,13 @@ def _to_float(value: object) -> float | None:
 
 def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts: dict[str, int],
              opts: IngestOptions, extra: dict[str, Any]) -> dict[str, Any]:
-    df = pd.read_parquet(manifest, columns=["patient_id", "label"])
+    df = pd.read_parquet(manifest, columns=["patient_id", "label", "sha256"])
     quarantined = sum(counts.values())
     if n_rows + quarantined != files_seen:
         raise RuntimeError(f"ingest accounting error: {n_rows} + {quarantined} != {files_seen}")
-    return {
+    content = hashlib.sha256("\n".join(sorted(df["sha256"])).encode()).hexdigest()
+    dvc = extra.get("dvc") or {}
+    summary = {
         "source": opts.source,
         "files_seen": files_seen,
         "ingested": n_rows,
@@ -320,8 +404,17 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
         "classes": list(opts.classes),
         "label_counts": {k: int(v) for k, v in Counter(df["label"]).most_common()},
         "manifest_sha256": _file_sha256(manifest),
+        "content_sha256": content,
+        "dataset_hash": dvc.get("dvc_md5") or f"sha256:{content}",
+        "dvc_md5": dvc.get("dvc_md5"),
+        "dvc_rev": dvc.get("rev"),
+        "min_size": opts.min_size,
+        "size_range": [opts.min_size, max(opts.min_size, opts.profile.size_range[1])],
+        "excluded_by_label_mapping": 0,
         **extra,
     }
+    summary["files_found"] = files_seen + int(summary["excluded_by_label_mapping"])
+    return summary
 
 
 def _file_sha256(path: Path) -> str:

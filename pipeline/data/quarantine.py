@@ -30,6 +30,7 @@ REASONS = {
     "too_small": "an image side is below data.ingest.min_size",
     "dicom_no_pixels": "DICOM file without pixel data",
     "dicom_unsupported": "DICOM transfer syntax that cannot be decoded here",
+    "decode_error": "the decoder failed unexpectedly on this file (detail names the error type)",
     "missing_label": "no label for this file",
     "unknown_label": "label not in data.classes",
     "missing_patient": "no patient identifier for this file",

@@ -34,6 +34,7 @@ class DatasetVersion:
     dvc_md5: str
     nfiles: int | None
     pushed: bool
+    commit: str | None = None  # the git commit ``rev`` resolved to
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,7 +114,9 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
             except Exception as exc:
                 raise VersioningError(f"`dvc push` of {rel} to {remote_url} failed: {exc}") from None
         pushed = True
-    version = DatasetVersion(repo=str(root), path=rel, rev=git_head(root), dvc_md5=md5, nfiles=nfiles, pushed=pushed)
+    head = git_head(root)
+    version = DatasetVersion(repo=str(root), path=rel, rev=head, dvc_md5=md5, nfiles=nfiles, pushed=pushed,
+                             commit=head)
     logger.info("dataset %s versioned with DVC: md5=%s files=%s pushed=%s", rel, md5, nfiles, pushed)
     return version
 
@@ -131,6 +134,10 @@ def _stage_owning(repo: Any, path: Path) -> str | None:
 
 def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str | None = None) -> DatasetVersion:
     """Materialise ``path`` of DVC ``repo`` at git ``rev`` into ``dest`` (cache, else remote).
+
+    ``remote_url`` overrides the repo's default remote (used for this project, whose remote
+    lives in the uncommitted ``.dvc/config.local``); other repos use their committed remote.
+    The returned version's ``rev`` is the requested rev and ``commit`` the commit it names.
 
     Raises:
         VersioningError: the repo, rev or path does not exist, or the data is in no cache or remote.
@@ -157,6 +164,19 @@ def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str 
         ) from None
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    commit = fs.repo.scm.get_rev() if getattr(fs.repo, "scm", None) else rev
+    commit = _resolve_commit(fs, rev)
     nfiles = sum(1 for p in dest.rglob("*") if p.is_file())
-    return DatasetVersion(repo=str(repo), path=path, rev=commit, dvc_md5=md5, nfiles=nfiles, pushed=False)
+    logger.info("fetched %s@%s (commit %s, md5 %s, %d files)", path, rev or "workspace", commit, md5, nfiles)
+    return DatasetVersion(repo=str(repo), path=path, rev=rev or commit, dvc_md5=md5, nfiles=nfiles, pushed=False,
+                          commit=commit)
+
+
+def _resolve_commit(fs: Any, rev: str | None) -> str | None:
+    """The commit ``rev`` names in the filesystem's repo (HEAD when ``rev`` is None)."""
+    scm = getattr(fs.repo, "scm", None)
+    if scm is None:
+        return rev
+    try:
+        return str(scm.resolve_rev(rev)) if rev else str(scm.get_rev())
+    except Exception:  # scmrepo raises its own types for unknown revs; the fetch already succeeded
+        return rev

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.config import Settings
-from pipeline.data.sources.base import RawRecord, Source, SourceError, SourceProfile
+from pipeline.data.sources.base import LabelMap, RawRecord, Source, SourceError, SourceNotes, SourceProfile
 
-__all__ = ["RawRecord", "Source", "SourceError", "SourceProfile", "SOURCES", "get_source"]
+__all__ = ["LabelMap", "RawRecord", "Source", "SourceError", "SourceNotes", "SourceProfile", "SOURCES", "get_source"]
 
 
 def _synthetic(settings: Settings) -> Source:
@@ -35,9 +35,48 @@ def _digits(settings: Settings) -> Source:
     return SklearnDigitsSource()
 
 
+def _kaggle(settings: Settings) -> Source:
+    from pipeline.data.sources.kaggle_pneumonia import KagglePneumoniaSource
+
+    return KagglePneumoniaSource(settings.data.label_maps.get("kaggle-pneumonia"))
+
+
+def _nih(settings: Settings) -> Source:
+    from pipeline.data.sources.nih_cxr14 import NihCxr14Source
+
+    return NihCxr14Source(settings.data.label_maps.get("nih-cxr14"))
+
+
+def _rsna(settings: Settings) -> Source:
+    from pipeline.data.sources.rsna_pneumonia import RsnaPneumoniaSource
+
+    return RsnaPneumoniaSource(settings.data.label_maps.get("rsna-pneumonia"))
+
+
+def _dicom(settings: Settings) -> Source:
+    from pipeline.data.sources.dicom_folder import DicomFolderSource
+
+    return DicomFolderSource(settings.data.label_maps.get("dicom"))
+
+
+def _keras(dataset: str) -> Callable[[Settings], Source]:
+    def factory(settings: Settings) -> Source:
+        from pipeline.data.sources.keras_datasets import KerasDatasetSource
+
+        return KerasDatasetSource(dataset)
+
+    return factory
+
+
 SOURCES: dict[str, Callable[[Settings], Source]] = {
     "synthetic": _synthetic,
     "folder": _folder,
+    "kaggle-pneumonia": _kaggle,
+    "nih-cxr14": _nih,
+    "rsna-pneumonia": _rsna,
+    "dicom": _dicom,
+    "keras:mnist": _keras("mnist"),
+    "keras:cifar10": _keras("cifar10"),
     "sklearn:digits": _digits,
 }
 

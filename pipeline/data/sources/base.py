@@ -9,10 +9,11 @@ them, and must never be logged.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,6 +36,11 @@ class SourceProfile:
     modality: str = "CXR"
 
 
+# Radiograph sources: smallest accepted side 32 px (a tiny thumbnail is not a radiograph,
+# but small research exports and test fixtures of 32-64 px must still ingest).
+XRAY_PROFILE = SourceProfile(classes=XRAY_CLASSES, positive_class="PNEUMONIA", min_size=32, size_range=(32, 16384))
+
+
 @dataclass
 class RawRecord:
     """One candidate image as the source sees it (may hold PHI; in memory only).
@@ -46,6 +52,8 @@ class RawRecord:
         patient_key: raw patient identifier; None → taken from the DICOM header, else the file.
         source_split: the split the source shipped the file in (recorded, never used for our split).
         extra: optional slice fields: view_position, sex, age.
+        label_by_uid: labels keyed by DICOM SOPInstanceUID, used when ``label`` is None (the
+            ``dicom`` source's CSV may be keyed by UID, known only once the header is read).
     """
 
     path: Path
@@ -54,6 +62,7 @@ class RawRecord:
     patient_key: str | None = None
     source_split: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    label_by_uid: Mapping[str, str] | None = None
 
 
 class Source(Protocol):
@@ -66,7 +75,59 @@ class Source(Protocol):
         """Materialise the raw data under ``root`` when the source can (no-op otherwise)."""
 
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
-        """Yield every file of the dataset (bad ones too: ingestion quarantines them)."""
+        """Yield every file of the dataset (bad ones too: ingestion quarantines them).
+
+        Files whose label the source's label mapping excludes are *not* yielded; the source
+        counts them (see :class:`SourceNotes`), so nothing is lost silently.
+        """
+
+
+class SourceNotes:
+    """What a source skipped on purpose while listing records (counts only, no names).
+
+    Attributes:
+        excluded: images whose label the label mapping excludes, by raw label (NIH: by finding).
+        excluded_images: number of images excluded by the label mapping.
+        ignored: other files left out on purpose, by kind (metadata files, unlabelled test sets, ...).
+        label_rows_without_file: rows of the label file whose image is not in the folder.
+    """
+
+    def __init__(self) -> None:
+        self.excluded: Counter[str] = Counter()
+        self.excluded_images = 0
+        self.ignored: Counter[str] = Counter()
+        self.label_rows_without_file = 0
+
+    def exclude(self, *raw_labels: str) -> None:
+        self.excluded_images += 1
+        self.excluded.update(raw_labels or ("<empty>",))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "excluded_by_label_mapping": self.excluded_images,
+            "excluded_labels": dict(sorted(self.excluded.items())),
+            "ignored_files": {k: v for k, v in sorted(self.ignored.items()) if v},
+            "label_rows_without_file": self.label_rows_without_file,
+        }
+
+
+class LabelMap:
+    """Raw source label → class name; ``None`` for labels the mapping leaves out.
+
+    Matching is exact first, then case-insensitive. With no mapping every label is kept as is.
+    """
+
+    def __init__(self, mapping: Mapping[str, str] | None) -> None:
+        self.mapping = dict(mapping or {})
+        self._folded = {str(k).strip().casefold(): v for k, v in self.mapping.items()}
+
+    def __call__(self, raw: str) -> str | None:
+        raw = raw.strip()
+        if not self.mapping:
+            return raw
+        if raw in self.mapping:
+            return self.mapping[raw]
+        return self._folded.get(raw.casefold())
 
 
 def require_dir(root: Path, layout: str, hint: str = "") -> None:

@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import RawRecord, SourceError, SourceProfile, list_files, read_csv, require_dir
+from pipeline.data.sources.base import (
+    XRAY_PROFILE,
+    RawRecord,
+    SourceError,
+    SourceNotes,
+    SourceProfile,
+    list_files,
+    read_csv,
+    require_dir,
+)
 
 LAYOUT = "ROOT/<label>/<image>.png|jpg|jpeg, one sub-folder per class (e.g. ROOT/NORMAL, ROOT/PNEUMONIA)"
 
@@ -19,9 +28,8 @@ class FolderSource:
     name = "folder"
 
     def __init__(self, profile: SourceProfile | None = None) -> None:
-        self.profile = profile or SourceProfile(
-            classes=("NORMAL", "PNEUMONIA"), positive_class="PNEUMONIA", min_size=64, size_range=(64, 16384)
-        )
+        self.profile = profile or XRAY_PROFILE
+        self.notes = SourceNotes()
 
     def prepare(self, root: Path) -> None:
         return None

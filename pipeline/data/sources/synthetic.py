@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import XRAY_CLASSES, RawRecord, SourceProfile, list_files, read_csv, require_dir
+from pipeline.data.sources.base import XRAY_PROFILE, RawRecord, list_files, read_csv, require_dir
 from pipeline.data.synthetic import CohortSpec, generate_cohort
 
 LAYOUT = "ROOT/patients.csv (file,patient_id,label,view_position,sex,age) + ROOT/<LABEL>/*.png"
@@ -13,7 +13,7 @@ LAYOUT = "ROOT/patients.csv (file,patient_id,label,view_position,sex,age) + ROOT
 
 class SyntheticSource:
     name = "synthetic"
-    profile = SourceProfile(classes=XRAY_CLASSES, positive_class="PNEUMONIA", min_size=64, size_range=(64, 8192))
+    profile = XRAY_PROFILE
 
     def __init__(self, spec: CohortSpec | None = None) -> None:
         self.spec = spec

@@ -1,0 +1,104 @@
+"""``nih-cxr14``: NIH ChestX-ray14 — an image folder plus ``Data_Entry_2017.csv``.
+
+The CSV (``data.labels``, default ``ROOT/Data_Entry_2017*.csv``) has ``Image Index``,
+``Finding Labels`` (pipe-separated), ``Patient ID``, ``Patient Age``, ``Patient Gender`` and
+``View Position``. Images may sit anywhere below ``ROOT`` (the download spreads them over
+``images_001/images/`` … ``images_012/images/``).
+
+Labels: ``data.label_maps.nih-cxr14`` maps findings to classes (default ``Pneumonia`` →
+PNEUMONIA, ``No Finding`` → NORMAL). An image takes the class its mapped findings agree on
+(``Pneumonia|Effusion`` → PNEUMONIA); images with no mapped finding, or findings mapped to
+two classes, are excluded and counted per finding (``excluded_labels``), never read.
+View position, age and sex are kept for slicing. ``train_val_list.txt`` / ``test_list.txt``,
+when present, give ``source_split`` (recorded, never used by our split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from pipeline.data.sources.base import (
+    XRAY_PROFILE,
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    LabelMap,
+    RawRecord,
+    SourceError,
+    SourceNotes,
+    list_files,
+    read_csv,
+    require_dir,
+)
+
+LAYOUT = "ROOT/**/<Image Index>.png plus ROOT/Data_Entry_2017.csv (or --labels CSV)"
+COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+SPLIT_LISTS = {"train_val_list.txt": "train_val", "test_list.txt": "test"}
+
+
+def find_label_file(root: Path, labels: Path | None) -> Path:
+    if labels is not None:
+        return labels
+    found = sorted(root.glob("Data_Entry_2017*.csv")) or sorted(root.glob("Data_Entry*.csv"))
+    if not found:
+        raise SourceError(f"no Data_Entry_2017.csv in {root}. Expected layout: {LAYOUT}; "
+                          "pass the CSV with --labels PATH (or data.labels).")
+    return found[0]
+
+
+class NihCxr14Source:
+    name = "nih-cxr14"
+    profile = XRAY_PROFILE
+
+    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
+        self.label_map = LabelMap(label_map)
+        self.notes = SourceNotes()
+
+    def prepare(self, root: Path) -> None:
+        return None
+
+    def classify(self, findings: str) -> tuple[str | None, list[str]]:
+        """Class of a ``Finding Labels`` value (None = excluded) and its individual findings."""
+        parts = [f.strip() for f in findings.split("|") if f.strip()]
+        mapped = {m for m in (self.label_map(f) for f in parts) if m is not None}
+        return (mapped.pop() if len(mapped) == 1 else None), parts
+
+    def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
+        require_dir(root, LAYOUT)
+        label_file = find_label_file(root, labels)
+        rows = {r["Image Index"].strip(): r for r in read_csv(label_file, COLUMNS)}
+        shipped = _shipped_splits(root)
+        seen: set[str] = set()
+        for path in list_files(root):
+            if path == label_file or (path.parent == root and path.suffix.lower() not in (*IMAGE_SUFFIXES,
+                                                                                          *DICOM_SUFFIXES)):
+                self.notes.ignored["metadata_files"] += 1
+                continue
+            row = rows.get(path.name)
+            label = None
+            if row is not None:
+                seen.add(path.name)
+                label, findings = self.classify(row.get("Finding Labels") or "")
+                if label is None and findings:
+                    self.notes.exclude(*findings)
+                    continue
+            row = row or {}
+            yield RawRecord(
+                path=path,
+                ref=path.relative_to(root).as_posix(),
+                label=label,
+                patient_key=(row.get("Patient ID") or "").strip() or None,
+                source_split=shipped.get(path.name),
+                extra={"view_position": row.get("View Position"), "sex": row.get("Patient Gender"),
+                       "age": row.get("Patient Age")},
+            )
+        self.notes.label_rows_without_file = len(set(rows) - seen)
+
+
+def _shipped_splits(root: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, split in SPLIT_LISTS.items():
+        path = root / name
+        if path.is_file():
+            out.update({line.strip(): split for line in path.read_text().splitlines() if line.strip()})
+    return out

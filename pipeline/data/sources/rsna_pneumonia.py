@@ -1,0 +1,88 @@
+"""``rsna-pneumonia``: RSNA Pneumonia Detection Challenge — ``<patientId>.dcm`` + ``stage_2_train_labels.csv``.
+
+The label file (``data.labels``, default ``ROOT/stage_2_train_labels.csv``) has
+``patientId,x,y,width,height,Target`` with one row per box, so several rows per image;
+an image's label is the maximum ``Target`` over its rows, mapped by
+``data.label_maps.rsna-pneumonia`` (default 1 → PNEUMONIA, 0 → NORMAL). The patient id is
+the ``patientId`` (the file stem), pseudonymised at ingestion. DICOM files may sit in
+``ROOT/stage_2_train_images/`` or anywhere below ``ROOT``; the unlabelled
+``stage_2_test_images/`` folder is left out and counted (``ignored_files``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from pipeline.data.sources.base import (
+    XRAY_PROFILE,
+    LabelMap,
+    RawRecord,
+    SourceError,
+    SourceNotes,
+    list_files,
+    read_csv,
+    require_dir,
+)
+
+LAYOUT = "ROOT/stage_2_train_images/<patientId>.dcm plus ROOT/stage_2_train_labels.csv (or --labels CSV)"
+COLUMNS = ("patientId", "Target")
+TEST_FOLDER = "stage_2_test_images"
+
+
+def image_targets(label_file: Path) -> dict[str, str]:
+    """``patientId`` → maximum ``Target`` over its rows (as text: "0", "1", or the raw value)."""
+    best: dict[str, str] = {}
+    for row in read_csv(label_file, COLUMNS):
+        key, target = row["patientId"].strip(), (row["Target"] or "").strip()
+        if not key or not target:
+            continue
+        previous = best.get(key)
+        best[key] = target if previous is None else max(previous, target, key=_as_number)
+    return best
+
+
+def _as_number(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("-inf")
+
+
+class RsnaPneumoniaSource:
+    name = "rsna-pneumonia"
+    profile = XRAY_PROFILE
+
+    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
+        self.label_map = LabelMap(label_map)
+        self.notes = SourceNotes()
+
+    def prepare(self, root: Path) -> None:
+        return None
+
+    def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
+        require_dir(root, LAYOUT)
+        label_file = labels or root / "stage_2_train_labels.csv"
+        if not label_file.is_file():
+            raise SourceError(f"label file {label_file} not found. Expected layout: {LAYOUT}")
+        targets = image_targets(label_file)
+        seen: set[str] = set()
+        for path in list_files(root):
+            rel = path.relative_to(root)
+            if path == label_file or (path.parent == root and path.suffix.lower() in (".csv", ".txt", ".md")):
+                self.notes.ignored["metadata_files"] += 1
+                continue
+            if rel.parts[0] == TEST_FOLDER:
+                self.notes.ignored["unlabelled_test_images"] += 1
+                continue
+            key = path.stem if path.suffix.lower() in (".dcm", ".dicom") else path.name
+            target = targets.get(key)
+            label = None
+            if target is not None:
+                seen.add(key)
+                label = self.label_map(target)
+                if label is None:
+                    self.notes.exclude(f"Target={target}")
+                    continue
+            yield RawRecord(path=path, ref=rel.as_posix(), label=label, patient_key=key)
+        self.notes.label_rows_without_file = len(set(targets) - seen)

@@ -1,0 +1,132 @@
+"""Tiny fixture writers for the data tests: X-ray-like PNG/JPEG images and DICOM files made with pydicom.
+
+Images come from the synthetic cohort renderer, so different "patients" look different
+(distinct perceptual hashes) and images of one patient look alike, as in real data.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.data.synthetic import CohortSpec, Patient, render_image
+
+SIDE = 64
+SPEC = CohortSpec(n_patients=1, images_per_patient=(1, 1), prevalence=0.5, image_size=SIDE, bit_depth=8,
+                  bad_files=0, shift=0.0, seed=11)
+
+# Planted PHI: distinctive tokens so a byte search cannot hit them by chance.
+PHI = {
+    "PatientName": "Zyxqvist^Henrietta",
+    "PatientBirthDate": "19230417",
+    "AccessionNumber": "ACCQXJ7731",
+    "InstitutionName": "Qwertyvale Infirmary",
+    "ReferringPhysicianName": "Plumtrebb^Oswin",
+    "OtherPatientIDs": "OTHERIDQQ55",
+}
+
+
+def xray(index: int, k: int = 0, positive: bool = False, side: int = SIDE) -> np.ndarray:
+    """Float image in [0, 1] of synthetic patient ``index`` (image ``k`` of that patient)."""
+    spec = SPEC if side == SIDE else CohortSpec(**{**SPEC.__dict__, "image_size": side})
+    patient = Patient(f"X{index}", "PNEUMONIA" if positive else "NORMAL", "F", 50, "PA", 1, index)
+    return render_image(patient, k, spec)
+
+
+def to_uint8(img01: np.ndarray) -> np.ndarray:
+    return np.round(img01 * 255).astype(np.uint8)
+
+
+def write_png(path: Path, index: int, k: int = 0, positive: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(xray(index, k, positive))).save(path, format="PNG")
+    return path
+
+
+def write_jpeg(path: Path, index: int, k: int = 0, positive: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(xray(index, k, positive))).save(path, format="JPEG", quality=92)
+    return path
+
+
+def dicom_bytes(pixels: np.ndarray | None, *, patient_id: str | None, sop_uid: str | None = None,
+                photometric: str = "MONOCHROME2", bits_stored: int = 12, phi: dict[str, str] | None = None,
+                window: tuple[float, float] | None = None, view: str = "PA") -> bytes:
+    """A DICOM Part-10 file (DX, explicit VR little endian) with the given pixels and header."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_uid = sop_uid or generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    for key, value in (phi or {}).items():
+        setattr(ds, key, value)
+    ds.Modality = "DX"
+    ds.ViewPosition = view
+    ds.Manufacturer = "ACME Imaging"
+    if pixels is not None:
+        arr = np.asarray(pixels)
+        top = (1 << bits_stored) - 1
+        raw = np.round(arr * top).astype(np.uint16) if arr.dtype.kind == "f" else arr.astype(np.uint16)
+        ds.Rows, ds.Columns = raw.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
+        ds.PixelData = raw.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write_dicom(path: Path, index: int | None, *, patient_id: str | None, k: int = 0, positive: bool = False,
+                **kwargs: object) -> Path:
+    """Write a DICOM file of synthetic patient ``index`` (None: no pixel data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = xray(index, k, positive) if index is not None else None
+    path.write_bytes(dicom_bytes(pixels, patient_id=patient_id, **kwargs))  # type: ignore[arg-type]
+    return path
+
+
+def produced_text(path: Path) -> bytes:
+    """A file's searchable content: Parquet as CSV text, zip archives (e.g. ``.keras``) unpacked."""
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path).to_csv().encode()
+    data = path.read_bytes()
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                return data + b"".join(zf.read(n) for n in zf.namelist())
+        except zipfile.BadZipFile:
+            return data
+    return data
+
+
+def find_tokens(roots: list[Path], tokens: list[str]) -> dict[str, list[str]]:
+    """``token -> files`` for every token found in any file below ``roots`` (empty when clean)."""
+    hits: dict[str, list[str]] = {}
+    for root in roots:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for path in files:
+            content = produced_text(path)
+            low = content.lower()
+            for token in tokens:
+                if token.lower().encode() in low or token.lower() in path.as_posix().lower():
+                    hits.setdefault(token, []).append(str(path))
+    return hits

@@ -1,0 +1,125 @@
+"""Quarantine, never silent loss: every kind of bad input gets its reason; ingested + quarantined = files seen."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.manifest import IngestOptions, ingest_records, read_links
+from pipeline.data.quarantine import REASONS, quarantine_ref
+from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
+from pipeline.data.synthetic import _png_bomb
+from tests.data.helpers import dicom_bytes, to_uint8, write_png, xray
+
+pytestmark = pytest.mark.data
+
+SALT = b"quarantine-test-salt"
+MAX_BYTES = 60_000
+
+
+def _png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jls_dicom() -> bytes:
+    """DICOM whose pixels use JPEG-LS, which no installed plugin decodes."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLSLossless
+
+    ds = dcmread(io.BytesIO(dicom_bytes(xray(40), patient_id="P40")))
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _cmyk_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 64), (10, 20, 30, 40)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def bad_inputs(good: bytes) -> dict[str, tuple[bytes, str | None, str | None]]:
+    """reason -> (file bytes, label, patient key) of one file that must be quarantined for it."""
+    rng = np.random.default_rng(3)
+    return {
+        "empty_file": (b"", "NORMAL", "B1"),
+        "truncated": (good[: len(good) // 3], "NORMAL", "B2"),
+        "not_an_image": (b"Radiology report: no acute findings.\n" * 4, "NORMAL", "B3"),
+        "decompression_bomb": (_png_bomb(40000, 40000), "NORMAL", "B4"),
+        "unsupported_mode": (_cmyk_jpeg(), "NORMAL", "B5"),
+        "too_small": (_png(np.full((12, 12), 90, np.uint8)), "NORMAL", "B6"),
+        "colour_image": (_png((rng.random((64, 64, 3)) * 255).astype(np.uint8)), "NORMAL", "B7"),
+        "dicom_no_pixels": (dicom_bytes(None, patient_id="B8"), "NORMAL", None),
+        "dicom_unsupported": (_jls_dicom(), "NORMAL", None),
+        "missing_label": (_png(to_uint8(xray(20))), None, "B10"),
+        "unknown_label": (_png(to_uint8(xray(21))), "CAT", "B11"),
+        "missing_patient": (dicom_bytes(xray(22), patient_id=None), "NORMAL", None),
+        "duplicate_image": (good, "PNEUMONIA", "B13"),  # same bytes and label as the first good file
+        "too_large_file": (_png((rng.random((300, 300)) * 255).astype(np.uint8)), "NORMAL", "B14"),
+    }
+
+
+def opts(workers: int = 2) -> IngestOptions:
+    return IngestOptions(source="test", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE, salt=SALT,
+                         min_size=32, max_pixels=100_000_000, max_bytes=MAX_BYTES, dicom_bit_depth=8, workers=workers)
+
+
+def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    goods = [write_png(raw / f"good{i}.png", i, positive=i % 2 == 0) for i in range(6)]
+    first = goods[0].read_bytes()
+    records = [RawRecord(p, p.name, "PNEUMONIA" if i % 2 == 0 else "NORMAL", f"G{i}") for i, p in enumerate(goods)]
+    expected: dict[str, str] = {}
+    for reason, (data, label, patient) in bad_inputs(first).items():
+        path = raw / f"bad_{reason}.bin"
+        path.write_bytes(data)
+        records.append(RawRecord(path, path.name, label, patient))
+        expected[quarantine_ref(path.name, SALT)] = reason
+    # conflicting labels: same bytes as good1 under another label -> both copies leave the manifest
+    conflict = raw / "conflict.png"
+    conflict.write_bytes(goods[1].read_bytes())
+    records.append(RawRecord(conflict, conflict.name, "PNEUMONIA", "G1-other"))
+
+    summary = ingest_records(records, tmp_path / "ds", opts())
+
+    rows = list(csv.DictReader(open(tmp_path / "ds" / "quarantine.csv")))
+    got = {r["path"]: r["reason"] for r in rows}
+    for ref, reason in expected.items():
+        assert got.get(ref) == reason, (reason, got.get(ref))
+    conflicted = {r["path"] for r in rows if r["reason"] == "conflicting_labels"}
+    assert conflicted == {quarantine_ref("conflict.png", SALT), quarantine_ref("good1.png", SALT)}
+    assert summary["ingested"] == 5 and summary["quarantined"] == len(expected) + 2
+    assert summary["ingested"] + summary["quarantined"] == summary["files_seen"] == len(records)
+    assert all(r["reason"] in REASONS and r["detail"] for r in rows)
+    kinds = set(expected.values()) | {"conflicting_labels"}
+    assert len(kinds) == 15  # the bad-input kinds this test covers
+    on_disk = json.loads((tmp_path / "ds" / "ingest_summary.json").read_text())
+    assert on_disk["quarantine_reasons"] == {k: (2 if k == "conflicting_labels" else 1) for k in kinds}
+    # identical bytes under two patients link them for the split (duplicate and conflict alike)
+    assert len(read_links(tmp_path / "ds")) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_accounting_holds_for_any_worker_count(tmp_path: Path, workers: int) -> None:
+    raw = tmp_path / "raw"
+    records = []
+    for i in range(5):
+        p = write_png(raw / f"g{i}.png", i)
+        records.append(RawRecord(p, p.name, "NORMAL", f"P{i}"))
+    (raw / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    records.append(RawRecord(raw / "bad.png", "bad.png", "NORMAL", "P9"))
+    summary = ingest_records(records, tmp_path / "ds", opts(workers))
+    assert (summary["files_seen"], summary["ingested"], summary["quarantined"]) == (6, 5, 1)
+    assert summary["dataset_hash"].startswith("sha256:") and summary["dvc_md5"] is None

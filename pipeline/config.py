@@ -91,12 +91,17 @@ class DataSection(_Section):
     positive_class: str | None = Field(description="Positive class of a binary task; null = the source's.")
     version_with_dvc: bool = Field(description="Track the raw dataset with DVC and record its hash.")
     dvc_push: bool = Field(description="Push the dataset version to the DVC remote.")
+    label_maps: dict[str, dict[str, str]] = Field(
+        description="Per source: raw label → class (matched case-insensitively). Labels a source's map does "
+        "not list are excluded and counted (ingest_summary.json: excluded_by_label_mapping); sources "
+        "without a map keep their labels.")
     synthetic: SyntheticSection
     ingest: IngestSection
 
 
 class ValidateSection(_Section):
     min_rows: int = Field(ge=1, description="Fewest images a dataset may have (critical).")
+    warn_min_rows: int = Field(ge=1, description="Fewer images than this raise a warning (too few to train well).")
     max_rows: int = Field(ge=1, description="Most images a dataset may have (critical).")
     prevalence_range: tuple[float, float] = Field(description="Allowed share of the positive class (warning).")
     max_images_per_patient: int = Field(ge=1, description="Most images one patient may have (warning).")

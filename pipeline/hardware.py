@@ -24,10 +24,29 @@ class Hardware:
     replicas: int
     gpus: int
     mixed_precision: bool
+    worker: str = "chief"  # "chief", or "worker-<i>" for the other workers of a multi-worker cluster
+
+    @property
+    def is_chief(self) -> bool:
+        """The worker that logs to MLflow and writes outputs (every single-process run is its own chief)."""
+        return self.worker == "chief"
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "replicas": self.replicas, "gpus": self.gpus,
-                "mixed_precision": self.mixed_precision}
+                "mixed_precision": self.mixed_precision, "worker": self.worker}
+
+
+def worker_role(tf_config: str | None = None) -> str:
+    """``chief`` or ``worker-<i>`` from ``TF_CONFIG`` (worker 0 is the chief when the cluster names none)."""
+    raw = tf_config if tf_config is not None else os.environ.get("TF_CONFIG", "")
+    if not raw:
+        return "chief"
+    config = json.loads(raw)
+    task, cluster = config.get("task", {}), config.get("cluster", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster):
+        return "chief"
+    return f"{kind}-{index}"
 
 
 def setup_hardware(mixed_precision: str = "auto") -> Hardware:
@@ -52,6 +71,6 @@ def setup_hardware(mixed_precision: str = "auto") -> Hardware:
         strategy, kind = tf.distribute.get_strategy(), ("gpu" if gpus else "cpu")
     use_mp = mixed_precision == "on" or (mixed_precision == "auto" and bool(gpus))
     keras.mixed_precision.set_global_policy("mixed_float16" if use_mp else "float32")
-    hw = Hardware(strategy, kind, int(strategy.num_replicas_in_sync), len(gpus), use_mp)
+    hw = Hardware(strategy, kind, int(strategy.num_replicas_in_sync), len(gpus), use_mp, worker_role())
     logger.info("hardware: %s", hw.describe())
     return hw

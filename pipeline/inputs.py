@@ -2,8 +2,14 @@
 
 Images come out as float32 in [0, 1] with the model's channel count; models do their
 own normalisation (transfer backbones apply their preprocessing inside the model).
-``cache()`` comes before ``shuffle()`` so each epoch sees a new order, and augmentation
-runs on batches (one vectorised pass per layer) after the cache.
+
+- decoding runs in parallel and happens once: resized images are cached in memory, so
+  later epochs only shuffle, batch and augment;
+- ``cache()`` comes before ``shuffle()`` so each epoch sees a new order;
+- augmentation is one Keras preprocessing layer (:class:`~pipeline.models.augment.RandomAffineAugment`)
+  applied to whole batches, one resampling per batch; its randomness comes from a per-batch
+  seed stream (``tf.data.Dataset.random``), so parallel maps stay reproducible;
+- the same finishing steps serve image files and in-memory arrays (:func:`make_array_dataset`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import AugmentSection
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DIRECTORY_LAYOUT = "ROOT/<class>/<image>.png|jpg|jpeg — one sub-folder per class (e.g. ROOT/NORMAL, ROOT/PNEUMONIA)"
+SHUFFLE_BUFFER_BYTES = 256 * 2**20  # the shuffle buffer holds decoded images: cap its memory
 
 
 class InputError(FileNotFoundError):
@@ -53,8 +63,32 @@ def check_files(dataset_dir: Path, rel_paths: list[str]) -> list[str]:
     return paths
 
 
+def directory_files(root: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(paths, label indices, class names)`` of a ``ROOT/<class>/<image>`` tree (``flow_from_directory`` layout).
+
+    Raises:
+        InputError: the folder does not exist or holds no class sub-folders with images — the
+            seed's Q9 crashed here with a bare ``FileNotFoundError: 'dataset/train'``.
+    """
+    folder = Path(root).expanduser()
+    where = f"{folder} (resolved to {folder.resolve()})" if not folder.is_absolute() else str(folder)
+    if not folder.is_dir():
+        raise InputError(f"image folder {where} does not exist. Expected layout: {DIRECTORY_LAYOUT}. "
+                         "Point data.input (or --input) at such a folder.")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted(f for f in (folder / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        paths += [str(f) for f in files]
+        labels += [index] * len(files)
+    if not paths:
+        raise InputError(f"image folder {where} holds no images in class sub-folders "
+                         f"(found sub-folders: {classes or 'none'}). Expected layout: {DIRECTORY_LAYOUT}.")
+    return paths, np.asarray(labels, np.int64), classes
+
+
 def decode_resize(path: Any, spec: InputSpec) -> Any:
-    """Read one file into a float32 ``(size, size, channels)`` tensor in [0, 1]."""
+    """Read one PNG (8/16-bit) or JPEG file into a float32 ``(size, size, channels)`` tensor in [0, 1]."""
     import tensorflow as tf
 
     raw = tf.io.read_file(path)
@@ -63,56 +97,95 @@ def decode_resize(path: Any, spec: InputSpec) -> Any:
     return tf.ensure_shape(tf.clip_by_value(img, 0.0, 1.0), (spec.image_size, spec.image_size, spec.channels))
 
 
-def augmentation_layers(cfg: AugmentSection, seed: int) -> Any:
-    """Keras preprocessing layers for training-time augmentation (no horizontal flip unless enabled)."""
-    import keras
-    from keras import layers
+def augmentation_layer(cfg: AugmentSection, seed: int) -> Any:
+    """The training-time augmentation layer for ``cfg`` (None when every setting is off)."""
+    from pipeline.models.augment import RandomAffineAugment
 
-    steps: list[Any] = []
-    if cfg.rotation_deg:
-        steps.append(layers.RandomRotation(cfg.rotation_deg / 360.0, fill_mode="constant", seed=seed))
-    if cfg.translate:
-        steps.append(layers.RandomTranslation(cfg.translate, cfg.translate, fill_mode="constant", seed=seed + 1))
-    if cfg.zoom:
-        steps.append(layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed + 2))
-    if cfg.contrast:
-        steps.append(layers.RandomContrast(cfg.contrast, seed=seed + 3))
-    if cfg.brightness:
-        steps.append(layers.RandomBrightness(cfg.brightness, value_range=(0.0, 1.0), seed=seed + 4))
-    if cfg.horizontal_flip:
-        steps.append(layers.RandomFlip("horizontal", seed=seed + 5))
-    return keras.Sequential(steps, name="augment") if steps else None
+    layer = RandomAffineAugment(rotation_deg=cfg.rotation_deg, translate=cfg.translate, zoom=cfg.zoom,
+                                shear_deg=cfg.shear_deg, horizontal_flip=cfg.horizontal_flip,
+                                contrast=cfg.contrast, brightness=cfg.brightness, fill_mode=cfg.fill_mode,
+                                seed=seed, name="augment")
+    return layer if (layer.geometric or layer.contrast or layer.brightness) else None
 
 
-def _options() -> Any:
+def parallel_calls() -> int:
+    """Parallelism of decode and augmentation maps (fixed: see :func:`dataset_options`)."""
+    return max(2, os.cpu_count() or 2)
+
+
+def dataset_options() -> Any:
+    """Deterministic order, explicit data sharding across workers, no autotuner.
+
+    TF 2.21's autotuner was measured to stall when an epoch's iterator is created or discarded
+    (``benchmarks/bench_train.py`` measures it on and off); fixed parallelism avoids that.
+    """
     import tensorflow as tf
 
     options = tf.data.Options()
     options.deterministic = True
-    # TF 2.21's autotuner stalls for seconds when an epoch's iterator is created or
-    # discarded (see benchmarks/bench_input.py); fixed parallelism avoids it.
     options.autotune.enabled = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
+
+
+def _label_dtype(spec: InputSpec) -> Any:
+    import tensorflow as tf
+
+    return tf.float32 if spec.num_classes == 2 else tf.int32
+
+
+def _finish(ds: Any, n: int, spec: InputSpec, *, batch_size: int, training: bool, seed: int, cache: bool,
+            augment: AugmentSection | None) -> Any:
+    """cache → shuffle → batch → augment (per-batch seeds) → prefetch."""
+    import tensorflow as tf
+
+    if cache:
+        ds = ds.cache()
+    if training:
+        per_image = spec.image_size * spec.image_size * spec.channels * 4
+        buffer = max(1, min(n, max(1024, SHUFFLE_BUFFER_BYTES // per_image)))
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    aug = augmentation_layer(augment, seed) if (training and augment) else None
+    if aug is not None:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda xy, s: (aug(xy[0], training=True, seed=s), xy[1]), num_parallel_calls=parallel_calls())
+    return ds.prefetch(2).with_options(dataset_options())
 
 
 def make_dataset(paths: list[str], labels: np.ndarray, spec: InputSpec, *, batch_size: int, training: bool,
                  seed: int, cache: bool = True, augment: AugmentSection | None = None) -> Any:
-    """A batched ``tf.data.Dataset`` of ``(image, label)``."""
+    """A batched ``tf.data.Dataset`` of ``(image, label)`` read from image files."""
     import tensorflow as tf
 
-    parallel = max(2, os.cpu_count() or 2)
-    label_dtype = tf.float32 if spec.num_classes == 2 else tf.int32
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.float32 if spec.num_classes == 2 else np.int32)))
-    ds = ds.map(lambda p, y: (decode_resize(p, spec), tf.cast(y, label_dtype)), num_parallel_calls=parallel)
-    if cache:
-        ds = ds.cache()
-    if training:
-        ds = ds.shuffle(min(len(paths), 4096), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    aug = augmentation_layers(augment, seed) if (training and augment) else None
-    if aug is not None:
-        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=parallel)
-    return ds.prefetch(2).with_options(_options())
+    dtype = _label_dtype(spec)
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels).astype(dtype.as_numpy_dtype)))
+    ds = ds.map(lambda p, y: (decode_resize(p, spec), y), num_parallel_calls=parallel_calls())
+    return _finish(ds, len(paths), spec, batch_size=batch_size, training=training, seed=seed, cache=cache,
+                   augment=augment)
+
+
+def make_array_dataset(images: np.ndarray, labels: np.ndarray, spec: InputSpec, *, batch_size: int,
+                       training: bool, seed: int, augment: AugmentSection | None = None) -> Any:
+    """The same pipeline for in-memory arrays ``(n, size, size, channels)`` already in [0, 1]."""
+    import tensorflow as tf
+
+    dtype = _label_dtype(spec)
+    ds = tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels.astype(dtype.as_numpy_dtype)))
+    return _finish(ds, len(images), spec, batch_size=batch_size, training=training, seed=seed, cache=False,
+                   augment=augment)
+
+
+def directory_dataset(root: str | os.PathLike[str], spec: InputSpec, *, batch_size: int, training: bool,
+                      seed: int, cache: bool = True, augment: AugmentSection | None = None) -> tuple[Any, list[str]]:
+    """``(dataset, class names)`` of a ``ROOT/<class>/<image>`` folder (our ``flow_from_directory``)."""
+    paths, labels, classes = directory_files(root)
+    if spec.num_classes != len(classes):
+        spec = InputSpec(spec.image_size, spec.channels, len(classes))
+    ds = make_dataset(paths, labels, spec, batch_size=batch_size, training=training, seed=seed, cache=cache,
+                      augment=augment)
+    return ds, classes
 
 
 def load_images(paths: list[str], spec: InputSpec, batch_size: int = 64) -> np.ndarray:

@@ -14,6 +14,8 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,108 +100,173 @@ def run_fingerprint(settings: Settings, dataset: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _callbacks(settings: Settings, ckpt_dir: Path, num_classes: int, client: Any, run_id: str) -> list[Any]:
+BEST_WEIGHTS = "best.weights.h5"
+
+
+def _callbacks(settings: Settings, ckpt_dir: Path, num_classes: int, tracker: Any,
+               extra: list[Any] | None = None) -> list[Any]:
+    """Backup/restore, best checkpoint, early stopping, LR schedule, resumable state, per-epoch MLflow."""
     import keras
 
-    from pipeline.tracking_callbacks import MlflowEpochLogger
+    from pipeline.tracking_callbacks import MlflowEpochLogger, ResumableState
 
     monitor = monitor_metric(num_classes)
     cfg = settings.train
-    return [
-        keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"), delete_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "best.keras"), monitor=monitor, mode="max",
-                                        save_best_only=True),
+    managed = [
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / BEST_WEIGHTS), monitor=monitor, mode="max",
+                                        save_best_only=True, save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
                                           patience=cfg.reduce_lr_patience, min_lr=1e-6),
-        MlflowEpochLogger(client, run_id),
     ]
+    # MLflow logs an epoch before it is backed up: a kill in between re-runs (and re-logs) that epoch
+    # rather than leaving a gap in the metric history.
+    logger_cb = [MlflowEpochLogger(tracker.client, tracker.run_id)] if tracker is not None else []
+    return [*logger_cb,
+            keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"), double_checkpoint=True, delete_checkpoint=True),
+            *managed, ResumableState(ckpt_dir / "backup" / "callbacks.json", managed, ckpt_dir / BEST_WEIGHTS),
+            *(extra or [])]
 
 
-def run_train(settings: Settings, dataset_dir: Path | None = None, version: DatasetVersion | None = None) -> TrainResult:
-    """Train ``train.model`` on the split dataset and log the run to MLflow."""
+@dataclass
+class _Tracker:
+    """The MLflow run of this training (chief only); ``resumed`` when an interrupted run is continued."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    resumed: bool
+
+
+def _prepare(settings: Settings, dataset_dir: Path, version: DatasetVersion | None) -> dict[str, Any]:
+    """Read and check the split dataset: frames, classes and the lineage record."""
+    cert = verify_certificate(dataset_dir)
+    summary = read_summary(dataset_dir)
+    manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
+    dvc = (version.to_dict() if version else summary.get("dvc")) or {}
+    dataset = {"name": summary.get("dataset"), "dvc_md5": dvc.get("dvc_md5"), "dvc_rev": dvc.get("rev"),
+               "manifest_sha256": summary.get("manifest_sha256"), "split_certificate": cert["certificate_sha256"]}
+    return {"classes": list(summary["classes"]), "positive_class": summary.get("positive_class"),
+            "train": split_frame(manifest, split, "train"), "val": split_frame(manifest, split, "val"),
+            "dataset": dataset}
+
+
+def _datasets(settings: Settings, dataset_dir: Path, data: dict[str, Any], ispec: InputSpec,
+              batch: int) -> tuple[Any, Any]:
+    seed, cfg = settings.base.seed, settings.train
+    train_df, val_df = data["train"], data["val"]
+    train_ds = make_dataset(check_files(dataset_dir, train_df["path"].tolist()), train_df["label_index"].to_numpy(),
+                            ispec, batch_size=batch, training=True, seed=seed, cache=cfg.cache, augment=cfg.augment)
+    val_ds = make_dataset(check_files(dataset_dir, val_df["path"].tolist()), val_df["label_index"].to_numpy(),
+                          ispec, batch_size=batch, training=False, seed=seed, cache=cfg.cache)
+    return train_ds, val_ds
+
+
+def run_train(settings: Settings, dataset_dir: Path | None = None, version: DatasetVersion | None = None,
+              extra_callbacks: list[Any] | None = None) -> TrainResult:
+    """Train ``train.model`` on the split dataset and log the run to MLflow.
+
+    Re-running after an interruption (same data + train config + seed) resumes from the last
+    finished epoch into the same MLflow run. In a multi-worker cluster (``TF_CONFIG``) every
+    worker trains; only the chief logs to MLflow and writes the outputs.
+    """
     import keras
-    import mlflow
 
     from pipeline.hardware import setup_hardware
     from pipeline.models import build_model, get_spec
 
+    hw = setup_hardware(settings.train.mixed_precision)  # first: multi-worker collectives need a fresh runtime
     dataset_dir = dataset_dir or settings.dataset_dir
-    cert = verify_certificate(dataset_dir)
-    summary = read_summary(dataset_dir)
-    manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
-    classes = list(summary["classes"])
-    spec_entry = get_spec(settings.train.model)
+    data = _prepare(settings, dataset_dir, version)
+    classes, spec_entry = data["classes"], get_spec(settings.train.model)
     ispec = InputSpec(settings.train.image_size or spec_entry.image_size,
                       settings.train.channels or spec_entry.channels, len(classes))
-    train_df, val_df = split_frame(manifest, split, "train"), split_frame(manifest, split, "val")
-    dvc = (version.to_dict() if version else summary.get("dvc")) or {}
-    dataset = {"name": summary.get("dataset"), "dvc_md5": dvc.get("dvc_md5"), "dvc_rev": dvc.get("rev"),
-               "manifest_sha256": summary.get("manifest_sha256"), "split_certificate": cert["certificate_sha256"]}
-
     keras.utils.set_random_seed(settings.base.seed)
     if settings.train.deterministic:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    hw = setup_hardware(settings.train.mixed_precision)
-    batch = settings.train.batch_size * hw.replicas
-    seed = settings.base.seed
-    train_ds = make_dataset(check_files(dataset_dir, train_df["path"].tolist()), train_df["label_index"].to_numpy(),
-                            ispec, batch_size=batch, training=True, seed=seed, cache=settings.train.cache,
-                            augment=settings.train.augment)
-    val_ds = make_dataset(check_files(dataset_dir, val_df["path"].tolist()), val_df["label_index"].to_numpy(),
-                          ispec, batch_size=batch, training=False, seed=seed, cache=settings.train.cache)
+    train_ds, val_ds = _datasets(settings, dataset_dir, data, ispec, settings.train.batch_size * hw.replicas)
     with hw.strategy.scope():
         model = build_model(settings.train.model, image_size=ispec.image_size, channels=ispec.channels,
                             num_classes=len(classes), weights=settings.train.weights)
         compile_model(model, settings, len(classes))
 
-    fingerprint = run_fingerprint(settings, dataset)
+    fingerprint = run_fingerprint(settings, data["dataset"])
     ckpt_dir = settings.home / "checkpoints" / settings.dataset_name / f"{settings.train.model}-{fingerprint}"
-    client, run_id, exp_id = _start_or_resume_run(settings, ckpt_dir, fingerprint)
+    if not hw.is_chief:
+        ckpt_dir = ckpt_dir / hw.worker  # workers back up privately; only the chief's state is the record
+    tracker = _start_or_resume_run(settings, ckpt_dir, fingerprint) if hw.is_chief else None
     started = time.perf_counter()
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        _log_run_inputs(settings, train_df, val_df, dataset, hw.describe(), ispec, classes)
-        weights = (class_weights(train_df["label_index"].to_numpy(), len(classes))
+    with _active_run(tracker):
+        if tracker is not None and not tracker.resumed:
+            _log_run_inputs(settings, data["train"], data["val"], data["dataset"], hw.describe(), ispec, classes)
+        weights = (class_weights(data["train"]["label_index"].to_numpy(), len(classes))
                    if settings.train.class_weights else None)
-        history = model.fit(train_ds, validation_data=val_ds, epochs=settings.train.epochs, class_weight=weights,
-                            callbacks=_callbacks(settings, ckpt_dir, len(classes), client, run_id),
-                            verbose=1 if sys.stdout.isatty() else 2)
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        hist = _fine_tune(model, settings, train_ds, val_ds, weights, len(classes), ckpt_dir, client, run_id, hist)
-        model_uri = _log_model(model, ispec, settings, hist)
+        hist = _fit_phases(model, settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker,
+                           extra_callbacks)
+        model_uri = _log_model(model, ispec, settings, hist, train_ds) if tracker is not None else ""
     seconds = time.perf_counter() - started
-    result = TrainResult(run_id=run_id, experiment_id=exp_id, model_uri=model_uri, model_name=settings.train.model,
-                         input=asdict(ispec), classes=classes, positive_class=summary.get("positive_class"),
-                         history=hist, epochs_run=len(next(iter(hist.values()), [])), seconds=round(seconds, 2),
-                         hardware=hw.describe(), dataset=dataset, model=model)
-    _write_outputs(settings, result)
+    result = TrainResult(run_id=tracker.run_id if tracker else "", experiment_id=tracker.experiment_id if tracker
+                         else "", model_uri=model_uri, model_name=settings.train.model, input=asdict(ispec),
+                         classes=classes, positive_class=data["positive_class"], history=hist,
+                         epochs_run=len(next(iter(hist.values()), [])), seconds=round(seconds, 2),
+                         hardware=hw.describe(), dataset=data["dataset"], model=model)
+    if hw.is_chief:
+        _write_outputs(settings, result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     logger.info("trained %s in %.1f s (%d epochs); MLflow run %s", settings.train.model, seconds,
-                result.epochs_run, run_id)
+                result.epochs_run, result.run_id or "(worker: not logged)")
     return result
 
 
-def _start_or_resume_run(settings: Settings, ckpt_dir: Path, fingerprint: str) -> tuple[Any, str, str]:
+@contextmanager
+def _active_run(tracker: _Tracker | None) -> Iterator[None]:
+    """The MLflow run as the active run (system metrics on where psutil is installed); nothing for workers."""
+    import mlflow
+
+    if tracker is None:
+        yield
+        return
+    with mlflow.start_run(run_id=tracker.run_id, log_system_metrics=_system_metrics_available()):
+        yield
+
+
+def _system_metrics_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
+
+
+def _start_or_resume_run(settings: Settings, ckpt_dir: Path, fingerprint: str) -> _Tracker:
     """Reuse the MLflow run of an interrupted identical training, else create one."""
     from pipeline.tracking import configure_mlflow
 
     client = configure_mlflow(settings)
     exp_id = ensure_experiment(settings)
     marker = ckpt_dir / "run.json"
-    if marker.exists() and (ckpt_dir / "backup").exists():
+    if marker.exists():
         run_id = json.loads(marker.read_text())["run_id"]
-        logger.info("resuming interrupted training (MLflow run %s)", run_id)
-        return client, run_id, exp_id
+        epoch = _backup_epoch(ckpt_dir)
+        logger.info("resuming interrupted training at epoch %d (MLflow run %s)", epoch, run_id)
+        client.set_tag(run_id, "resumed_from_epoch", str(epoch))
+        return _Tracker(client, run_id, exp_id, resumed=True)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tags = {**code_version(settings.root), "seed": str(settings.base.seed), "stage": "train",
             "model": settings.train.model, "fingerprint": fingerprint}
     run = client.create_run(exp_id, run_name=f"{settings.train.model}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     marker.write_text(json.dumps({"run_id": run.info.run_id}))
-    return client, run.info.run_id, exp_id
+    return _Tracker(client, run.info.run_id, exp_id, resumed=False)
+
+
+def _backup_epoch(ckpt_dir: Path) -> int:
+    """Epochs already finished according to the newest backup (phase 1 + phase 2)."""
+    done = ckpt_dir / PHASE1_FILE
+    base = json.loads(done.read_text())["epochs"] if done.exists() else 0
+    backup = (ckpt_dir / "phase2" if done.exists() else ckpt_dir) / "backup" / "training_metadata.json"
+    return json.loads(backup.read_text())["epoch"] if backup.exists() else base
 
 
 def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataFrame, dataset: dict[str, Any],
@@ -213,34 +280,86 @@ def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataF
                      "hardware": hardware["kind"], "replicas": str(hardware["replicas"]),
                      "mixed_precision": str(hardware["mixed_precision"]).lower()})
     mlflow.log_params({"input.image_size": ispec.image_size, "input.channels": ispec.channels,
-                       "classes": ",".join(classes), "n_train": len(train_df), "n_val": len(val_df)})
+                       "classes": ",".join(classes), "n_train": len(train_df), "n_val": len(val_df),
+                       "global_batch_size": settings.train.batch_size * int(hardware["replicas"])})
     lineage_tags = {k: str(v) for k, v in dataset.items() if v is not None}
     for context, frame in (("training", train_df), ("validation", val_df)):
-        ds = mlflow.data.from_pandas(frame[["image_id", "label"]], name=str(dataset["name"]),
-                                     digest=str(dataset["dvc_md5"] or dataset["manifest_sha256"])[:32])
+        # the digest is computed from the split's rows (one dataset entity per split); the DVC hash,
+        # revision and split certificate travel as tags
+        ds = mlflow.data.from_pandas(frame[["image_id", "label"]], name=str(dataset["name"]))
         mlflow.log_input(ds, context=context, tags=lineage_tags)
 
 
+PHASE1_FILE = "phase1.json"
+
+
+def _fit_phases(model: Any, settings: Settings, train_ds: Any, val_ds: Any, weights: dict[int, float] | None,
+                num_classes: int, ckpt_dir: Path, tracker: _Tracker | None,
+                extra: list[Any] | None) -> dict[str, list[float]]:
+    """Phase 1 (all epochs, or the frozen-backbone phase), then phase 2 fine-tuning for transfer models.
+
+    Phase 1's end is recorded (weights + epoch count) so that an interruption during phase 2
+    resumes phase 2 instead of starting over.
+    """
+    verbose = 1 if sys.stdout.isatty() else 2
+    done = ckpt_dir / PHASE1_FILE
+    local: dict[str, list[float]] = {}
+    if done.exists():
+        epochs = json.loads(done.read_text())["epochs"]
+        model.load_weights(str(ckpt_dir / "phase1.weights.h5"))
+    else:
+        history = model.fit(train_ds, validation_data=val_ds, epochs=settings.train.epochs, class_weight=weights,
+                            callbacks=_callbacks(settings, ckpt_dir, num_classes, tracker, extra), verbose=verbose)
+        epochs = _epochs_done(history, settings.train.epochs)
+        _extend(local, history)
+        if settings.train.fine_tune_epochs > 0:
+            model.save_weights(str(ckpt_dir / "phase1.weights.h5"))
+            done.write_text(json.dumps({"epochs": epochs}))
+    _extend(local, _fine_tune(model, settings, train_ds, val_ds, weights, num_classes, ckpt_dir, tracker, epochs,
+                              extra))
+    return _full_history(tracker, local)
+
+
+def _extend(hist: dict[str, list[float]], history: Any) -> None:
+    for key, values in (history.history if history is not None else {}).items():
+        hist.setdefault(key, []).extend(float(v) for v in values)
+
+
+def _epochs_done(history: Any, planned: int) -> int:
+    """Epochs phase 1 actually ran (early stopping may end it before ``planned``)."""
+    return int(history.epoch[-1]) + 1 if history.epoch else planned
+
+
 def _fine_tune(model: Any, settings: Settings, train_ds: Any, val_ds: Any, weights: dict[int, float] | None,
-               num_classes: int, ckpt_dir: Path, client: Any, run_id: str,
-               hist: dict[str, list[float]]) -> dict[str, list[float]]:
+               num_classes: int, ckpt_dir: Path, tracker: _Tracker | None, start: int,
+               extra: list[Any] | None) -> Any:
     """Phase 2 for transfer models: unfreeze the top layers (BatchNorm stays frozen), lower LR."""
     from pipeline.models.transfer import unfreeze_top
 
     if settings.train.fine_tune_epochs <= 0 or not unfreeze_top(model, settings.train.fine_tune_layers):
-        return hist
+        return None
     compile_model(model, settings, num_classes, settings.train.fine_tune_learning_rate)
-    start = len(next(iter(hist.values()), []))
-    more = model.fit(train_ds, validation_data=val_ds, initial_epoch=start,
-                     epochs=start + settings.train.fine_tune_epochs, class_weight=weights,
-                     callbacks=_callbacks(settings, ckpt_dir / "phase2", num_classes, client, run_id),
-                     verbose=1 if sys.stdout.isatty() else 2)
-    for k, vals in more.history.items():
-        hist.setdefault(k, []).extend(float(v) for v in vals)
-    return hist
+    return model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=start + settings.train.fine_tune_epochs,
+              class_weight=weights, callbacks=_callbacks(settings, ckpt_dir / "phase2", num_classes, tracker, extra),
+              verbose=1 if sys.stdout.isatty() else 2)
 
 
-def _log_model(model: Any, ispec: InputSpec, settings: Settings, hist: dict[str, list[float]]) -> str:
+def _full_history(tracker: _Tracker | None, local: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Every epoch's metrics, including epochs run before an interruption (read back from MLflow)."""
+    if tracker is None:
+        return local
+    run = tracker.client.get_run(tracker.run_id)
+    hist: dict[str, list[float]] = {}
+    for key in sorted(run.data.metrics):
+        if key.startswith("system/"):
+            continue
+        points = {m.step: m.value for m in sorted(tracker.client.get_metric_history(tracker.run_id, key),
+                                                 key=lambda m: m.timestamp)}
+        hist[key] = [float(points[s]) for s in sorted(points)]
+    return hist or local
+
+
+def _log_model(model: Any, ispec: InputSpec, settings: Settings, hist: dict[str, list[float]], train_ds: Any) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
@@ -248,28 +367,33 @@ def _log_model(model: Any, ispec: InputSpec, settings: Settings, hist: dict[str,
     signature = infer_signature(sample, np.asarray(model(sample, training=False)))
     info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip_requirements())
     mlflow.log_figure(_curves_figure(hist), "plots/training_curves.png")
-    _log_architecture(model)
+    _log_architecture(model, _sample_image(train_ds))
     return str(info.model_uri)
 
 
-def _log_architecture(model: Any) -> None:
-    """Log the architecture report when the zoo provides one (``pipeline.models.architecture``)."""
+def _sample_image(ds: Any) -> np.ndarray | None:
+    for images, _ in ds.take(1):
+        return np.asarray(images[0])
+    return None
+
+
+def _log_architecture(model: Any, image: np.ndarray | None) -> None:
+    """Log the architecture report (table + JSON) and the first-layer filter / feature-map figures."""
     import mlflow
 
-    try:
-        from pipeline.models.architecture import architecture_report
-    except ImportError:
-        mlflow.log_text(_summary_text(model), "architecture/summary.txt")
-        return
+    from pipeline.models.architecture import architecture_report
+    from pipeline.models.visualize import feature_maps_figure, filters_figure
+
     report = architecture_report(model)
     mlflow.log_dict(report.to_dict(), "architecture/report.json")
     mlflow.log_text(report.to_text(), "architecture/report.txt")
-
-
-def _summary_text(model: Any) -> str:
-    lines: list[str] = []
-    model.summary(print_fn=lines.append)
-    return "\n".join(lines)
+    mlflow.log_metrics({"model_params": float(report.keras_total_params),
+                        "model_forward_mflops": report.total_flops / 1e6})
+    figures = {"architecture/first_layer_filters.png": filters_figure(model),
+               "architecture/feature_maps.png": feature_maps_figure(model, image) if image is not None else None}
+    for path, fig in figures.items():
+        if fig is not None:
+            mlflow.log_figure(fig, path)
 
 
 def _curves_figure(hist: dict[str, list[float]]) -> Any:

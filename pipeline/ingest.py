@@ -7,8 +7,8 @@ with the same :class:`~pipeline.config.Settings`.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 

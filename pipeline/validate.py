@@ -52,7 +52,8 @@ class Check:
     severity: str  # "critical" | "warning"
 
 
-def build_checks(settings: Settings, classes: list[str], positive: str | None, size_range: tuple[int, int]) -> list[Check]:
+def build_checks(settings: Settings, classes: list[str], positive: str | None,
+                 size_range: tuple[int, int]) -> list[Check]:
     """The expectation suite for a manifest of ``classes``."""
     import great_expectations.expectations as gxe
 

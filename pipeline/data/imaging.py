@@ -135,7 +135,8 @@ def _from_pil(im: Image.Image, kind: str) -> DecodedImage:
 
 def _is_gray(rgb: np.ndarray, tol: int = 2) -> bool:
     sample = rgb[:: max(1, rgb.shape[0] // 64), :: max(1, rgb.shape[1] // 64)].astype(np.int16)
-    return bool(np.abs(sample[..., 0] - sample[..., 1]).max() <= tol and np.abs(sample[..., 0] - sample[..., 2]).max() <= tol)
+    return bool(np.abs(sample[..., 0] - sample[..., 1]).max() <= tol
+                and np.abs(sample[..., 0] - sample[..., 2]).max() <= tol)
 
 
 # --------------------------------------------------------------------------- DICOM

@@ -264,7 +264,8 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
     except BadImage as exc:
         return _Outcome(quarantine=QuarantineEntry(qref, exc.reason, exc.detail))
     except OSError as exc:
-        return _Outcome(quarantine=QuarantineEntry(qref, "truncated", f"unreadable: {exc.strerror or type(exc).__name__}"))
+        detail = f"unreadable: {exc.strerror or type(exc).__name__}"
+        return _Outcome(quarantine=QuarantineEntry(qref, "truncated", detail))
     image_id = sha[:16]
     rel = _store(image, data, record, out_dir, image_id)
     gray = image.gray01()

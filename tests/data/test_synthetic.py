@@ -59,7 +59,7 @@ def test_images_of_one_patient_are_more_alike_than_across_patients() -> None:
     s = spec(image_size=64, images_per_patient=(2, 2), n_patients=6)
     ps = plan_patients(s)
     same = [np.abs(render_image(p, 0, s) - render_image(p, 1, s)).mean() for p in ps]
-    other = [np.abs(render_image(a, 0, s) - render_image(b, 0, s)).mean() for a, b in zip(ps, ps[1:])]
+    other = [np.abs(render_image(a, 0, s) - render_image(b, 0, s)).mean() for a, b in zip(ps, ps[1:], strict=False)]
     assert np.mean(same) < np.mean(other)
 
 

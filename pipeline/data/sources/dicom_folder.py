@@ -18,7 +18,15 @@ import csv
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from pipeline.data.sources.base import XRAY_PROFILE, LabelMap, RawRecord, SourceError, SourceNotes, list_files, require_dir
+from pipeline.data.sources.base import (
+    XRAY_PROFILE,
+    LabelMap,
+    RawRecord,
+    SourceError,
+    SourceNotes,
+    list_files,
+    require_dir,
+)
 
 LAYOUT = "ROOT/**/<any name> DICOM files plus a label CSV (SOPInstanceUID or file, label)"
 UID_COLUMNS = ("SOPInstanceUID", "sop_instance_uid", "sopinstanceuid")

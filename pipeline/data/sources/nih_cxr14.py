@@ -19,9 +19,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pipeline.data.sources.base import (
-    XRAY_PROFILE,
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
+    XRAY_PROFILE,
     LabelMap,
     RawRecord,
     SourceError,

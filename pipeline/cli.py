@@ -159,9 +159,12 @@ def ingest(
     params: ParamsOpt = None,
 ) -> None:
     """Build DIR/manifest.parquet, DIR/quarantine.csv and DIR/ingest_summary.json from a raw dataset."""
-    extra = _opt_sets({"data.source": source, "data.input": _abs(input), "data.labels": _abs(labels),
-                       "data.rev": rev, "data.repo": repo, "data.dataset_dir": _abs(out),
-                       "data.version_with_dvc": version_with_dvc})
+    local_repo = repo is not None and Path(repo).expanduser().is_dir()
+    extra = _opt_sets({"data.source": source, "data.labels": _abs(labels), "data.rev": rev,
+                       # with --rev, --input is a path inside the DVC repo, not on this disk
+                       "data.input": input.as_posix() if (rev and input is not None) else _abs(input),
+                       "data.repo": str(Path(repo).expanduser().resolve()) if local_repo else repo,
+                       "data.dataset_dir": _abs(out), "data.version_with_dvc": version_with_dvc})
     if input is not None and version_with_dvc is None and rev is None:
         extra.append("data.version_with_dvc=false")  # an explicit folder may live outside any DVC repo
     with friendly_errors():
@@ -172,7 +175,8 @@ def ingest(
             prepare_raw(settings)
         version = version_raw(settings)
         summary = run_ingest(settings, version)
-        _dump({k: summary[k] for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons", "patients")})
+        _dump({k: summary.get(k) for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons", "patients",
+                                           "excluded_by_label_mapping", "dataset_hash", "dvc_rev")})
 
 
 def _abs(path: Path | None) -> str | None:

@@ -342,6 +342,90 @@ def quarantine_locate(
             typer.echo(f"{entry.reason:<20} {found.get(entry.path, '<not found>')}")
 
 
+# --------------------------------------------------------------------------- serving, UI, monitoring, feedback
+
+feedback_app = typer.Typer(help="Clinician feedback → labelled dataset versions.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Serve the version holding serve.model_alias over HTTP (FastAPI + uvicorn; API key from $XRAYOPS_API_KEY)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.serve.app import run as run_api
+
+        run_api(settings, host, port)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Start the clinician app (Streamlit): upload, prediction, Grad-CAM, feedback."""
+    import os
+    import subprocess
+
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.ui.render import SETS_ENV
+
+        script = Path(__file__).resolve().parent / "ui" / "app.py"
+        env = {**os.environ, "XRAYOPS_PARAMS": str(settings.root / "params.yaml"), SETS_ENV: json.dumps(sets or [])}
+        cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
+               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+        raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command()
+def monitor(
+    window_hours: Annotated[float | None, typer.Option(help="Compare the last N hours (default: monitor.*).")] = None,
+    last_k: Annotated[int | None, typer.Option(help="Compare the last K predictions.")] = None,
+    retrain: Annotated[bool | None, typer.Option("--retrain/--no-retrain",
+                                                 help="Start the training deployment on drift.")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Drift report of production inputs vs the champion's reference (Prefect flow; HTML + JSON + MLflow)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.runtime import configure_prefect
+
+        configure_prefect(settings)
+        from flows.monitoring import MonitoringParameters
+        from flows.monitoring import run as run_flow
+        from pipeline.monitor import summary_markdown
+
+        summary = run_flow(MonitoringParameters(window_hours=window_hours, last_k=last_k, retrain_on_drift=retrain,
+                                                overrides=list(sets or []),
+                                                params_path=str(params) if params else None))
+        typer.echo(summary_markdown(summary) if summary.get("status") != "no_model" else summary["message"])
+
+
+@feedback_app.command("ingest")
+def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Adjudicated feedback → a DVC-versioned folder dataset; prints accuracy per model version (Prefect flow)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.runtime import configure_prefect
+
+        configure_prefect(settings)
+        from flows.feedback import FeedbackParameters
+        from flows.feedback import run as run_flow
+        from pipeline.feedback import summary_markdown
+
+        summary = run_flow(FeedbackParameters(overrides=list(sets or []), params_path=str(params) if params else None))
+        typer.echo(summary_markdown(summary))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -192,6 +192,10 @@ class MonitorSection(_Section):
     simulate_shifted_fraction: float = Field(ge=0, le=1, description="Share of simulated images that are shifted.")
     retrain_on_drift: bool = Field(description="Trigger the training deployment when drift is detected.")
     embedding_components: int = Field(ge=1, description="PCA components of the penultimate-layer embedding.")
+    training_deployment: str = Field(description="Prefect deployment ('flow-name/deployment-name') run when drift "
+                                     "is detected and retrain_on_drift is set.")
+    feedback_dataset: str = Field(description="Raw dataset (folder source, <data_dir>/raw/<name>) built from "
+                                  "adjudicated clinician feedback by `xrayops feedback ingest`.")
 
 
 class ServeSection(_Section):
@@ -207,6 +211,8 @@ class ServeSection(_Section):
     workers: int = Field(ge=1, description="Inference thread pool size.")
     alias_poll_s: float = Field(gt=0, description="Seconds between checks for a moved alias.")
     engine: Literal["onnx", "tf"] = Field(description="Inference engine of the compiled path.")
+    log_flush_s: float = Field(ge=0, description="Seconds between production-log flushes (0 = write every "
+                               "prediction at once).")
 
 
 class OrchestrateSection(_Section):

@@ -23,32 +23,41 @@ REFERENCE_MAX_ROWS = 5000
 
 
 def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> None:
-    """Score training+validation images and log their features + outputs with the run."""
+    """Score training+validation images; log their features, embedding PCs and outputs with the run.
+
+    The embedding PCA is fitted on the training split only and logged next to the profile
+    (``reference/embedding_pca.npz``): serving projects production embeddings with it, so the
+    reference and the production log carry the same ``emb_pc*`` columns.
+    """
     from pipeline.data.manifest import read_manifest
-    from pipeline.evaluate import predict_proba
     from pipeline.inputs import InputSpec, check_files, load_images
     from pipeline.monitor import log_reference, reference_profile
+    from pipeline.predictor import fit_pca, score_with_embeddings
     from pipeline.split import read_split
 
     dataset_dir = settings.dataset_dir
     manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
-    ids = split.loc[split["split"].isin(["train", "val"]), "image_id"]
-    frame = manifest.set_index("image_id").loc[sorted(ids)].reset_index()
+    split = split.loc[split["split"].isin(["train", "val"]), ["image_id", "split"]]
+    frame = manifest.merge(split, on="image_id").sort_values("image_id").reset_index(drop=True)
     if len(frame) > REFERENCE_MAX_ROWS:
         frame = frame.sample(REFERENCE_MAX_ROWS, random_state=settings.base.seed).reset_index(drop=True)
     images = load_images(check_files(dataset_dir, frame["path"].tolist()), InputSpec(**trained.input))
-    proba = predict_proba(trained.model, images)
+    proba, emb, layer = score_with_embeddings(trained.model, images)
+    is_train = (frame["split"] == "train").to_numpy()
+    pca = fit_pca(emb[is_train] if is_train.sum() > 1 else emb, settings.monitor.embedding_components, layer)
     threshold = evaluation.operating_point["threshold"] if evaluation.operating_point else None
-    log_reference(settings, trained.run_id, reference_profile(frame, proba, threshold))
+    log_reference(settings, trained.run_id, reference_profile(frame, proba, threshold, pca.transform(emb)), pca)
+    logger.info("reference profile: %d images, %d embedding PCs of layer %s (%.0f%% of variance)", len(frame),
+                len(pca.components), layer, 100 * float(pca.explained_variance_ratio.sum()))
 
 
 def simulate_and_report(settings: Settings) -> dict[str, Any]:
     """Simulate a shifted production batch against the champion, log it, and report drift."""
     from pipeline import production_log
     from pipeline.data.manifest import read_manifest
-    from pipeline.monitor import drift_report, load_reference, report_dir
-    from pipeline.predictor import Predictor
-    from pipeline.registry import CHAMPION, get_alias, load_version_model
+    from pipeline.monitor import monitor_champion
+    from pipeline.predictor import load_predictor
+    from pipeline.registry import CHAMPION, get_alias
     from pipeline.simulate import simulate_requests
     from pipeline.split import read_split
 
@@ -56,7 +65,7 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
     if champion is None:
         logger.warning("no champion yet: skipping production simulation and drift report")
         return {"status": "no_champion"}
-    predictor = Predictor.from_version(load_version_model(settings, champion), champion, settings.registered_model)
+    predictor = load_predictor(settings, champion, alias=CHAMPION)
     manifest, split = read_manifest(settings.dataset_dir), read_split(settings.dataset_dir)
     test_ids = set(split.loc[split["split"] == "test", "image_id"])
     paths = [settings.dataset_dir / p for p in manifest.loc[manifest["image_id"].isin(test_ids), "path"]]
@@ -64,11 +73,7 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
                              shift=settings.monitor.simulate_shift, seed=settings.base.seed + 1,
                              shifted_fraction=settings.monitor.simulate_shifted_fraction)
     production_log.append(settings.production_log, rows)
-    current = production_log.read(settings.production_log, last_k=settings.monitor.simulate_rows)
-    reference = load_reference(settings, champion.run_id)
-    return drift_report(reference, current, report_dir(settings), share_threshold=settings.monitor.drift_share_threshold,
-                        min_rows=settings.monitor.min_rows,
-                        context={"model_name": settings.registered_model, "model_version": str(champion.version)})
+    return monitor_champion(settings, last_k=settings.monitor.simulate_rows, alias=CHAMPION)
 
 
 def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any], validation: dict[str, Any],

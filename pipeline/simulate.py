@@ -47,7 +47,7 @@ def simulate_requests(image_paths: list[Path], predictor: Predictor, *, n: int, 
         image = decode_bytes(buf.getvalue(), max_pixels=10**9)
         decoded.append(image)
         batch.append(predictor.preprocess(image))
-    probs = predictor.predict_batch(np.stack(batch)) if batch else np.zeros(0)
-    rows = [predictor.log_row(img, p) for img, p in zip(decoded, probs, strict=True)]
+    scored = predictor.score(np.stack(batch)) if batch else []
+    rows = [predictor.log_row(img, s, source="simulation") for img, s in zip(decoded, scored, strict=True)]
     logger.info("simulated %d production requests (shift %.2f)", n, shift)
     return rows_frame(rows)

@@ -106,3 +106,41 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def train_champion(root: Path, overrides: list[str] | None = None) -> Settings:
+    """A tiny project under ``root`` with a trained model registered as ``champion`` (real path: ingest → validate →
+    split → train → evaluate → reference profile with embedding PCA → register with ONNX export → lenient gate →
+    alias)."""
+    from pipeline.evaluate import run_evaluate
+    from pipeline.ingest import prepare_raw, run_ingest
+    from pipeline.job import log_reference_profile
+    from pipeline.registry import gate, move_champion, record_decision, register_version
+    from pipeline.split import run_split
+    from pipeline.train import run_train
+    from pipeline.validate import run_validation
+
+    lenient = ["promote.min_auc=0", "promote.sensitivity_ci_floor=0", "promote.max_ece=1"]
+    settings = load_settings(write_params(root, [*TINY, "data.version_with_dvc=false", *lenient, *(overrides or [])]))
+    prepare_raw(settings)
+    run_ingest(settings, show_progress=False)
+    run_validation(settings)
+    run_split(settings)
+    trained = run_train(settings)
+    evaluation = run_evaluate(settings, trained)
+    log_reference_profile(settings, trained, evaluation)
+    version = register_version(settings, trained, evaluation)
+    decision = gate(settings, version, evaluation)
+    record_decision(settings, version, decision, trained.run_id)
+    move_champion(settings, version.version, reason="test fixture")
+    return settings
+
+
+@pytest.fixture(scope="session")
+def champion_project(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Session-wide tiny project whose trained model is the registered ``champion`` (≈ 15 s once).
+
+    Tests that write logs should point ``paths.production_log`` / ``paths.feedback_log`` at their own
+    ``tmp_path`` with :func:`pipeline.config.with_overrides`.
+    """
+    return train_champion(tmp_path_factory.mktemp("champion"))

@@ -1,0 +1,116 @@
+"""The monitoring flow: drift of production inputs vs the champion's reference → report, alert, retraining.
+
+Tasks are thin wrappers of :mod:`pipeline.monitor`. When the drift share exceeds
+``monitor.drift_share_threshold`` the flow emits the Prefect event ``xrayops.drift.detected``
+(automations can react to it), ends in a ``Completed`` state named ``Drift detected``, and —
+when ``monitor.retrain_on_drift`` is set — starts the training deployment
+(``monitor.training_deployment``) with ``run_deployment``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from pydantic import BaseModel, Field
+
+from pipeline.config import Settings, load_settings, with_overrides
+
+DRIFT_EVENT = "xrayops.drift.detected"
+
+
+class MonitoringParameters(BaseModel):
+    """What a person can change when starting a monitoring run from the UI or CLI."""
+
+    window_hours: float | None = Field(None, gt=0, title="Window (hours)",
+                                       description="Compare the last N hours of predictions. Empty = params.yaml.")
+    last_k: int | None = Field(None, ge=1, title="Window (predictions)",
+                               description="Compare the last K predictions (when no hours are given).")
+    retrain_on_drift: bool | None = Field(None, title="Retrain on drift",
+                                          description="Start the training deployment when drift is detected.")
+    overrides: list[str] = Field(default_factory=list, title="Other settings",
+                                 description="section.field=value strings, e.g. monitor.drift_share_threshold=0.2.")
+    params_path: str | None = Field(None, title="params.yaml path", description="Empty = the project's params.yaml.")
+
+    def settings(self) -> Settings:
+        sets = [] if self.retrain_on_drift is None else [f"monitor.retrain_on_drift={str(self.retrain_on_drift).lower()}"]
+        return with_overrides(load_settings(self.params_path), [*sets, *self.overrides])
+
+
+@task(name="drift-report", cache_policy=NO_CACHE)
+def drift_report(settings: Settings, window_hours: float | None, last_k: int | None) -> dict[str, Any]:
+    from pipeline.monitor import monitor_champion
+
+    return monitor_champion(settings, hours=window_hours, last_k=last_k)
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish(summary: dict[str, Any]) -> None:
+    from pipeline.monitor import summary_markdown
+
+    if summary["status"] == "no_model":
+        create_markdown_artifact(f"## Drift report\n\n{summary['message']}\n", key="drift-report")
+        return
+    create_markdown_artifact(summary_markdown(summary), key="drift-report",
+                             description=f"Drift of {summary.get('model_name')} v{summary.get('model_version')}")
+    if summary.get("report_html"):
+        create_link_artifact(Path(summary["report_html"]).as_uri(), link_text="Evidently drift report (HTML)",
+                             key="drift-report-html", description=f"MLflow run {summary.get('mlflow_run_id')}")
+
+
+@task(name="drift-alert", cache_policy=NO_CACHE)
+def alert(summary: dict[str, Any]) -> dict[str, Any]:
+    from prefect.events import emit_event
+
+    name, version = summary.get("model_name"), summary.get("model_version")
+    event = emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"xrayops.model.{name}", "prefect.resource.name": str(name),
+                  "xrayops.model.version": str(version)},
+        payload={"drift_share": summary["drift_share"], "threshold": summary["share_threshold"],
+                 "top_drifted": summary.get("top_drifted", []), "report_html": summary.get("report_html"),
+                 "mlflow_run_id": summary.get("mlflow_run_id")})
+    get_run_logger().warning("DRIFT on %s v%s: share %.2f > %.2f (top: %s)", name, version, summary["drift_share"],
+                             summary["share_threshold"], ", ".join(summary.get("top_drifted", [])))
+    return {"event": DRIFT_EVENT, "event_id": str(event.id) if event is not None else None}
+
+
+@task(name="trigger-retraining", cache_policy=NO_CACHE)
+def trigger_retraining(settings: Settings, summary: dict[str, Any]) -> dict[str, Any]:
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    name = settings.monitor.training_deployment
+    try:
+        run = run_deployment(name=name, timeout=0, tags=["drift-triggered"], as_subflow=False)
+    except ObjectNotFound:
+        get_run_logger().warning("retrain_on_drift is set but no deployment named '%s' exists: create it with "
+                                 "`xrayops deploy` or point monitor.training_deployment at an existing one", name)
+        return {"triggered": False, "deployment": name, "reason": "deployment not found"}
+    get_run_logger().info("started training deployment %s: flow run %s", name, run.id)
+    return {"triggered": True, "deployment": name, "flow_run_id": str(run.id)}
+
+
+@flow(name="xrayops-monitoring", log_prints=True)
+def monitoring_flow(params: MonitoringParameters | None = None) -> Any:
+    """Drift report on the production window; alert and optionally retrain when drift is detected."""
+    params = params or MonitoringParameters()
+    settings = params.settings()
+    summary = drift_report(settings, params.window_hours, params.last_k)
+    publish(summary)
+    if not summary.get("drift_detected"):
+        return summary
+    summary["alert"] = alert(summary)
+    if settings.monitor.retrain_on_drift:
+        summary["retraining"] = trigger_retraining(settings, summary)
+    return Completed(data=summary, name="Drift detected",
+                     message=f"drift share {summary['drift_share']:.2f} > {summary['share_threshold']:.2f}")
+
+
+def run(params: MonitoringParameters) -> dict[str, Any]:
+    """Run the flow in this process (temporary Prefect server unless PREFECT_API_URL is set)."""
+    return monitoring_flow(params)

@@ -1,0 +1,76 @@
+"""The input gate: what a clinical image upload must be before a model sees it.
+
+Content is sniffed (never the file name), decoded by the same decoder as ingestion (DICOM
+headers reduced to a PHI-free whitelist there), and checked for size, pixel count
+(decompression bombs), colour, minimum side and aspect ratio. Every rejection carries a
+stable ``reason`` code and an HTTP status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ServeSection
+from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
+
+# reason code → (HTTP status, what it means); the API documents this table.
+REASONS: dict[str, tuple[int, str]] = {
+    "empty": (400, "the upload has 0 bytes"),
+    "too_large": (413, "the upload exceeds serve.max_upload_bytes"),
+    "too_many_pixels": (413, "width × height exceeds serve.max_pixels (decompression-bomb guard)"),
+    "not_an_image": (415, "the content is not PNG, JPEG or DICOM (checked by content, not file name)"),
+    "unsupported_image": (415, "an image mode or DICOM encoding the service cannot read"),
+    "corrupt": (422, "truncated or unreadable image data"),
+    "colour_photograph": (422, "colour pixels where a grayscale radiograph is expected"),
+    "too_small": (422, "the shorter side is below serve.min_side"),
+    "implausible_geometry": (422, "the aspect ratio exceeds serve.max_aspect"),
+}
+
+_FROM_DECODER = {
+    "empty_file": "empty",
+    "not_an_image": "not_an_image",
+    "truncated": "corrupt",
+    "dicom_no_pixels": "corrupt",
+    "decompression_bomb": "too_many_pixels",
+    "unsupported_mode": "unsupported_image",
+    "dicom_unsupported": "unsupported_image",
+}
+
+
+@dataclass
+class Rejected(Exception):
+    """An upload the gate refused."""
+
+    reason: str
+    detail: str
+
+    @property
+    def status(self) -> int:
+        return REASONS[self.reason][0]
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8) -> DecodedImage:
+    """Decode and check one upload.
+
+    Raises:
+        Rejected: with a reason code from :data:`REASONS`.
+    """
+    if len(data) > cfg.max_upload_bytes:
+        raise Rejected("too_large", f"{len(data)} bytes > serve.max_upload_bytes={cfg.max_upload_bytes}")
+    try:
+        image = decode_bytes(data, max_pixels=cfg.max_pixels, dicom_bit_depth=dicom_bit_depth)
+    except BadImage as exc:
+        raise Rejected(_FROM_DECODER.get(exc.reason, "corrupt"), exc.detail or exc.reason) from None
+    image.identifiers.clear()  # raw DICOM identifiers are never needed (nor kept) by serving
+    if image.channels != 1:
+        raise Rejected("colour_photograph", f"{image.channels}-channel colour image; expected a grayscale radiograph")
+    w, h = image.width, image.height
+    if min(w, h) < cfg.min_side:
+        raise Rejected("too_small", f"{w}x{h}: shorter side below serve.min_side={cfg.min_side}")
+    if max(w, h) / max(1, min(w, h)) > cfg.max_aspect:
+        raise Rejected("implausible_geometry", f"{w}x{h}: aspect {max(w, h) / min(w, h):.2f} > "
+                                               f"serve.max_aspect={cfg.max_aspect}")
+    return image

@@ -1,0 +1,1 @@
+"""The clinician app (Streamlit): ``xrayops ui`` runs :mod:`pipeline.ui.app`."""

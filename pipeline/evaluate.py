@@ -53,10 +53,12 @@ class EvalResult:
     slices: list[dict[str, Any]]
     n_test: int
     test: Scored | None = field(default=None, repr=False)
+    explain: dict[str, Any] | None = None  # Grad-CAM sanity check (see pipeline.explain)
+    figures: dict[str, Any] = field(default_factory=dict, repr=False)  # extra figures (Grad-CAM grid)
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "metrics": self.metrics, "ci": self.ci, "operating_point": self.operating_point,
-                "slices": self.slices, "n_test": self.n_test}
+                "slices": self.slices, "n_test": self.n_test, "explain": self.explain}
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -135,10 +137,41 @@ def run_evaluate(settings: Settings, trained: TrainResult, dataset_dir: Path | N
     val = score_split(trained.model, settings, dataset_dir, "val", ispec)
     test = score_split(trained.model, settings, dataset_dir, "test", ispec)
     result = evaluate_scores(settings, val, test, len(trained.classes))
+    explain_result(settings, trained.model, result, dataset_dir, ispec)
     _write(settings, result)
     _log_to_mlflow(settings, trained.run_id, result, val)
     logger.info("test metrics: %s", {k: v for k, v in result.metrics.items() if k != "confusion"})
     return result
+
+
+def explain_result(settings: Settings, model: Any, result: EvalResult, dataset_dir: Path, ispec: InputSpec) -> None:
+    """Grad-CAM grid of TP/FP/TN/FN test examples + the randomisation sanity check (sets ``result.explain``)."""
+    from pipeline.explain import GradCamError, explain_examples
+    from pipeline.plots import gradcam_grid_figure
+
+    cfg, test = settings.evaluate, result.test
+    if cfg.gradcam_examples == 0 or test is None or not len(test.y):
+        result.explain = {"status": "disabled"}
+        return
+    paths = test.frame["path"].tolist()
+    threshold = result.operating_point["threshold"] if result.operating_point else None
+
+    def load(indices: list[int]) -> np.ndarray:
+        return load_images(check_files(dataset_dir, [paths[i] for i in indices]), ispec)
+
+    try:
+        explained = explain_examples(model, load, test.y, test.proba, threshold, per_cell=cfg.gradcam_examples,
+                                     max_rank_corr=cfg.gradcam_sanity_max_rank_corr, seed=settings.base.seed)
+    except GradCamError as exc:
+        logger.warning("Grad-CAM unavailable: %s", exc)
+        result.explain = {"status": "unavailable", "reason": str(exc)}
+        return
+    result.explain = {"status": "pass" if explained.sanity["passed"] else "fail", "sanity": explained.sanity,
+                      "examples": {cell: len(v) for cell, v in explained.cells.items()}}
+    result.figures["gradcam_grid"] = gradcam_grid_figure(explained.cells, explained.sanity)
+    if not explained.sanity["passed"]:
+        logger.warning("Grad-CAM sanity check failed: rank corr %s > %s (heatmaps barely depend on the weights)",
+                       explained.sanity["rank_corr"], cfg.gradcam_sanity_max_rank_corr)
 
 
 def _write(settings: Settings, result: EvalResult) -> None:
@@ -168,6 +201,12 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.set_tag("operating_threshold", f"{result.operating_point['threshold']:.6f}")
         if result.slices:
             mlflow.log_table(pd.DataFrame(result.slices), "evaluation/slices.json")
+        sanity = (result.explain or {}).get("sanity")
+        if sanity and sanity.get("rank_corr") is not None:
+            mlflow.log_metric("gradcam_sanity_rank_corr", sanity["rank_corr"])
+        if result.explain:
+            mlflow.log_dict(result.explain, "evaluation/explain.json")
+            mlflow.set_tag("gradcam_sanity", result.explain["status"])
         assert result.test is not None
-        for name, fig in evaluation_figures(result, val).items():
+        for name, fig in {**evaluation_figures(result, val), **result.figures}.items():
             mlflow.log_figure(fig, f"plots/{name}.png")

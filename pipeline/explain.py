@@ -24,6 +24,7 @@ import io
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,3 +288,63 @@ def sanity_check(model: Any, images: np.ndarray, *, max_rank_corr: float, seed: 
             "passed": bool(score == score and score <= max_rank_corr), "layer": trained.layer,
             "conv_path": "/".join(trained.conv_path), "n_images": int(len(images)),
             "per_image": [round(float(r), 4) if r == r else None for r in rho]}
+
+
+# --------------------------------------------------------------------------- evaluation examples
+
+CELLS = ("TP", "FP", "TN", "FN")
+
+
+def select_examples(y: np.ndarray, proba: np.ndarray, threshold: float | None, per_cell: int) -> dict[str, list[int]]:
+    """Test-set indices per confusion cell, most confident first.
+
+    Binary: TP/FP by highest probability, TN/FN by lowest. Multi-class: ``correct`` and
+    ``wrong`` by highest top-class probability.
+    """
+    y = np.asarray(y, int)
+    proba = np.asarray(proba, float)
+    if proba.ndim == 1:
+        pred = (proba >= (0.5 if threshold is None else threshold)).astype(int)
+        masks = {"TP": (y == 1) & (pred == 1), "FP": (y == 0) & (pred == 1),
+                 "TN": (y == 0) & (pred == 0), "FN": (y == 1) & (pred == 0)}
+        order = {"TP": -proba, "FP": -proba, "TN": proba, "FN": proba}
+    else:
+        pred, top = proba.argmax(1), proba.max(1)
+        masks = {"correct": pred == y, "wrong": pred != y}
+        order = {"correct": -top, "wrong": -top}
+    out = {}
+    for cell, mask in masks.items():
+        idx = np.flatnonzero(mask)
+        out[cell] = [int(i) for i in idx[np.argsort(order[cell][idx], kind="stable")][:per_cell]]
+    return out
+
+
+@dataclass
+class ExplainedExamples:
+    """Grad-CAM overlays of selected test images and the sanity-check result."""
+
+    cells: dict[str, list[dict[str, Any]]]  # cell → [{"overlay": uint8 (H, W, 3), "proba": float, "label": int}]
+    sanity: dict[str, Any]
+
+
+def explain_examples(model: Any, load: Callable[[list[int]], np.ndarray], y: np.ndarray, proba: np.ndarray,
+                     threshold: float | None, *, per_cell: int, max_rank_corr: float,
+                     seed: int) -> ExplainedExamples:
+    """Overlays for :func:`select_examples` and the randomisation check on the same images.
+
+    Args:
+        load: returns the preprocessed images of the given test indices (only those are read).
+    """
+    chosen = select_examples(y, proba, threshold, per_cell)
+    flat = sorted({i for idx in chosen.values() for i in idx})
+    if len(flat) < 4:  # too few examples: run the sanity check on more images
+        flat = sorted(set(flat) | set(range(min(len(y), 8))))
+    images = np.asarray(load(flat), np.float32)
+    pos = {i: k for k, i in enumerate(flat)}
+    heat = grad_cam_for(model).heatmaps(images)
+    proba = np.asarray(proba, float)
+    top = proba.max(axis=1) if proba.ndim > 1 else proba
+    cells = {cell: [{"overlay": overlay(images[pos[i]], heat[pos[i]]), "proba": float(top[i]), "label": int(y[i])}
+                    for i in idx] for cell, idx in chosen.items()}
+    sanity = sanity_check(model, images, max_rank_corr=max_rank_corr, seed=seed)
+    return ExplainedExamples(cells, sanity)

@@ -1,4 +1,5 @@
-"""Evaluation figures (matplotlib, headless): ROC, PR, confusion matrix, reliability diagram."""
+"""Evaluation figures (matplotlib, headless): ROC, PR, confusion matrix, reliability diagram,
+per-slice table and the Grad-CAM grid."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def evaluation_figures(result: Any, val: Any) -> dict[str, Any]:
     else:
         m = np.array(result.metrics["confusion"])
         figs["confusion"] = confusion_figure(m, [str(i) for i in range(len(m))])
+    if result.slices:
+        figs["slices"] = slice_table_figure(result.slices)
     return figs
 
 
@@ -96,6 +99,49 @@ def confusion_figure(matrix: np.ndarray, labels: list[str]) -> Any:
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion (test)")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def slice_table_figure(slices: list[dict[str, Any]]) -> Any:
+    """Per-slice metrics as a table image (``n`` and the headline metrics of each slice)."""
+    plt = _plt()
+    keys = [k for k in ("auc", "sensitivity", "specificity", "accuracy", "macro_f1", "ece") if k in slices[0]]
+    rows = [[s["slice"], s["value"], str(s["n"]), *("-" if s.get(k) is None else f"{s[k]:.3f}" for k in keys)]
+            for s in slices]
+    fig, ax = plt.subplots(figsize=(1.3 * (3 + len(keys)), 0.6 + 0.28 * (len(rows) + 1)))
+    ax.axis("off")
+    table = ax.table(cellText=rows, colLabels=["slice", "value", "n", *keys], loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    ax.set_title("Per-slice metrics (test, locked threshold)", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def gradcam_grid_figure(cells: dict[str, list[dict[str, Any]]], sanity: dict[str, Any] | None = None) -> Any:
+    """Rows = confusion cells (TP/FP/TN/FN or correct/wrong), columns = examples (Grad-CAM overlays)."""
+    plt = _plt()
+    ncols = max(1, max((len(v) for v in cells.values()), default=1))
+    fig, axes = plt.subplots(len(cells), ncols, figsize=(1.9 * ncols + 0.6, 1.9 * len(cells) + 0.5), squeeze=False)
+    for r, (cell, examples) in enumerate(cells.items()):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(examples):
+                ax.imshow(examples[c]["overlay"])
+                ax.set_title(f"p={examples[c]['proba']:.2f}", fontsize=7)
+            else:
+                ax.set_frame_on(False)
+            if c == 0:
+                ax.set_ylabel(f"{cell} ({len(examples)})", fontsize=9)
+    title = "Grad-CAM (test)"
+    if sanity and sanity.get("rank_corr") is not None:
+        title += f" — randomisation rank corr {sanity['rank_corr']:.2f} ({'pass' if sanity['passed'] else 'FAIL'})"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig

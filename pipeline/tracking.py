@@ -34,7 +34,8 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
     name = name or settings.experiment_name
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        location = f"{settings.artifact_root.rstrip('/')}/{name.replace('/', '_')}"
+        root = settings.artifact_root
+        location = f"{root.rstrip('/')}/{name.replace('/', '_')}" if root else None  # None: the server decides
         try:
             exp_id = client.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created concurrently

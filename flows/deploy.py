@@ -1,0 +1,206 @@
+"""Deployments of the xrayops flows on a Prefect server: a work pool, cron schedules, UI triggers.
+
+``xrayops deploy`` calls :func:`deploy_all`:
+
+- creates the work pool ``orchestrate.work_pool`` (type ``process``) when it is missing;
+- applies one deployment per flow found in the project (``xrayops-training/training``,
+  ``xrayops-monitoring/monitoring``, ``xrayops-feedback/feedback``; see :mod:`flows`), with the
+  flow code taken from the project folder
+  (``flow.from_source(<project dir>, "flows/<module>.py:<flow>")``: a process worker runs
+  it from that folder, no image is built);
+- schedules: training ``orchestrate.training_cron`` (weekly), monitoring
+  ``orchestrate.monitoring_cron`` (daily), both in ``orchestrate.timezone``; the
+  feedback flow, when present, is deployed without a schedule (manual/automation trigger).
+
+The training flow is always deployed; monitoring and feedback are deployed when
+``flows/monitoring.py`` / ``flows/feedback.py`` exist and define a flow. Schedules only
+fire on a real server (``prefect server start``), never on the temporary one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
+from pipeline.config import ConfigError, Settings
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+POOL_TYPE = "process"
+TAGS = ["xrayops"]
+
+
+class DeployError(RuntimeError):
+    """The deployments could not be applied; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """One deployable flow: where it lives and which schedule it gets."""
+
+    module: str                      # flows.training
+    attributes: tuple[str, ...]      # candidate names of the flow object, in order
+    deployment: str                  # <flow name>/<deployment name>
+    cron: Callable[[Settings], str | None]
+    required: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.module.replace(".", "/") + ".py"
+
+    @property
+    def flow_name(self) -> str:
+        return self.deployment.split("/")[0]
+
+    @property
+    def deployment_name(self) -> str:
+        return self.deployment.split("/")[1]
+
+
+SPECS = (
+    FlowSpec("flows.training", ("training_flow",), TRAINING_DEPLOYMENT, lambda s: s.orchestrate.training_cron, True),
+    FlowSpec("flows.monitoring", ("monitoring_flow", "drift_flow", "monitor_flow"), MONITORING_DEPLOYMENT,
+             lambda s: s.orchestrate.monitoring_cron),
+    FlowSpec("flows.feedback", ("feedback_flow",), FEEDBACK_DEPLOYMENT, lambda s: None),
+)
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What was applied (printed by the CLI, checked by tests)."""
+
+    name: str                        # <flow name>/<deployment name>
+    entrypoint: str
+    cron: str | None
+    timezone: str | None
+    deployment_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "entrypoint": self.entrypoint, "cron": self.cron, "timezone": self.timezone,
+                "id": self.deployment_id}
+
+
+def find_flow(spec: FlowSpec, project_dir: Path) -> tuple[str, Any] | None:
+    """(attribute, flow object) of ``spec`` in the project, or None when the module is absent."""
+    from prefect import Flow
+
+    if not (project_dir / spec.path).is_file():
+        if spec.required:
+            raise DeployError(f"{project_dir / spec.path} not found: run `xrayops deploy` from the project folder "
+                              "or pass --project-dir")
+        return None
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
+        if spec.required:
+            raise
+        logger.warning("skipping %s: cannot import it (%s)", spec.module, exc)
+        return None
+    for attr in spec.attributes:
+        if isinstance(getattr(module, attr, None), Flow):
+            return attr, getattr(module, attr)
+    defined_here = [(name, obj) for name, obj in vars(module).items()
+                    if isinstance(obj, Flow) and getattr(obj.fn, "__module__", None) == spec.module]
+    named = [(name, obj) for name, obj in defined_here if obj.name == spec.flow_name]
+    if named or defined_here:
+        return (named or defined_here)[0]
+    logger.warning("skipping %s: it defines no flow", spec.module)
+    return None
+
+
+def check_schedule(cron: str, timezone: str, setting: str) -> None:
+    """Validate a cron string and timezone now, with the setting to fix, rather than at deploy time."""
+    from pydantic import ValidationError
+
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"] for e in exc.errors())
+        raise ConfigError(f"orchestrate.{setting}={cron!r} with orchestrate.timezone={timezone!r} is not a valid "
+                          f"schedule ({msg}). Use a 5-field cron string and an IANA timezone, e.g. '0 2 * * 1', "
+                          "'Europe/Paris'.") from None
+
+
+async def ensure_work_pool(name: str, pool_type: str = POOL_TYPE) -> bool:
+    """Create the work pool when missing (with the worker type's default job template); True if created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+    async with get_client() as client:
+        try:
+            pool = await client.read_work_pool(name)
+        except ObjectNotFound:
+            template = await get_default_base_job_template_for_infrastructure_type(pool_type)
+            await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template or {}))
+            logger.info("created work pool %s (type %s)", name, pool_type)
+            return True
+    if pool.type != pool_type:
+        logger.warning("work pool %s has type %s, not %s: deployments still go there", name, pool.type, pool_type)
+    return False
+
+
+def deploy_flow(spec: FlowSpec, attr: str, settings: Settings, *, project_dir: Path, pool: str,
+                job_variables: dict[str, Any], paused: bool) -> Deployed:
+    """Apply one deployment with the flow code loaded from ``project_dir``."""
+    from prefect import Flow
+    from prefect.schedules import Cron
+
+    entrypoint = f"{spec.path}:{attr}"
+    tz = settings.orchestrate.timezone
+    cron = spec.cron(settings)
+    schedules = [Cron(cron, timezone=tz)] if cron else []
+    remote = Flow.from_source(source=str(project_dir), entrypoint=entrypoint)
+    deployment_id = remote.deploy(
+        name=spec.deployment_name, work_pool_name=pool, build=False, push=False, schedules=schedules, paused=paused,
+        job_variables=job_variables, tags=TAGS, description=(remote.description or "").strip() or None,
+        print_next_steps=False, ignore_warnings=True,
+    )
+    name = f"{remote.name}/{spec.deployment_name}"
+    logger.info("deployment %s → pool %s, schedule %s", name, pool, cron or "none")
+    return Deployed(name, entrypoint, cron, tz if cron else None, str(deployment_id))
+
+
+def deploy_all(settings: Settings, *, project_dir: Path | None = None, pool: str | None = None,
+               params_file: Path | None = None, paused: bool = False) -> list[Deployed]:
+    """Create the work pool if needed and apply every deployment found in the project.
+
+    Args:
+        params_file: when given, runs of these deployments read this params.yaml (set as
+            ``XRAYOPS_PARAMS`` in the deployment's job variables); otherwise the worker's
+            ``$XRAYOPS_PARAMS`` or the project folder's params.yaml.
+        paused: apply the schedules paused (resume them in the UI or with `prefect deployment resume`).
+
+    Raises:
+        DeployError: no Prefect server is configured, or the project holds no training flow.
+    """
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise DeployError("PREFECT_API_URL is not set: deployments and schedules need a Prefect server. Start one "
+                          "(`prefect server start`, or `docker compose up prefect` in infra/) and export "
+                          "PREFECT_API_URL=http://<host>:4200/api")
+    project_dir = (project_dir or PROJECT_DIR).resolve()
+    pool = pool or settings.orchestrate.work_pool
+    tz = settings.orchestrate.timezone
+    check_schedule(settings.orchestrate.training_cron, tz, "training_cron")
+    check_schedule(settings.orchestrate.monitoring_cron, tz, "monitoring_cron")
+    asyncio.run(ensure_work_pool(pool))
+    job_variables = {"env": {"XRAYOPS_PARAMS": str(params_file.resolve())}} if params_file else {}
+    deployed = []
+    for spec in SPECS:
+        found = find_flow(spec, project_dir)
+        if found:
+            deployed.append(deploy_flow(spec, found[0], settings, project_dir=project_dir, pool=pool,
+                                        job_variables=job_variables, paused=paused))
+    return deployed

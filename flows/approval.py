@@ -49,6 +49,7 @@ def request_approval(settings: Settings, version: Any, decision: Any) -> dict[st
                                 timeout=settings.promote.approval_timeout_s,
                                 poll_interval=settings.promote.approval_poll_s)
     except FlowPauseTimeout:
+        _continue_after_timeout()
         record = {"approved": False, "status": "timeout", "reviewer": None, "comment": "no reviewer answered within "
                   f"{settings.promote.approval_timeout_s} s; champion unchanged"}
     else:
@@ -58,6 +59,23 @@ def request_approval(settings: Settings, version: Any, decision: Any) -> dict[st
     record_approval(settings, version, record)
     logger.info("approval of v%s: %s by %s", version.version, record["status"], record["reviewer"] or "-")
     return record
+
+
+def _continue_after_timeout() -> None:
+    """Put the expired paused run back to Running so the rest of the flow completes normally.
+
+    Without this the server keeps the run Paused and marks it Failed ("never resumed") at the
+    end, although nothing failed: the champion simply stays where it is.
+    """
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Running
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(ctx.flow_run.id, Running(message="approval timed out; not promoted"), force=True)
 
 
 def approval_markdown(settings: Settings, version: Any, decision: Any) -> str:

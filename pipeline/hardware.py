@@ -64,6 +64,7 @@ def setup_hardware(mixed_precision: str = "auto") -> Hardware:
         cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
         strategy: Any = tf.distribute.MultiWorkerMirroredStrategy()
         kind = "multi-worker"
+        _patch_keras_multi_worker_reduce()
         logger.info("multi-worker training: %s", {k: len(v) for k, v in cluster.items()})
     elif len(gpus) > 1:
         strategy, kind = tf.distribute.MirroredStrategy(), "multi-gpu"
@@ -74,3 +75,45 @@ def setup_hardware(mixed_precision: str = "auto") -> Hardware:
     hw = Hardware(strategy, kind, int(strategy.num_replicas_in_sync), len(gpus), use_mp, worker_role())
     logger.info("hardware: %s", hw.describe())
     return hw
+
+
+# --------------------------------------------------------------------------- Keras 3 + multi-worker
+#
+# Keras 3.15's TF trainer does not run `fit` under MultiWorkerMirroredStrategy as shipped
+# (keras-team/keras#20585, open): (1) before the first epoch `_maybe_symbolic_build` calls
+# `strategy.reduce("MEAN", <input batch>)`, which fails on PerReplica inputs; (2) every step's
+# logs go through `reduce_per_replica(..., "mean")`, which calls `strategy.reduce("MEAN", v,
+# axis=0)` on scalar metrics ("Invalid reduction dimension 0 for input with 0 dimensions").
+# The two helpers below are the smallest fixes, applied only in multi-worker processes: build
+# the model from one local batch, and average scalar logs across replicas (axis=None) so that
+# every worker sees the same metrics and its callbacks take the same decisions.
+
+
+def _patch_keras_multi_worker_reduce() -> None:
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_xrayops_patched", False):
+        return
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._xrayops_patched = True  # type: ignore[attr-defined]
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def prepare_for_fit(model: Any, hw: Hardware, dataset: Any) -> None:
+    """Build a compiled model from one local batch so ``fit`` works under MultiWorkerMirroredStrategy.
+
+    A no-op for every other strategy (Keras builds lazily there).
+    """
+    if hw.kind != "multi-worker":
+        return
+    batch = next(iter(dataset))
+    with hw.strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda *args, **kwargs: None

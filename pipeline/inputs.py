@@ -1,4 +1,5 @@
-"""tf.data input pipelines: decode (PNG/JPEG, 8/16-bit) → resize → cache → shuffle → batch → augment → prefetch.
+"""tf.data input pipelines: decode (PNG/JPEG, 8/16-bit) → resize → cache → shuffle → batch → augment →
+prefetch.
 
 Images come out as float32 in [0, 1] with the model's channel count; models do their
 own normalisation (transfer backbones apply their preprocessing inside the model).
@@ -135,7 +136,7 @@ def _label_dtype(spec: InputSpec) -> Any:
 
 
 def _finish(ds: Any, n: int, spec: InputSpec, *, batch_size: int, training: bool, seed: int, cache: bool,
-            augment: AugmentSection | None) -> Any:
+            augment: AugmentSection | None, drop_remainder: bool = False) -> Any:
     """cache → shuffle → batch → augment (per-batch seeds) → prefetch."""
     import tensorflow as tf
 
@@ -145,7 +146,7 @@ def _finish(ds: Any, n: int, spec: InputSpec, *, batch_size: int, training: bool
         per_image = spec.image_size * spec.image_size * spec.channels * 4
         buffer = max(1, min(n, max(1024, SHUFFLE_BUFFER_BYTES // per_image)))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     aug = augmentation_layer(augment, seed) if (training and augment) else None
     if aug is not None:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
@@ -155,15 +156,20 @@ def _finish(ds: Any, n: int, spec: InputSpec, *, batch_size: int, training: bool
 
 
 def make_dataset(paths: list[str], labels: np.ndarray, spec: InputSpec, *, batch_size: int, training: bool,
-                 seed: int, cache: bool = True, augment: AugmentSection | None = None) -> Any:
-    """A batched ``tf.data.Dataset`` of ``(image, label)`` read from image files."""
+                 seed: int, cache: bool = True, augment: AugmentSection | None = None,
+                 drop_remainder: bool = False) -> Any:
+    """A batched ``tf.data.Dataset`` of ``(image, label)`` read from image files.
+
+    ``drop_remainder`` keeps every batch full (multi-worker training: a worker handed an empty
+    share of a last partial batch fails in the convolution kernels).
+    """
     import tensorflow as tf
 
     dtype = _label_dtype(spec)
     ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels).astype(dtype.as_numpy_dtype)))
     ds = ds.map(lambda p, y: (decode_resize(p, spec), y), num_parallel_calls=parallel_calls())
     return _finish(ds, len(paths), spec, batch_size=batch_size, training=training, seed=seed, cache=cache,
-                   augment=augment)
+                   augment=augment, drop_remainder=drop_remainder)
 
 
 def make_array_dataset(images: np.ndarray, labels: np.ndarray, spec: InputSpec, *, batch_size: int,

@@ -153,13 +153,16 @@ def _prepare(settings: Settings, dataset_dir: Path, version: DatasetVersion | No
 
 
 def _datasets(settings: Settings, dataset_dir: Path, data: dict[str, Any], ispec: InputSpec,
-              batch: int) -> tuple[Any, Any]:
+              hw: Any) -> tuple[Any, Any]:
+    """Training and validation pipelines at the global batch size (per-replica batch × replicas)."""
     seed, cfg = settings.base.seed, settings.train
+    common = {"batch_size": cfg.batch_size * hw.replicas, "seed": seed, "cache": cfg.cache,
+              "drop_remainder": hw.kind == "multi-worker"}
     train_df, val_df = data["train"], data["val"]
     train_ds = make_dataset(check_files(dataset_dir, train_df["path"].tolist()), train_df["label_index"].to_numpy(),
-                            ispec, batch_size=batch, training=True, seed=seed, cache=cfg.cache, augment=cfg.augment)
+                            ispec, training=True, augment=cfg.augment, **common)
     val_ds = make_dataset(check_files(dataset_dir, val_df["path"].tolist()), val_df["label_index"].to_numpy(),
-                          ispec, batch_size=batch, training=False, seed=seed, cache=cfg.cache)
+                          ispec, training=False, **common)
     return train_ds, val_ds
 
 
@@ -173,7 +176,7 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     """
     import keras
 
-    from pipeline.hardware import setup_hardware
+    from pipeline.hardware import prepare_for_fit, setup_hardware
     from pipeline.models import build_model, get_spec
 
     hw = setup_hardware(settings.train.mixed_precision)  # first: multi-worker collectives need a fresh runtime
@@ -187,11 +190,12 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    train_ds, val_ds = _datasets(settings, dataset_dir, data, ispec, settings.train.batch_size * hw.replicas)
+    train_ds, val_ds = _datasets(settings, dataset_dir, data, ispec, hw)
     with hw.strategy.scope():
         model = build_model(settings.train.model, image_size=ispec.image_size, channels=ispec.channels,
                             num_classes=len(classes), weights=settings.train.weights)
         compile_model(model, settings, len(classes))
+    prepare_for_fit(model, hw, train_ds)
 
     fingerprint = run_fingerprint(settings, data["dataset"])
     ckpt_dir = settings.home / "checkpoints" / settings.dataset_name / f"{settings.train.model}-{fingerprint}"
@@ -204,8 +208,8 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
             _log_run_inputs(settings, data["train"], data["val"], data["dataset"], hw.describe(), ispec, classes)
         weights = (class_weights(data["train"]["label_index"].to_numpy(), len(classes))
                    if settings.train.class_weights else None)
-        hist = _fit_phases(model, settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker,
-                           extra_callbacks)
+        hist = _fit_phases(model, _Fit(settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker, hw,
+                                       extra_callbacks))
         model_uri = _log_model(model, ispec, settings, hist, train_ds) if tracker is not None else ""
     seconds = time.perf_counter() - started
     result = TrainResult(run_id=tracker.run_id if tracker else "", experiment_id=tracker.experiment_id if tracker
@@ -293,31 +297,46 @@ def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataF
 PHASE1_FILE = "phase1.json"
 
 
-def _fit_phases(model: Any, settings: Settings, train_ds: Any, val_ds: Any, weights: dict[int, float] | None,
-                num_classes: int, ckpt_dir: Path, tracker: _Tracker | None,
-                extra: list[Any] | None) -> dict[str, list[float]]:
+@dataclass
+class _Fit:
+    """Everything both training phases need."""
+
+    settings: Settings
+    train_ds: Any
+    val_ds: Any
+    class_weight: dict[int, float] | None
+    num_classes: int
+    ckpt_dir: Path
+    tracker: _Tracker | None
+    hw: Any
+    extra: list[Any] | None
+
+    def fit(self, model: Any, ckpt_dir: Path, **kwargs: Any) -> Any:
+        return model.fit(self.train_ds, validation_data=self.val_ds, class_weight=self.class_weight,
+                         callbacks=_callbacks(self.settings, ckpt_dir, self.num_classes, self.tracker, self.extra),
+                         verbose=1 if sys.stdout.isatty() else 2, **kwargs)
+
+
+def _fit_phases(model: Any, plan: _Fit) -> dict[str, list[float]]:
     """Phase 1 (all epochs, or the frozen-backbone phase), then phase 2 fine-tuning for transfer models.
 
     Phase 1's end is recorded (weights + epoch count) so that an interruption during phase 2
     resumes phase 2 instead of starting over.
     """
-    verbose = 1 if sys.stdout.isatty() else 2
-    done = ckpt_dir / PHASE1_FILE
+    cfg, done = plan.settings.train, plan.ckpt_dir / PHASE1_FILE
     local: dict[str, list[float]] = {}
     if done.exists():
         epochs = json.loads(done.read_text())["epochs"]
-        model.load_weights(str(ckpt_dir / "phase1.weights.h5"))
+        model.load_weights(str(plan.ckpt_dir / "phase1.weights.h5"))
     else:
-        history = model.fit(train_ds, validation_data=val_ds, epochs=settings.train.epochs, class_weight=weights,
-                            callbacks=_callbacks(settings, ckpt_dir, num_classes, tracker, extra), verbose=verbose)
-        epochs = _epochs_done(history, settings.train.epochs)
+        history = plan.fit(model, plan.ckpt_dir, epochs=cfg.epochs)
+        epochs = _epochs_done(history, cfg.epochs)
         _extend(local, history)
-        if settings.train.fine_tune_epochs > 0:
-            model.save_weights(str(ckpt_dir / "phase1.weights.h5"))
+        if cfg.fine_tune_epochs > 0:
+            model.save_weights(str(plan.ckpt_dir / "phase1.weights.h5"))
             done.write_text(json.dumps({"epochs": epochs}))
-    _extend(local, _fine_tune(model, settings, train_ds, val_ds, weights, num_classes, ckpt_dir, tracker, epochs,
-                              extra))
-    return _full_history(tracker, local)
+    _extend(local, _fine_tune(model, plan, epochs))
+    return _full_history(plan.tracker, local)
 
 
 def _extend(hist: dict[str, list[float]], history: Any) -> None:
@@ -330,18 +349,18 @@ def _epochs_done(history: Any, planned: int) -> int:
     return int(history.epoch[-1]) + 1 if history.epoch else planned
 
 
-def _fine_tune(model: Any, settings: Settings, train_ds: Any, val_ds: Any, weights: dict[int, float] | None,
-               num_classes: int, ckpt_dir: Path, tracker: _Tracker | None, start: int,
-               extra: list[Any] | None) -> Any:
+def _fine_tune(model: Any, plan: _Fit, start: int) -> Any:
     """Phase 2 for transfer models: unfreeze the top layers (BatchNorm stays frozen), lower LR."""
+    from pipeline.hardware import prepare_for_fit
     from pipeline.models.transfer import unfreeze_top
 
-    if settings.train.fine_tune_epochs <= 0 or not unfreeze_top(model, settings.train.fine_tune_layers):
+    cfg = plan.settings.train
+    if cfg.fine_tune_epochs <= 0 or not unfreeze_top(model, cfg.fine_tune_layers):
         return None
-    compile_model(model, settings, num_classes, settings.train.fine_tune_learning_rate)
-    return model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=start + settings.train.fine_tune_epochs,
-              class_weight=weights, callbacks=_callbacks(settings, ckpt_dir / "phase2", num_classes, tracker, extra),
-              verbose=1 if sys.stdout.isatty() else 2)
+    with plan.hw.strategy.scope():
+        compile_model(model, plan.settings, plan.num_classes, cfg.fine_tune_learning_rate)
+    prepare_for_fit(model, plan.hw, plan.train_ds)
+    return plan.fit(model, plan.ckpt_dir / "phase2", initial_epoch=start, epochs=start + cfg.fine_tune_epochs)
 
 
 def _full_history(tracker: _Tracker | None, local: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -32,7 +32,8 @@ def lenet5(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any
 
 
 def alexnet_small(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """AlexNet-style: Conv48(7/2) → Pool3/2 → Conv128(5) → Pool3/2 → Conv192(3) ×2 → Conv128(3) → Pool3/2 → FC512 → FC256."""
+    """AlexNet-style: Conv48(7/2) → Pool3/2 → Conv128(5) → Pool3/2 → 2×Conv192(3) → Conv128(3) → Pool3/2 →
+    FC512 → FC256 → head."""
     import keras
     from keras import layers
 
@@ -54,7 +55,8 @@ def alexnet_small(input_shape: tuple[int, int, int], num_classes: int, **_: Any)
 
 
 def vgg_small(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """VGG-style: [2×Conv3(32) → Pool] → [2×Conv3(64) → Pool] → [2×Conv3(128) → Pool] → FC256 → FC128 → head."""
+    """VGG-style: [2×Conv3(32) → Pool] → [2×Conv3(64) → Pool] → [2×Conv3(128) → Pool] →
+    FC256 → FC128 → head."""
     import keras
     from keras import layers
 

@@ -56,7 +56,8 @@ def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> 
 
 
 def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """Seed Q7 exactly: 2×Conv32('same') → MaxPool2 → 2×Conv64('same') → MaxPool2 → Dense256 → Dropout0.5 → Dense."""
+    """Seed Q7 exactly: 2×Conv32('same') → MaxPool2 → 2×Conv64('same') → MaxPool2 → Dense256 →
+    Dropout0.5 → Dense."""
     import keras
     from keras import layers
 
@@ -73,7 +74,8 @@ def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -
 
 
 def simple_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """Seed Q8 ``SimpleCNN`` as written: Conv32(3, pad 1) → Conv64(3, pad 1) → ONE MaxPool2 → Dense128 → Dropout0.4 → Dense.
+    """Seed Q8 ``SimpleCNN`` as written: Conv32(3, pad 1) → Conv64(3, pad 1) → ONE MaxPool2 → Dense128 →
+    Dropout0.4 → Dense.
 
     ``padding="same"`` with a 3×3 kernel and stride 1 is PyTorch's ``padding=1``: both convs keep
     28×28, the single pooling halves it once, so the flattened vector has 64·14·14 = 12544
@@ -95,7 +97,8 @@ def simple_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) ->
 
 
 def q9_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """Seed Q9 exactly: Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout0.5 → sigmoid (150×150×3).
+    """Seed Q9 exactly: Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout0.5 → sigmoid
+    (150×150×3).
 
     The seed's augmentation (rotation, shifts, shear, zoom via ``ImageDataGenerator``) is done
     by the input pipeline (``train.augment``), on batches, with no horizontal flip by default.

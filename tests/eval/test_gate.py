@@ -130,3 +130,34 @@ def test_registration_records_lineage_threshold_gradcam_and_model_card(
     leaked = [p for p in [*raw_ids, *pseudonyms] if str(p) in published]
     assert not leaked, "patient identifiers must not reach the registry or the model card"
     assert "Model card:" in MlflowClient().get_model_version(settings.registered_model, mv.version).description
+
+
+def test_cli_registry_show_approve_and_rollback(gate_project: GateProject,
+                                                register_and_gate: Callable[..., Any]) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    settings = gate_project.named("promote.require_approval=true")
+    v1, _ = register_and_gate(settings, gate_project.good)
+    v2, _ = register_and_gate(settings, gate_project.untrained)
+    cli = ["--params", str(settings.root / "params.yaml"), "--set",
+           f"promote.registered_model={settings.registered_model}", "--set", "promote.require_approval=true"]
+    runner = CliRunner()
+
+    refused = runner.invoke(app, ["registry", "approve", str(v2.version), "--reviewer", "dr-cli", *cli])
+    assert refused.exit_code == 2 and "did not pass the promotion gate" in refused.output
+    approved = runner.invoke(app, ["registry", "approve", str(v1.version), "--reviewer", "dr-cli", *cli])
+    assert approved.exit_code == 0, approved.output
+    assert aliases(settings)["champion"] == str(v1.version)
+
+    shown = runner.invoke(app, ["registry", "show", "--json", *cli])
+    assert shown.exit_code == 0, shown.output
+    rows = {r["version"]: r for r in json.loads(shown.output)["versions"]}
+    assert rows[str(v1.version)]["aliases"] == ["champion"] and rows[str(v1.version)]["approval"] == "approved"
+    assert rows[str(v2.version)]["gate"] == "fail" and "auc_floor" in rows[str(v2.version)]["failed"]
+    table = runner.invoke(app, ["registry", "show", *cli])
+    assert table.exit_code == 0 and "champion" in table.output and "auc_floor" in table.output
+
+    nothing = runner.invoke(app, ["registry", "rollback", "--reason", "test", *cli])
+    assert nothing.exit_code == 2 and "nothing to roll back to" in nothing.output

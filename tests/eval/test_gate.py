@@ -159,5 +159,9 @@ def test_cli_registry_show_approve_and_rollback(gate_project: GateProject,
     table = runner.invoke(app, ["registry", "show", *cli])
     assert table.exit_code == 0 and "champion" in table.output and "auc_floor" in table.output
 
+    card = runner.invoke(app, ["registry", "card", str(v1.version), *cli])
+    assert card.exit_code == 0 and f"# Model card — {settings.registered_model} v{v1.version}" in card.output
+    assert "Human approval: **approved** by dr-cli" in card.output
+
     nothing = runner.invoke(app, ["registry", "rollback", "--reason", "test", *cli])
     assert nothing.exit_code == 2 and "nothing to roll back to" in nothing.output

@@ -120,9 +120,15 @@ def evaluate(settings: Settings, trained: Any) -> Any:
 
 @task(name="register", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
+    """Registry version + SavedModel/ONNX export (parity-checked) + model card."""
+    from pipeline.modelcard import card_path
     from pipeline.registry import register_version
 
-    return register_version(settings, trained, evaluation)
+    mv = register_version(settings, trained, evaluation)
+    card = card_path(settings, str(mv.version))
+    if card.is_file():
+        create_markdown_artifact(card.read_text(), key="model-card", description=f"Model card v{mv.version}")
+    return mv
 
 
 @task(name="gate", cache_policy=NO_CACHE)

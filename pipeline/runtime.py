@@ -16,6 +16,7 @@ from pipeline.config import Settings
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "DVC_IGNORE_UPDATES": "true",

@@ -29,25 +29,85 @@ IMAGE_FEATURES = (
 
 
 def _resize01(gray01: np.ndarray, side: int) -> np.ndarray:
+    """Square ``side`` x ``side`` float32 view of a float image (bilinear; whole-factor box
+    reduction first, as Pillow's ``reducing_gap`` does)."""
     if gray01.shape == (side, side):
-        return gray01
-    im = Image.fromarray(gray01.astype(np.float32), mode="F")
-    return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32)
+        return gray01.astype(np.float32, copy=False)
+    im = Image.fromarray(np.ascontiguousarray(gray01, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((side, side), Image.Resampling.BILINEAR, reducing_gap=1.0), dtype=np.float32)
+
+
+def _levels(image: np.ndarray, bit_depth: int) -> np.ndarray:
+    """Integer pixels at ``bit_depth``: uint8/uint16 pass through; [0, 1] floats are quantized."""
+    if image.dtype.kind in "ui":
+        return image
+    top = (1 << bit_depth) - 1
+    dtype = np.uint8 if bit_depth <= 8 else np.uint16
+    return np.clip(np.rint(image * np.float32(top)), 0, top).astype(dtype)
+
+
+def feature_view(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """The fixed-size grayscale view (float32 in [0, 1]) every feature and the pHash use.
+
+    ``image`` is a grayscale image at its original size: integer pixels at ``bit_depth`` or
+    the same scaled to [0, 1] (``DecodedImage.gray01()``); both give the same view, because
+    floats are first quantized back to ``bit_depth`` levels. 8-bit images are resampled in
+    the integer domain by Pillow (fast, releases the GIL), 16-bit ones as floats.
+    """
+    px = _levels(image, bit_depth)
+    top = np.float32(1.0 / ((1 << bit_depth) - 1))
+    if px.shape == (FEATURE_SIDE, FEATURE_SIDE):
+        return np.multiply(px, top, dtype=np.float32)
+    side = (FEATURE_SIDE, FEATURE_SIDE)
+    if px.dtype == np.uint8:
+        small = Image.fromarray(np.ascontiguousarray(px)).resize(side, Image.Resampling.BILINEAR, reducing_gap=1.0)
+        return np.multiply(np.asarray(small), top, dtype=np.float32)
+    return _resize01(px.astype(np.float32), FEATURE_SIDE) * top
+
+
+def _percentiles(hist: np.ndarray, qs: tuple[float, ...], levels: int) -> list[float]:
+    """``numpy.percentile`` (linear) of values ``k / (levels - 1)`` given their histogram."""
+    cum = np.cumsum(hist)
+    n = int(cum[-1])
+    out = []
+    for q in qs:
+        rank = q / 100 * (n - 1)
+        lo = int(np.floor(rank))
+        a = int(np.searchsorted(cum, lo, side="right"))
+        b = int(np.searchsorted(cum, min(lo + 1, n - 1), side="right"))
+        out.append((a + (b - a) * (rank - lo)) / (levels - 1))
+    return out
 
 
 def image_features(gray01: np.ndarray, *, bit_depth: int, width: int, height: int) -> dict[str, float]:
     """Intensity, texture and geometry features of one image.
 
     Args:
-        gray01: grayscale pixels scaled to [0, 1] at their original resolution.
+        gray01: grayscale pixels scaled to [0, 1] (or integer pixels) at their original resolution.
         bit_depth: bits per sample of the stored image.
         width, height: original size in pixels.
     """
-    small = _resize01(gray01, FEATURE_SIDE)
-    p05, p50, p95 = np.percentile(small, [5, 50, 95])
-    hist = np.bincount(np.clip(small * 255, 0, 255).astype(np.int32).ravel(), minlength=256)
+    return view_features(feature_view(gray01, bit_depth), bit_depth=bit_depth, width=width, height=height)
+
+
+def view_features(small: np.ndarray, *, bit_depth: int, width: int, height: int) -> dict[str, float]:
+    """:func:`image_features` of an image whose :func:`feature_view` is ``small``.
+
+    Percentiles and entropy come from the view's 256-level histogram (percentiles exact to
+    1/255); sharpness is the variance of the view's Laplacian.
+    """
+    levels = 256
+    scaled = small * np.float32(levels - 1)
+    scaled += 0.5
+    np.clip(scaled, 0, levels - 1, out=scaled)
+    hist = np.bincount(scaled.astype(np.uint8).ravel(), minlength=levels)
+    p05, p50, p95 = _percentiles(hist, (5, 50, 95), levels)
     prob = hist[hist > 0] / hist.sum()
-    lap = small[1:-1, 1:-1] * 4 - small[:-2, 1:-1] - small[2:, 1:-1] - small[1:-1, :-2] - small[1:-1, 2:]
+    lap = small[1:-1, 1:-1] * 4  # 4x centre minus the 4 neighbours, in place (same arithmetic order)
+    lap -= small[:-2, 1:-1]
+    lap -= small[2:, 1:-1]
+    lap -= small[1:-1, :-2]
+    lap -= small[1:-1, 2:]
     return {
         "mean": float(small.mean()),
         "std": float(small.std()),
@@ -65,20 +125,33 @@ def image_features(gray01: np.ndarray, *, bit_depth: int, width: int, height: in
 
 
 PHASH_BITS = 256
+_PHASH_SIDE, _PHASH_LOW = 64, 16
 
 
-def perceptual_hash(gray01: np.ndarray) -> str:
+def _dct_rows(n: int, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of the orthonormal DCT-II matrix of size ``n``."""
+    k = np.arange(n)
+    mat = np.cos(np.pi * (2 * k[None, :] + 1) * k[:rows, None] / (2 * n)) * np.sqrt(2 / n)
+    mat[0] /= np.sqrt(2)
+    return mat
+
+
+_DCT = _dct_rows(_PHASH_SIDE, _PHASH_LOW)
+
+
+def perceptual_hash(gray01: np.ndarray, bit_depth: int = 8) -> str:
     """256-bit DCT perceptual hash as 64 hex digits.
 
-    The 16x16 lowest DCT frequencies of a 64x64 view, thresholded at their median. A
-    64-bit (8x8) pHash cannot tell chest radiographs of different patients apart (they
-    share the same anatomy); 256 bits separate them while re-encodings, resizes and small
-    exposure changes of one image stay within a few bits.
+    The 16x16 lowest DCT frequencies of a 64x64 view (taken from the :func:`feature_view`;
+    pass that view when you have it), thresholded at their median. A 64-bit (8x8) pHash
+    cannot tell chest radiographs of different patients apart (they share the same anatomy);
+    256 bits separate them while re-encodings, resizes and small exposure changes of one
+    image stay within a few bits.
     """
-    from scipy.fft import dctn
-
-    small = _resize01(gray01, 64).astype(np.float64)
-    low = dctn(small, norm="ortho")[:16, :16].ravel()
+    view = gray01 if gray01.shape == (FEATURE_SIDE, FEATURE_SIDE) and gray01.dtype.kind == "f" \
+        else feature_view(gray01, bit_depth)
+    small = _resize01(view, _PHASH_SIDE).astype(np.float64)
+    low = (_DCT @ small @ _DCT.T).ravel()  # == scipy.fft.dctn(small, norm="ortho")[:16, :16]
     bits = low > np.median(low[1:])
     return np.packbits(bits).tobytes().hex()
 

@@ -62,11 +62,11 @@ class DecodedImage:
 
     def gray01(self) -> np.ndarray:
         """Float32 grayscale in [0, 1] (luminance for colour images)."""
-        scale = float((1 << self.bit_depth) - 1)
-        px = self.pixels.astype(np.float32) / scale
-        if px.ndim == 3:
-            px = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
-        return px
+        scale = np.float32(1.0 / ((1 << self.bit_depth) - 1))
+        if self.pixels.ndim == 3:
+            px = self.pixels.astype(np.float32) * scale
+            return px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
+        return np.multiply(self.pixels, scale, dtype=np.float32)  # one pass, no float64 temporary
 
 
 def sniff_format(head: bytes) -> str | None:

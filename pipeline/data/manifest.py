@@ -45,7 +45,7 @@ from pipeline.data.deid import age_band, pseudonymise
 from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes, encode_png
 from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
-from pipeline.features import IMAGE_FEATURES, image_features, perceptual_hash
+from pipeline.features import IMAGE_FEATURES, feature_view, perceptual_hash, view_features
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +214,9 @@ def _flush(writer: pq.ParquetWriter, batch: list[dict[str, Any]]) -> None:
 
 def _drop_conflicts(manifest: Path, conflicts: dict[str, str], quarantine: QuarantineWriter) -> int:
     """Move kept rows whose bytes later turned out to carry another label into quarantine."""
-    table = pq.read_table(manifest)
     if not conflicts:
-        return table.num_rows
-    df = table.to_pandas()
+        return pq.ParquetFile(manifest).metadata.num_rows
+    df = pq.read_table(manifest).to_pandas()
     bad = df["sha256"].isin(list(conflicts))
     for _, row in df[bad].iterrows():
         quarantine.add(QuarantineEntry(conflicts[row["sha256"]], "conflicting_labels",
@@ -268,8 +267,10 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         return _Outcome(quarantine=QuarantineEntry(qref, "truncated", detail))
     image_id = sha[:16]
     rel = _store(image, data, record, out_dir, image_id)
-    gray = image.gray01()
-    feats = image_features(gray, bit_depth=image.bit_depth, width=image.width, height=image.height)
+    # one downscaled copy serves the features and the pHash; grayscale pixels are resampled as
+    # integers (the same view serving computes from gray01(), see pipeline.features.feature_view)
+    view = feature_view(image.pixels if image.channels == 1 else image.gray01(), image.bit_depth)
+    feats = view_features(view, bit_depth=image.bit_depth, width=image.width, height=image.height)
     extra = record.extra
     return _Outcome(row={
         "image_id": image_id,
@@ -283,7 +284,7 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         "channels": image.channels,
         "bit_depth": image.bit_depth,
         **{name: feats[name] for name in FEATURE_COLUMNS},
-        "phash": perceptual_hash(gray),
+        "phash": perceptual_hash(view),
         "format": image.format,
         "source": opts.source,
         "source_split": record.source_split,
@@ -327,24 +328,32 @@ def _check_label(label: str | None, classes: tuple[str, ...]) -> int:
 
 
 def _store(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Path, image_id: str) -> str:
-    """Write the de-identified image; original bytes are linked only when they carry no metadata."""
-    if image.format == "dicom" or _has_metadata(data, image.format):
-        ext, payload = "png", encode_png(image)
-    else:
-        ext, payload = ("png" if image.format == "png" else "jpg"), None
-    rel = f"{IMAGES_DIR}/{image_id[:2]}/{image_id}.{ext}"
+    """Write the de-identified image; original bytes are linked only when they carry no metadata.
+
+    The name is the content hash, so an existing file already holds these pixels.
+    """
+    reencode = image.format == "dicom" or _has_metadata(data, image.format)
+    rel = f"{IMAGES_DIR}/{image_id[:2]}/{image_id}.{'jpg' if image.format == 'jpeg' and not reencode else 'png'}"
     dest = out_dir / rel
+    if not reencode:
+        for _ in range(2):
+            try:
+                os.link(record.path, dest)  # one system call in the common case
+                return rel
+            except FileExistsError:
+                return rel
+            except FileNotFoundError:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # another file system, or links not allowed: copy instead
+                break
     if dest.exists():
         return rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{id(record)}")
-    if payload is not None:
-        tmp.write_bytes(payload)
+    if reencode:
+        tmp.write_bytes(encode_png(image))
     else:
-        try:
-            os.link(record.path, tmp)
-        except OSError:
-            shutil.copyfile(record.path, tmp)
+        shutil.copyfile(record.path, tmp)
     os.replace(tmp, dest)
     return rel
 

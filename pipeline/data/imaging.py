@@ -77,7 +77,29 @@ def sniff_format(head: bytes) -> str | None:
         return "jpeg"
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
+    if _looks_like_bare_dicom(head):
+        return "dicom"
     return None
+
+
+# Groups a DICOM data set written without the 128-byte preamble usually starts with
+# (file meta, identification, patient, acquisition, relationship, image pixel module).
+_FIRST_GROUPS = {0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028}
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM data set without preamble/"DICM" (e.g. ``Dataset.save_as`` without file meta)."""
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[0:2], "little")
+    if group not in _FIRST_GROUPS:
+        return False
+    if head[4:6] in _VRS:  # explicit VR little endian
+        return True
+    return int.from_bytes(head[4:8], "little") < 1 << 20  # implicit VR: a plausible value length
 
 
 def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8) -> DecodedImage:
@@ -162,6 +184,7 @@ def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> DecodedIma
         raise BadImage("truncated", f"unreadable DICOM: {type(exc).__name__}") from None
     if "PixelData" not in ds:
         raise BadImage("dicom_no_pixels", "DICOM file has no PixelData element")
+    _ensure_transfer_syntax(ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * cols > max_pixels:
         raise BadImage("decompression_bomb", f"{cols}x{rows} exceeds {max_pixels} pixels")
@@ -172,6 +195,22 @@ def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> DecodedIma
     }
     pixels = _dicom_pixels(ds, bit_depth)
     return DecodedImage(pixels, bit_depth, "dicom", meta=meta, identifiers=identifiers)
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Give a data set read without file meta the (uncompressed) transfer syntax it was parsed with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        implicit, little = getattr(ds, "is_implicit_VR", True), getattr(ds, "is_little_endian", True)
+    syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
 
 
 def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,3 +66,30 @@ def test_header_fields_reach_the_manifest_and_identifiers_do_not(make_settings: 
     assert sorted(df["photometric"]) == ["MONOCHROME1", "MONOCHROME2", "MONOCHROME2", "MONOCHROME2"]
     assert df["path"].str.endswith(".png").all()  # pixels re-encoded: no DICOM header leaves ingestion
     assert not df["patient_id"].str.contains("MRN").any()
+
+
+def _bare_dataset(pixels: np.ndarray, signed: bool = False) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientID, ds.SOPInstanceUID, ds.Modality = "RAW-1", "1.2.3.4.5", "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, int(signed)
+    if signed:
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = pixels.astype(np.int16 if signed else np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_dicom_without_preamble_is_read(implicit: bool) -> None:
+    """``Dataset.save_as`` without file meta writes no preamble/"DICM": still a DICOM, not 'not_an_image'."""
+    import io
+
+    img = xray(3)
+    buf = io.BytesIO()
+    _bare_dataset(np.round(img * 4000 - 1000), signed=True).save_as(buf, implicit_vr=implicit, little_endian=True)
+    decoded = decode_bytes(buf.getvalue(), max_pixels=MAX)
+    assert decoded.format == "dicom" and decoded.identifiers["patient_id"] == "RAW-1"
+    assert np.corrcoef(decoded.pixels.ravel(), img.ravel())[0, 1] > 0.99

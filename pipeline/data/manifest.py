@@ -317,6 +317,9 @@ def _check_image(image: DecodedImage, opts: IngestOptions) -> None:
         raise BadImage("colour_image", "colour pixels where grayscale radiographs are expected")
     if min(image.width, image.height) < opts.min_size:
         raise BadImage("too_small", f"{image.width}x{image.height} below {opts.min_size} px")
+    largest = opts.profile.size_range[1]
+    if max(image.width, image.height) > largest:  # validation's size range would reject it
+        raise BadImage("too_large_image", f"{image.width}x{image.height}: a side exceeds {largest} px")
 
 
 def _check_label(label: str | None, classes: tuple[str, ...]) -> int:

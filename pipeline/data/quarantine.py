@@ -28,6 +28,7 @@ REASONS = {
     "unsupported_mode": "pixel format not supported (e.g. CMYK, float, multi-frame)",
     "colour_image": "a colour photograph where grayscale radiographs are expected",
     "too_small": "an image side is below data.ingest.min_size",
+    "too_large_image": "an image side exceeds the source's largest size (validation's size range)",
     "dicom_no_pixels": "DICOM file without pixel data",
     "dicom_unsupported": "DICOM transfer syntax that cannot be decoded here",
     "decode_error": "the decoder failed unexpectedly on this file (detail names the error type)",

@@ -68,6 +68,7 @@ def bad_inputs(good: bytes) -> dict[str, tuple[bytes, str | None, str | None]]:
         "missing_patient": (dicom_bytes(xray(22), patient_id=None), "NORMAL", None),
         "duplicate_image": (good, "PNEUMONIA", "B13"),  # same bytes and label as the first good file
         "too_large_file": (_png((rng.random((300, 300)) * 255).astype(np.uint8)), "NORMAL", "B14"),
+        "too_large_image": (_png(np.full((40, 17000), 90, np.uint8)), "NORMAL", "B15"),
     }
 
 
@@ -104,7 +105,7 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path) -> 
     assert summary["ingested"] + summary["quarantined"] == summary["files_seen"] == len(records)
     assert all(r["reason"] in REASONS and r["detail"] for r in rows)
     kinds = set(expected.values()) | {"conflicting_labels"}
-    assert len(kinds) == 15  # the bad-input kinds this test covers
+    assert len(kinds) == 16  # the bad-input kinds this test covers
     on_disk = json.loads((tmp_path / "ds" / "ingest_summary.json").read_text())
     assert on_disk["quarantine_reasons"] == {k: (2 if k == "conflicting_labels" else 1) for k in kinds}
     # identical bytes under two patients link them for the split (duplicate and conflict alike)

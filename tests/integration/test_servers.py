@@ -169,7 +169,7 @@ def test_deploy_schedule_and_ui_triggered_training_on_real_servers(stack: Stack,
     t_run = time.monotonic() - t0 - t_deployed
 
     # 4. the Postgres-backed MLflow server holds the registered version, its aliases and the run's params
-    client = MlflowClient(tracking_uri=stack.mlflow_url)
+    client = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)  # not a global set earlier
     model = client.get_registered_model("xrayops-synthetic")
     assert model.aliases == {"champion": "1", "challenger": "1"}
     version = client.get_model_version("xrayops-synthetic", "1")

@@ -207,7 +207,8 @@ def main() -> None:
         "epochs": args.epochs, "direct_s": [round(d, 2) for d in direct], "flow_s": [round(f, 2) for f in flow],
         "direct_mean_s": round(mean_d, 2), "flow_mean_s": round(mean_f, 2), "overhead_s": round(overhead_s, 2),
         "overhead_ratio": round(overhead_ratio, 4), "best_overhead_ratio": round((best_f - best_d) / best_d, 4),
-        "flow_outside_tasks_s": round(mean(glue), 2), "target_ratio": 0.10, "server_start_s": round(t_server, 2), "imports_s": round(t_import, 2),
+        "flow_outside_tasks_s": round(mean(glue), 2), "target_ratio": 0.10, "server_start_s": round(t_server, 2),
+        "imports_s": round(t_import, 2),
         "stages_s": {k: round(v, 2) for k, v in stages.items()},
     }))
 

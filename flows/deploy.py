@@ -117,9 +117,8 @@ def find_flow(spec: FlowSpec, project_dir: Path) -> tuple[str, Any] | None:
 
 def check_schedule(cron: str, timezone: str, setting: str) -> None:
     """Validate a cron string and timezone now, with the setting to fix, rather than at deploy time."""
-    from pydantic import ValidationError
-
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     try:
         CronSchedule(cron=cron, timezone=timezone)

@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-
 FINAL_WAIT_POLL_S = 2.0
 
 

@@ -125,7 +125,7 @@ def wait_until(check: Callable[[], bool], group: Group, timeout_s: float, what: 
 
 def http_ok(url: str) -> Callable[[], bool]:
     def check() -> bool:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=2) as resp:
             return bool(resp.status == 200)
 
     return check

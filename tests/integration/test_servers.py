@@ -20,8 +20,18 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.conftest import TINY, init_git_dvc, write_params
-from tests.integration.servers import (Group, Postgres, http_ok, kill_processes_with_env, postgres_bin_dir, start,
-                                       start_mlflow, start_postgres, start_prefect, wait_until)
+from tests.integration.servers import (
+    Group,
+    Postgres,
+    http_ok,
+    kill_processes_with_env,
+    postgres_bin_dir,
+    start,
+    start_mlflow,
+    start_postgres,
+    start_prefect,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

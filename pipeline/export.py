@@ -74,6 +74,7 @@ def saved_model_to_onnx(saved_model_dir: str | Path, out_path: str | Path, opset
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)  # its INFO lines would flood the flow logs
     graph_def, inputs, outputs, tables, rename = tf_loader.from_saved_model(
         str(saved_model_dir), None, None, tag="serve", signatures=["serve"],
         return_initialized_tables=True, return_tensors_to_rename=True)

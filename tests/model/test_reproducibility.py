@@ -1,0 +1,27 @@
+"""Same data + config + seed on CPU → the same training metrics; another seed → different ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from pipeline.config import Settings, with_overrides
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+def test_same_seed_same_metrics_other_seed_differs(train_settings: Callable[..., Settings]) -> None:
+    from pipeline.train import run_train
+
+    settings = train_settings("train.epochs=2", "train.model=mnist_cnn")
+    first, second = run_train(settings), run_train(settings)
+    assert first.run_id != second.run_id
+    for key in ("loss", "auc", "val_loss", "val_auc"):
+        np.testing.assert_allclose(first.history[key], second.history[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    weights_a, weights_b = first.model.get_weights(), second.model.get_weights()
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(weights_a, weights_b, strict=True))
+
+    other = run_train(with_overrides(settings, ["base.seed=7"]))
+    assert not np.allclose(first.history["loss"], other.history["loss"])

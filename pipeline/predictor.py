@@ -12,6 +12,7 @@ carry the same ``emb_pc*`` columns.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -194,6 +195,16 @@ def expose_embedding(proto: Any) -> str:
 # --------------------------------------------------------------------------- predictor
 
 
+@functools.cache
+def _resizer(size: int, channels: int) -> Any:
+    """Compiled antialiased resize + clip (the ops of :func:`pipeline.inputs.decode_resize`), any input size."""
+    import tensorflow as tf
+
+    sig = tf.TensorSpec([None, None, channels], tf.float32)
+    return tf.function(lambda x: tf.clip_by_value(tf.image.resize(x, (size, size), antialias=True), 0.0, 1.0),
+                       input_signature=[sig])
+
+
 @dataclass(frozen=True)
 class Scored:
     """One image's model outputs."""
@@ -252,8 +263,7 @@ class Predictor:
             scale = float((1 << image.bit_depth) - 1)
             px = image.pixels.astype(np.float32) / scale
             px = np.repeat(px[..., None], 3, axis=-1) if px.ndim == 2 else px
-        out = tf.image.resize(px, (self.spec.image_size, self.spec.image_size), antialias=True)
-        return np.clip(out.numpy(), 0.0, 1.0).astype(np.float32)
+        return _resizer(self.spec.image_size, self.spec.channels)(tf.constant(px, tf.float32)).numpy()
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw outputs ``(n, 1 | k)`` and embeddings ``(n, d)`` of a preprocessed batch."""

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,15 @@ def _files(log_dir: Path, hours: float | None) -> tuple[list[Path], datetime | N
 
 def _load(path: Path, where: dict[str, Any] | None) -> pd.DataFrame:
     df = pd.read_parquet(path)
-    for col, value in (where or {}).items():
+    if not where:
+        return df
+    keep = np.ones(len(df), bool)
+    for col, value in where.items():
         if col not in df:
             return df.iloc[0:0]
-        df = df[df[col].astype(str) == str(value)]
-    return df
+        column = df[col]
+        keep &= (column == value).to_numpy() if column.dtype == object else (column.astype(str) == str(value)).to_numpy()
+    return df[keep]
 
 
 def read(log_dir: Path, *, last_k: int | None = None, hours: float | None = None,

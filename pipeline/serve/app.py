@@ -122,11 +122,34 @@ class BodyLimit:
             await self._reject(scope, receive, send, exc.size)
 
     async def _reject(self, scope: dict[str, Any], receive: Any, send: Any, size: int) -> None:
-        request_id = uuid.uuid4().hex
+        request_id = scope.get("state", {}).get("request_id") or uuid.uuid4().hex
         detail = f"request body of {size}+ bytes exceeds serve.max_upload_bytes={self.limit - MULTIPART_SLACK}"
         if self.on_reject is not None:
             self.on_reject(request_id, Rejected("too_large", detail))
         await _error(413, "too_large", detail, request_id)(scope, receive, send)
+
+
+class RequestId:
+    """Pure ASGI middleware: a request id in ``request.state.request_id`` and the ``X-Request-ID`` header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _TooLarge(Exception):
@@ -197,6 +220,7 @@ def create_app(settings: Settings, *, store: ModelStore | None = None, poll: boo
     app.state.store, app.state.service, app.state.writer = store, service, writer
     app.add_middleware(BodyLimit, limit=settings.serve.max_upload_bytes + MULTIPART_SLACK,
                        on_reject=lambda rid, exc: service.log_rejection(rid, exc, None, "api"))
+    app.add_middleware(RequestId)
     _handlers(app)
     auth = _auth_dependency(api_key)
     _routes(app, settings, store, service, executor, auth)
@@ -294,13 +318,6 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
         """Ready when a model version is loaded (no authentication)."""
         state = {k: v for k, v in store.status().items() if k in Readiness.model_fields}
         return state if state["ready"] else JSONResponse(state, status_code=503)
-
-    @app.middleware("http")
-    async def request_id_header(request: Request, call_next: Any) -> Any:
-        request.state.request_id = uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers.setdefault("X-Request-ID", request.state.request_id)
-        return response
 
 
 _DESCRIPTION = """Scores chest radiographs with the registry version holding the served alias

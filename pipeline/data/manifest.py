@@ -27,8 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import struct
 import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -42,9 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.deid import age_band, pseudonymise
-from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes, encode_png
+from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
 from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
+from pipeline.data.store import IMAGES_DIR, store_image
 from pipeline.features import IMAGE_FEATURES, feature_view, perceptual_hash, view_features
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
 LINKS_FILE = "patient_links.csv"
-IMAGES_DIR = "images"
 FEATURE_COLUMNS = [f for f in IMAGE_FEATURES if f not in ("width", "height", "bit_depth")]
 
 SCHEMA = pa.schema(
@@ -266,16 +264,20 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         detail = f"unreadable: {exc.strerror or type(exc).__name__}"
         return _Outcome(quarantine=QuarantineEntry(qref, "truncated", detail))
     image_id = sha[:16]
-    rel = _store(image, data, record, out_dir, image_id)
+    rel = store_image(image, data, record, out_dir, image_id)
+    return _Outcome(row={**_row(image, record, opts, label, label_index, patient), "image_id": image_id,
+                          "path": rel, "sha256": sha, "_qref": qref})
+
+
+def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str, label_index: int,
+         patient: str) -> dict[str, Any]:
+    """Manifest fields of one accepted image (pseudonymised patient, features, PHI-free header fields)."""
     # one downscaled copy serves the features and the pHash; grayscale pixels are resampled as
     # integers (the same view serving computes from gray01(), see pipeline.features.feature_view)
     view = feature_view(image.pixels if image.channels == 1 else image.gray01(), image.bit_depth)
     feats = view_features(view, bit_depth=image.bit_depth, width=image.width, height=image.height)
     extra = record.extra
-    return _Outcome(row={
-        "image_id": image_id,
-        "path": rel,
-        "sha256": sha,
+    return {
         "patient_id": pseudonymise(str(patient), opts.salt),
         "label": label,
         "label_index": label_index,
@@ -294,8 +296,7 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
         "modality": image.meta.get("modality") or opts.profile.modality,
         "manufacturer": image.meta.get("manufacturer"),
         "photometric": image.meta.get("photometric"),
-        "_qref": qref,
-    })
+    }
 
 
 def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
@@ -328,63 +329,6 @@ def _check_label(label: str | None, classes: tuple[str, ...]) -> int:
     if label not in classes:
         raise BadImage("unknown_label", f"label not in {list(classes)}")
     return classes.index(label)
-
-
-def _store(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Path, image_id: str) -> str:
-    """Write the de-identified image; original bytes are linked only when they carry no metadata.
-
-    The name is the content hash, so an existing file already holds these pixels.
-    """
-    reencode = image.format == "dicom" or _has_metadata(data, image.format)
-    rel = f"{IMAGES_DIR}/{image_id[:2]}/{image_id}.{'jpg' if image.format == 'jpeg' and not reencode else 'png'}"
-    dest = out_dir / rel
-    if not reencode:
-        for _ in range(2):
-            try:
-                os.link(record.path, dest)  # one system call in the common case
-                return rel
-            except FileExistsError:
-                return rel
-            except FileNotFoundError:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            except OSError:  # another file system, or links not allowed: copy instead
-                break
-    if dest.exists():
-        return rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{id(record)}")
-    if reencode:
-        tmp.write_bytes(encode_png(image))
-    else:
-        shutil.copyfile(record.path, tmp)
-    os.replace(tmp, dest)
-    return rel
-
-
-_PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf"}
-
-
-def _has_metadata(data: bytes, fmt: str) -> bool:
-    """True when a PNG has text/EXIF chunks or a JPEG has APPn (n>0) / comment segments."""
-    if fmt == "png":
-        pos = 8
-        while pos + 8 <= len(data):
-            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-            if kind in _PNG_TEXT_CHUNKS:
-                return True
-            if kind == b"IDAT":
-                return False
-            pos += 12 + length
-        return False
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xDA:  # start of scan: header is over
-            return False
-        if 0xE1 <= marker <= 0xEF or marker == 0xFE:
-            return True
-        pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-    return False
 
 
 def _clean(value: object) -> str | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,36 @@ def test_accounting_holds_for_any_worker_count(tmp_path: Path, workers: int) -> 
     summary = ingest_records(records, tmp_path / "ds", opts(workers))
     assert (summary["files_seen"], summary["ingested"], summary["quarantined"]) == (6, 5, 1)
     assert summary["dataset_hash"].startswith("sha256:") and summary["dvc_md5"] is None
+
+
+def test_metadata_in_png_and_jpeg_never_reaches_the_image_store(tmp_path: Path) -> None:
+    """Text chunks (before or after the pixels), EXIF and JPEG comments can carry PHI: such files are re-encoded."""
+    from PIL import PngImagePlugin
+
+    from tests.data.helpers import PHI
+
+    name = PHI["PatientName"]
+    px = to_uint8(xray(60))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", name)
+    Image.fromarray(px).save(raw / "text_before.png", pnginfo=info)
+    plain = io.BytesIO()
+    Image.fromarray(to_uint8(xray(61))).save(plain, format="PNG")
+    data = plain.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    chunk = b"tEXt" + b"Author\x00" + name.encode()
+    trailer = struct.pack(">I", len(chunk) - 4) + chunk + struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF)
+    (raw / "text_after.png").write_bytes(data[:iend] + trailer + data[iend:])
+    Image.fromarray(to_uint8(xray(62))).save(raw / "comment.jpg", format="JPEG", comment=name.encode())
+    exif = Image.Exif()
+    exif[0x013B] = name  # Artist
+    Image.fromarray(to_uint8(xray(63))).save(raw / "exif.jpg", format="JPEG", exif=exif)
+    write_png(raw / "clean.png", 64)
+    records = [RawRecord(p, p.name, "NORMAL", f"M{i}") for i, p in enumerate(sorted(raw.iterdir()))]
+    summary = ingest_records(records, tmp_path / "ds", opts())
+    assert summary["ingested"] == 5
+    stored = [p for p in (tmp_path / "ds" / "images").rglob("*") if p.is_file()]
+    assert len(stored) == 5 and not [p for p in stored if name.encode() in p.read_bytes()]
+    assert sum(p.suffix == ".png" for p in stored) == 5  # four re-encoded + the clean PNG linked

@@ -159,3 +159,24 @@ def test_metadata_in_png_and_jpeg_never_reaches_the_image_store(tmp_path: Path) 
     stored = [p for p in (tmp_path / "ds" / "images").rglob("*") if p.is_file()]
     assert len(stored) == 5 and not [p for p in stored if name.encode() in p.read_bytes()]
     assert sum(p.suffix == ".png" for p in stored) == 5  # four re-encoded + the clean PNG linked
+
+
+def test_unexpected_decoder_failure_quarantines_the_file_not_the_run(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.data.manifest as manifest
+
+    real = manifest.decode_bytes
+    poison = b"\x89PNG\r\n\x1a\n" + b"hostile" * 20
+
+    def flaky_decoder(data: bytes, **kwargs: object) -> object:  # a third-party decoder bug on odd input
+        if data == poison:
+            raise IndexError("list index out of range")
+        return real(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manifest, "decode_bytes", flaky_decoder)
+    raw = tmp_path / "raw"
+    records = [RawRecord(write_png(raw / f"g{i}.png", i), f"g{i}.png", "NORMAL", f"P{i}") for i in range(3)]
+    (raw / "odd.png").write_bytes(poison)
+    records.append(RawRecord(raw / "odd.png", "odd.png", "NORMAL", "P9"))
+    summary = ingest_records(records, tmp_path / "ds", opts())
+    assert summary["ingested"] == 3 and summary["quarantine_reasons"] == {"decode_error": 1}

@@ -106,11 +106,19 @@ class RandomAffineAugment(keras.layers.Layer):
         return tf.stack([a00, a01, b0, a10, a11, b1, zeros, zeros], axis=1)
 
     def _resample(self, images: Any, transforms: Any) -> Any:
+        """One bilinear warp per batch; grayscale stored as RGB (equal channels) is warped once and repeated."""
         import tensorflow as tf
 
-        out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-            fill_value=0.0, interpolation="BILINEAR", fill_mode=self.fill_mode.upper())
+        def warp(x: Any) -> Any:
+            return tf.raw_ops.ImageProjectiveTransformV3(
+                images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
+                interpolation="BILINEAR", fill_mode=self.fill_mode.upper())
+
+        if images.shape[-1] == 3:
+            gray = tf.reduce_all(tf.equal(images[..., :1], images[..., 1:]))
+            out = tf.cond(gray, lambda: tf.tile(warp(images[..., :1]), [1, 1, 1, 3]), lambda: warp(images))
+        else:
+            out = warp(images)
         return tf.ensure_shape(out, images.shape)
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:

@@ -91,3 +91,17 @@ def test_horizontal_flip_only_when_enabled_and_exactly_mirrors() -> None:
     mirrored = [np.allclose(o, i[:, ::-1], atol=1e-6) for o, i in zip(out, images, strict=True)]
     same = [np.allclose(o, i, atol=1e-6) for o, i in zip(out, images, strict=True)]
     assert all(m or s for m, s in zip(mirrored, same, strict=True)) and 5 < sum(mirrored) < 27
+
+
+def test_grayscale_stored_as_rgb_is_warped_once_with_the_same_result() -> None:
+    from pipeline.models.augment import RandomAffineAugment
+
+    gray = np.random.default_rng(1).random((8, 20, 20, 1)).astype(np.float32)
+    layer = RandomAffineAugment(rotation_deg=20, zoom=0.1, translate=0.1)
+    seed = np.array([1, 2], np.int64)
+    one = np.asarray(layer(gray, training=True, seed=seed))
+    three = np.asarray(layer(np.repeat(gray, 3, axis=-1), training=True, seed=seed))
+    np.testing.assert_allclose(three, np.repeat(one, 3, axis=-1), atol=1e-6)
+    colour = np.concatenate([gray, gray * 0.5, gray], axis=-1)  # not gray: each channel warped the same way
+    out = np.asarray(layer(colour, training=True, seed=seed))
+    np.testing.assert_allclose(out[..., 1], one[..., 0] * 0.5, atol=1e-5)

@@ -97,29 +97,30 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._reject(scope, receive, send, int(length))
-        seen = 0
-        started = False
+        seen, started, rejected = 0, False, False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge(seen)
+                if seen > self.limit and not started:
+                    # Answer now; the app sees a disconnect and its own response is dropped.
+                    rejected = True
+                    await self._reject(scope, receive, send, seen)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal started
+            if rejected:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge as exc:
-            if started:
-                raise
-            await self._reject(scope, receive, send, exc.size)
+        await self.app(scope, limited_receive, tracking_send)
 
     async def _reject(self, scope: dict[str, Any], receive: Any, send: Any, size: int) -> None:
         request_id = scope.get("state", {}).get("request_id") or uuid.uuid4().hex
@@ -150,11 +151,6 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 def api_key_from_env(settings: Settings) -> str | None:

@@ -192,3 +192,54 @@ def test_openapi_documents_models_errors_and_auth(api: tuple[str, Settings]) -> 
     assert doc["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     assert {"/healthz", "/readyz", "/v1/model", "/v1/model/refresh"} <= set(doc["paths"])
     assert json.dumps(doc)  # serialisable
+
+
+def test_chunked_upload_over_the_limit_is_refused_before_parsing(api: tuple[str, Settings]) -> None:
+    url, _ = api
+
+    def body() -> Iterator[bytes]:
+        yield b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n"
+        for _ in range(50):
+            yield bytes(16_384)
+        yield b"\r\n--xx--\r\n"
+
+    r = httpx.post(f"{url}/v1/predict", content=body(), timeout=60,
+                   headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=xx"})
+    assert r.status_code == 413 and r.json()["error"]["reason"] == "too_large"
+
+
+def test_store_polls_the_alias_and_keeps_serving_when_a_load_fails(champion_project: Settings) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.registry import get_alias, move_champion
+    from pipeline.serve.store import ModelStore
+    from pipeline.tracking import configure_mlflow
+
+    settings = with_overrides(champion_project, ["serve.alias_poll_s=0.2"])
+
+    def loader(_: Settings, version: object, alias: str) -> SimpleNamespace:
+        if getattr(version, "tags", {}).get("broken") == "yes":
+            raise RuntimeError("cannot load this one")
+        return SimpleNamespace(version=str(version.version), model_name="m", engine=None)  # type: ignore[attr-defined]
+
+    client = configure_mlflow(settings)
+    v1 = get_alias(settings, "champion")
+    store = ModelStore(settings, loader=loader).start()  # type: ignore[arg-type]
+    try:
+        assert store.current.version == str(v1.version)
+        v_ok = client.create_model_version(settings.registered_model, source=v1.source, run_id=v1.run_id, tags=v1.tags)
+        move_champion(settings, v_ok.version, reason="poll test")
+        deadline = time.monotonic() + 10
+        while store.current.version != str(v_ok.version) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.current.version == str(v_ok.version), "the poller picked up the alias move"
+        v_bad = client.create_model_version(settings.registered_model, source=v1.source, run_id=v1.run_id,
+                                            tags={**v1.tags, "broken": "yes"})
+        move_champion(settings, v_bad.version, reason="poll test")
+        deadline = time.monotonic() + 10
+        while store.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.current.version == str(v_ok.version) and "cannot load" in store.last_error
+    finally:
+        store.stop()
+        move_champion(settings, v1.version, reason="restore")

@@ -3,8 +3,9 @@
     flock /tmp/xrayops-heavy.lock uv run python benchmarks/bench_drift.py [--rows 10000,100000]
 
 A production log is written the way the API writes it (``LogWriter`` flushes: one Parquet file
-per 1,000 rows; N rows served by version 1, then N by version 2 after the alias moved), with the project's real columns (12 image
-features, 4 embedding PCs, probability, positive flag, request metadata). The reference is a
+per 1,000 rows; N rows served by version 1, then N by version 2 after the alias moved), with the
+project's real columns (12 image features, 4 embedding PCs, probability, positive flag, request
+metadata). The reference is a
 5,000-row training profile (the cap of ``pipeline.job.REFERENCE_MAX_ROWS``). For each size the
 script times, in one process:
 

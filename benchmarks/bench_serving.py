@@ -33,7 +33,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, File, UploadFile
@@ -58,7 +58,7 @@ def naive_app(model_path: str, size: int, channels: int) -> Any:
     app = FastAPI()
 
     @app.post("/predict")
-    def predict(file: UploadFile = File(...)) -> dict[str, float]:
+    def predict(file: Annotated[UploadFile, File()]) -> dict[str, float]:
         img = np.asarray(Image.open(io.BytesIO(file.file.read())).convert("L"), np.float32) / 255.0
         x = tf.image.resize(np.repeat(img[..., None], channels, axis=-1), (size, size), antialias=True)
         return {"probability": float(model.predict(x.numpy()[None], verbose=0)[0, 0])}

@@ -37,7 +37,8 @@ class MonitoringParameters(BaseModel):
     params_path: str | None = Field(None, title="params.yaml path", description="Empty = the project's params.yaml.")
 
     def settings(self) -> Settings:
-        sets = [] if self.retrain_on_drift is None else [f"monitor.retrain_on_drift={str(self.retrain_on_drift).lower()}"]
+        retrain = self.retrain_on_drift
+        sets = [] if retrain is None else [f"monitor.retrain_on_drift={str(retrain).lower()}"]
         return with_overrides(load_settings(self.params_path), [*sets, *self.overrides])
 
 

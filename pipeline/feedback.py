@@ -95,8 +95,9 @@ def adjudicate(records: pd.DataFrame, adjudications: pd.DataFrame | None = None)
     if records.empty:
         return pd.DataFrame(columns=["request_id", "label", "status", "model_name", "model_version",
                                      "predicted_label", "records"])
-    override = dict(zip(adjudications["request_id"], adjudications["label"], strict=True)) if adjudications is not None \
-        else {}
+    override: dict[str, str] = {}
+    if adjudications is not None:
+        override = dict(zip(adjudications["request_id"], adjudications["label"], strict=True))
     rows = []
     for rid, group in records.groupby("request_id", sort=False):
         labels = sorted(set(group["correct_label"]))

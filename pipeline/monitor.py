@@ -217,7 +217,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     pred = summary.get("prediction", {})
     if "positive_rate" in pred:
         pr = pred["positive_rate"]
-        lines.append(f"- positive rate: {pr['reference']} → {pr['current']} ({'drifted' if pr['drifted'] else 'stable'})")
+        state = "drifted" if pr["drifted"] else "stable"
+        lines.append(f"- positive rate: {pr['reference']} → {pr['current']} ({state})")
     if "probability" in pred:
         lines.append(f"- probability distribution: {'drifted' if pred['probability']['drifted'] else 'stable'}")
     dq = summary.get("data_quality", {})

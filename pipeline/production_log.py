@@ -67,7 +67,8 @@ def _load(path: Path, where: dict[str, Any] | None) -> pd.DataFrame:
         if col not in df:
             return df.iloc[0:0]
         column = df[col]
-        keep &= (column == value).to_numpy() if column.dtype == object else (column.astype(str) == str(value)).to_numpy()
+        same = column == value if column.dtype == object else column.astype(str) == str(value)
+        keep &= same.to_numpy()
     return df[keep]
 
 

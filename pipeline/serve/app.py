@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +54,8 @@ class ApiError(Exception):
     def __init__(self, status: int, reason: str, detail: str, request_id: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.reason, self.detail, self.request_id, self.headers = status, reason, detail, request_id, headers
+        self.status, self.reason, self.detail = status, reason, detail
+        self.request_id, self.headers = request_id, headers
 
 
 def _error(status: int, reason: str, detail: str, request_id: str | None = None,
@@ -259,9 +260,9 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
               responses=_responses(400, 401, 413, 415, 422, 501, 503), summary="Score one chest X-ray")
     async def predict(
         request: Request,
-        file: UploadFile = File(description="PNG, JPEG or DICOM file (format is detected from the content)."),
-        explain: bool = Query(False, description="Also return a Grad-CAM overlay (PNG, base64); slower."),
-        view_position: str | None = Form(None, description="View (PA, AP, LL) when the file does not carry it."),
+        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (format detected from the content).")],
+        explain: Annotated[bool, Query(description="Also return a Grad-CAM overlay (PNG, base64); slower.")] = False,
+        view_position: Annotated[str | None, Form(description="View (PA, AP, LL) when the file has none.")] = None,
     ) -> PredictionOut:
         """Gate the upload, score it with the served version and log the prediction (features only, no pixels).
 

@@ -67,7 +67,14 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
     return {i: float(len(labels) / (num_classes * c)) for i, c in enumerate(counts)}
 
 
-def compile_model(model: Any, settings: Settings, num_classes: int, learning_rate: float | None = None) -> None:
+# Training steps run per call into the compiled graph: fewer Python round-trips per epoch
+# (benchmarks/bench_train.py); per-batch callbacks then fire every N steps. Multi-worker training
+# runs one step per call: Keras 3.15's multi-step loop fails under MultiWorkerMirroredStrategy.
+STEPS_PER_EXECUTION = 8
+
+
+def compile_model(model: Any, settings: Settings, num_classes: int, learning_rate: float | None = None,
+                  steps_per_execution: int = STEPS_PER_EXECUTION) -> None:
     """Compile with the configured loss and stable metric names (``auc``, ``pr_auc``, ``precision``, ``recall``)."""
     import keras
 
@@ -86,7 +93,11 @@ def compile_model(model: Any, settings: Settings, num_classes: int, learning_rat
         loss = keras.losses.SparseCategoricalCrossentropy()
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=metrics,
-                  jit_compile=bool(settings.train.xla))
+                  jit_compile=bool(settings.train.xla), steps_per_execution=steps_per_execution)
+
+
+def _steps_per_execution(hw: Any) -> int:
+    return 1 if hw.kind == "multi-worker" else STEPS_PER_EXECUTION
 
 
 def monitor_metric(num_classes: int) -> str:
@@ -194,7 +205,7 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     with hw.strategy.scope():
         model = build_model(settings.train.model, image_size=ispec.image_size, channels=ispec.channels,
                             num_classes=len(classes), weights=settings.train.weights)
-        compile_model(model, settings, len(classes))
+        compile_model(model, settings, len(classes), steps_per_execution=_steps_per_execution(hw))
     prepare_for_fit(model, hw, train_ds)
 
     fingerprint = run_fingerprint(settings, data["dataset"])
@@ -358,7 +369,8 @@ def _fine_tune(model: Any, plan: _Fit, start: int) -> Any:
     if cfg.fine_tune_epochs <= 0 or not unfreeze_top(model, cfg.fine_tune_layers):
         return None
     with plan.hw.strategy.scope():
-        compile_model(model, plan.settings, plan.num_classes, cfg.fine_tune_learning_rate)
+        compile_model(model, plan.settings, plan.num_classes, cfg.fine_tune_learning_rate,
+                      steps_per_execution=_steps_per_execution(plan.hw))
     prepare_for_fit(model, plan.hw, plan.train_ds)
     return plan.fit(model, plan.ckpt_dir / "phase2", initial_epoch=start, epochs=start + cfg.fine_tune_epochs)
 

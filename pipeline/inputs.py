@@ -117,8 +117,9 @@ def parallel_calls() -> int:
 def dataset_options() -> Any:
     """Deterministic order, explicit data sharding across workers, no autotuner.
 
-    TF 2.21's autotuner was measured to stall when an epoch's iterator is created or discarded
-    (``benchmarks/bench_train.py`` measures it on and off); fixed parallelism avoids that.
+    Measured both ways (``benchmarks/bench_input.py``, ``benchmarks/bench_train.py``, 2 CPUs):
+    the multi-second stalls STACK.md reports for the autotuner did not reproduce, but with it on
+    throughput was 2–9 % lower in both benchmarks, so fixed parallelism stays.
     """
     import tensorflow as tf
 

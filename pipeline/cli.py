@@ -269,8 +269,8 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         if decision.promote and not settings.promote.require_approval:
             move_champion(settings, mv.version, reason=decision.reason)
         elif decision.promote:
-            typer.echo("gate passed; approval required: run the training flow with require_approval, "
-                       "or approve with `xrayops registry promote`")
+            typer.echo(f"gate passed; approval required: `xrayops registry approve {mv.version} --reviewer NAME` "
+                       "(or reject with --reject)", err=True)
         _dump(decision.to_dict())
 
 
@@ -424,6 +424,191 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
 
         summary = run_flow(FeedbackParameters(overrides=list(sets or []), params_path=str(params) if params else None))
         typer.echo(summary_markdown(summary))
+
+
+# --------------------------------------------------------------------------- orchestration (Prefect server)
+
+
+def _prefect_error(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", err=True, fg="red")
+    raise typer.Exit(2) from None
+
+
+@app.command()
+def deploy(
+    params: ParamsOpt = None,
+    pool: Annotated[str | None, typer.Option(help="Work pool (default: orchestrate.work_pool).")] = None,
+    project_dir: Annotated[Path | None, typer.Option(help="Folder holding flows/ (default: this checkout).")] = None,
+    paused: Annotated[bool, typer.Option(help="Apply the schedules paused.")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Create the work pool if missing and apply the deployments (cron schedules from orchestrate.*).
+
+    Needs PREFECT_API_URL (a `prefect server start` server). With --params, runs read that params.yaml.
+    """
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from flows.deploy import DeployError, deploy_all
+
+        try:
+            deployed = deploy_all(settings, project_dir=project_dir, pool=pool, params_file=params, paused=paused)
+        except DeployError as exc:
+            _prefect_error(exc)
+        pool_name = pool or settings.orchestrate.work_pool
+        for d in deployed:
+            when = f"cron '{d.cron}' ({d.timezone})" if d.cron else "no schedule (manual)"
+            typer.echo(f"deployed {d.name:<32} {when}  pool {pool_name}")
+        typer.echo(f"\nstart a worker:  xrayops worker --pool {pool_name}")
+        typer.echo(f"run one now:     xrayops trigger training --param epochs=3   "
+                   f"(or: prefect deployment run '{deployed[0].name}' --param params='{{\"epochs\": 3}}')")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str | None, typer.Option(help="Work pool (default: orchestrate.work_pool).")] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name (default: generated).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most flow runs at once on this worker.")] = None,
+    healthcheck: Annotated[bool, typer.Option(help="Serve GET :8080/health (PREFECT_WORKER_WEBSERVER_PORT).")] = False,
+    params: ParamsOpt = None,
+) -> None:
+    """Start a Prefect process worker on the work pool (runs the deployments' flows; Ctrl-C stops it)."""
+    import os
+    import shutil
+
+    with friendly_errors():
+        settings = settings_for(params, None)
+        if not os.environ.get("PREFECT_API_URL"):
+            _prefect_error(RuntimeError("PREFECT_API_URL is not set: point it at the Prefect server "
+                                        "(e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)"))
+        if params:
+            os.environ["XRAYOPS_PARAMS"] = str(params.resolve())
+        prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+        cmd = [prefect, "worker", "start", "--pool", pool or settings.orchestrate.work_pool, "--type", "process"]
+        cmd += ["--name", name] if name else []
+        cmd += ["--limit", str(limit)] if limit else []
+        cmd += ["--with-healthcheck"] if healthcheck else []
+        sys.stdout.flush()
+        os.execv(prefect, cmd)  # the worker replaces this process: signals reach it directly
+
+
+@app.command()
+def trigger(
+    target: Annotated[str, typer.Argument(help="training | monitoring | feedback | <flow>/<deployment>.")] = "training",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Run parameter name=value (repeatable), "
+                                                    "e.g. epochs=3, model=vgg_small, require_approval=true.")] = None,
+    sets: SetOpt = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the run ends.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 3600,
+) -> None:
+    """Start a run of a deployment with custom parameters (what the UI's "Custom run" does)."""
+    with friendly_errors():
+        from pipeline.runtime import configure_logging, quiet_tools
+
+        quiet_tools()
+        configure_logging()
+        from flows.trigger import trigger as start_run
+
+        try:
+            result = start_run(target, param or [], sets or [], wait=wait, timeout_s=timeout)
+        except (ValueError, RuntimeError) as exc:
+            _prefect_error(exc)
+        _dump(result)
+        if wait and result["state"] != "Completed":
+            raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- model registry
+
+registry_app = typer.Typer(help="The MLflow model registry: versions, aliases, gate verdicts, rollback.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("show")
+def registry_show(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """List the versions of the registered model with aliases, AUC (CI), threshold, gate and approval."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.registry import overview
+
+        rows = overview(settings)
+        if as_json:
+            _dump({"model": settings.registered_model, "versions": rows})
+            return
+        if not rows:
+            typer.echo(f"{settings.registered_model}: no versions yet (run `xrayops run`)")
+            return
+        typer.secho(f"{settings.registered_model}", bold=True)
+        typer.echo(f"{'ver':>4}  {'aliases':<34} {'model':<16} {'test metric [CI]':<28} {'thr':<9} {'gate':<5} "
+                   f"{'approval':<9} {'gradcam':<8} failed")
+        for r in rows:
+            typer.echo(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<34} {r['model'] or '-':<16} "
+                       f"{r['auc'] or '-':<28} {(r['threshold'] or '-')[:8]:<9} {r['gate']:<5} {r['approval']:<9} "
+                       f"{r['gradcam']:<8} {r['failed'] if r['gate'] == 'fail' else ''}"
+                       f"{'  rolled back ' + r['rolled_back'] if r['rolled_back'] else ''}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded on both versions).")],
+    actor: Annotated[str | None, typer.Option(help="Who (default: $USER).")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Move `champion` back to `previous-champion`, with an audit record (tags, description, JSON artifact)."""
+    import getpass
+
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.registry import PromotionError, rollback
+
+        try:
+            record = rollback(settings, reason=reason, actor=actor or getpass.getuser())
+        except PromotionError as exc:
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(2) from None
+        _dump(record)
+
+
+@registry_app.command("approve")
+def registry_approve(
+    version: Annotated[str, typer.Argument(help="Version that passed the gate.")],
+    reviewer: Annotated[str, typer.Option(help="Your name (recorded on the version).")],
+    comment: Annotated[str, typer.Option(help="Why (recorded on the version).")] = "",
+    reject: Annotated[bool, typer.Option("--reject", help="Reject instead of approving.")] = False,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Record a reviewer's decision on a gate-passing VERSION; approval moves `champion` to it."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.registry import PromotionError, approve_version
+
+        try:
+            _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
+        except PromotionError as exc:
+            typer.secho(f"error: {exc}", err=True, fg="red")
+            raise typer.Exit(2) from None
+
+
+@registry_app.command("card")
+def registry_card(
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """(Re)write the model card of VERSION and print it (markdown; its file path goes to stderr)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.modelcard import publish_model_card
+
+        path = publish_model_card(settings, version)
+        typer.echo(path.read_text())
+        typer.echo(f"model card: {path}", err=True)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_ENV = "XRAYOPS_PARAMS"
+OVERRIDES_ENV = "XRAYOPS_SET"  # "section.field=value;…" applied before --set (containers, k8s pods)
 PARAMS_FILE = "params.yaml"
 
 
@@ -44,7 +45,8 @@ class PathsSection(_Section):
     reports_dir: str = Field(description="Folder for human-facing reports (drift, model cards).")
     models_dir: str = Field(description="Folder for trained-model outputs of the DVC stages (model.keras, train.json).")
     mlflow_tracking_uri: str | None = Field(description="MLflow tracking URI; null = SQLite under home.")
-    mlflow_artifact_root: str | None = Field(description="Artifact root for new experiments; null = under home.")
+    mlflow_artifact_root: str | None = Field(description="Artifact root for new experiments; null = under home "
+                                             "(or, with an http(s) tracking server, the server's own artifact store).")
     mlflow_registry_uri: str | None = Field(description="MLflow registry URI; null = the tracking URI.")
     prefect_home: str | None = Field(description="PREFECT_HOME; null = <home>/prefect.")
     dvc_remote: str | None = Field(description="DVC remote URL (path, s3://…); null = <home>/dvc-remote.")
@@ -133,6 +135,9 @@ class AugmentSection(_Section):
     contrast: float = Field(ge=0, le=1, description="Max contrast change factor.")
     brightness: float = Field(ge=0, le=1, description="Max brightness change factor.")
     horizontal_flip: bool = Field(description="Flip left/right (off for chest X-rays: anatomy is lateralised).")
+    shear_deg: float = Field(ge=0, le=45, description="Max shear angle in degrees.")
+    fill_mode: Literal["constant", "nearest", "reflect", "wrap"] = Field(
+        description="How pixels moved in from outside the image are filled (constant = black).")
 
 
 class TrainSection(_Section):
@@ -179,6 +184,7 @@ class PromoteSection(_Section):
     max_ece: float = Field(ge=0, le=1, description="Upper limit of expected calibration error.")
     require_approval: bool = Field(description="Pause for a human decision before moving 'champion'.")
     approval_timeout_s: int = Field(ge=1, description="Seconds to wait for a reviewer.")
+    approval_poll_s: int = Field(ge=1, description="Seconds between checks for the reviewer's answer.")
     export_onnx: bool = Field(description="Export the registered model to ONNX with a parity check.")
 
 
@@ -222,6 +228,7 @@ class OrchestrateSection(_Section):
     work_pool: str = Field(description="Prefect work pool the deployments run on.")
     task_retries: int = Field(ge=0, description="Retries of I/O tasks.")
     task_retry_delay_s: float = Field(ge=0, description="First retry delay (doubles each retry).")
+    task_timeout_s: float = Field(gt=0, description="Timeout of one attempt of an I/O task (DVC push, MLflow registry).")
     dask_address: str | None = Field(description="Dask scheduler for data tasks; 'local' = a local cluster.")
 
 
@@ -296,10 +303,13 @@ class Settings(_Section):
         return self.paths.mlflow_registry_uri or self.tracking_uri
 
     @property
-    def artifact_root(self) -> str:
+    def artifact_root(self) -> str | None:
+        """Artifact root of new experiments; None = the tracking server's default (proxied artifacts)."""
         if self.paths.mlflow_artifact_root:
             root = self.paths.mlflow_artifact_root
             return root if "://" in root else self.resolve(root).as_uri()
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None  # a team server stores artifacts itself (--artifacts-destination, e.g. S3/MinIO)
         return (self.home / "mlartifacts").as_uri()
 
     @property
@@ -433,7 +443,14 @@ def load_settings(
         raise ConfigError(f"{params_path} is not valid YAML: {exc}") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{params_path} must hold a mapping of sections, found {type(params).__name__}")
-    return settings_from_dict(params, overrides or [], root=params_path.parent, origin=str(params_path))
+    return settings_from_dict(params, [*env_overrides(), *(overrides or [])], root=params_path.parent,
+                              origin=str(params_path))
+
+
+def env_overrides() -> list[str]:
+    """Overrides from ``$XRAYOPS_SET``: ``section.field=value`` items separated by ``;`` or newlines."""
+    raw = os.environ.get(OVERRIDES_ENV, "")
+    return [item.strip() for item in raw.replace("\n", ";").split(";") if item.strip()]
 
 
 def settings_from_dict(

@@ -16,8 +16,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from flows.caching import (ingest_cache_key, ingest_intact, ingest_key, validate_cache_key, validate_intact,
-                           validate_key, write_stamp)
+from flows.caching import (
+    ingest_cache_key,
+    ingest_intact,
+    ingest_key,
+    validate_cache_key,
+    validate_intact,
+    validate_key,
+    write_stamp,
+)
 from flows.options import io_options
 from pipeline.config import Settings, load_settings, with_overrides
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -259,8 +259,8 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Register the last evaluated model and promote it through the gate."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import move_champion, record_decision, register_version
         from pipeline.registry import gate as run_gate
+        from pipeline.registry import move_champion, record_decision, register_version
 
         trained, evaluation = _reload_evaluation(settings)
         mv = register_version(settings, trained, evaluation)

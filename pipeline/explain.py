@@ -152,7 +152,6 @@ def grad_cam_for(model: Any) -> GradCam:
 
 
 def _build(model: Any) -> GradCam:
-    import keras
     import tensorflow as tf
 
     target, path = find_target_layer(model)

@@ -130,6 +130,21 @@ class LabelMap:
         return self._folded.get(raw.casefold())
 
 
+class MappedXraySource:
+    """Base of the public X-ray sources: labels go through a :class:`LabelMap`, exclusions are
+    counted in :class:`SourceNotes`, and there is nothing to materialise (the data is the user's)."""
+
+    name = "x-ray"
+    profile = XRAY_PROFILE
+
+    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
+        self.label_map = LabelMap(label_map)
+        self.notes = SourceNotes()
+
+    def prepare(self, root: Path) -> None:
+        return None
+
+
 def require_dir(root: Path, layout: str, hint: str = "") -> None:
     """Raise a :class:`SourceError` naming ``root`` and the expected layout when it is missing."""
     if not root.is_dir():

@@ -15,15 +15,13 @@ quarantined, not skipped.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.data.sources.base import (
-    XRAY_PROFILE,
-    LabelMap,
+    MappedXraySource,
     RawRecord,
     SourceError,
-    SourceNotes,
     list_files,
     require_dir,
 )
@@ -34,16 +32,8 @@ FILE_COLUMNS = ("file", "filename", "file_name", "path", "image")
 LABEL_COLUMNS = ("label", "Label", "class", "Class", "target", "Target")
 
 
-class DicomFolderSource:
+class DicomFolderSource(MappedXraySource):
     name = "dicom"
-    profile = XRAY_PROFILE
-
-    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
-        self.label_map = LabelMap(label_map)
-        self.notes = SourceNotes()
-
-    def prepare(self, root: Path) -> None:
-        return None
 
     def read_labels(self, path: Path) -> tuple[dict[str, str], dict[str, str]]:
         """Raw labels keyed by file (relative path and bare name) and by SOPInstanceUID."""

@@ -17,15 +17,13 @@ A name matching neither pattern has no patient id and is quarantined (``missing_
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.data.sources.base import (
-    XRAY_PROFILE,
-    LabelMap,
+    MappedXraySource,
     RawRecord,
     SourceError,
-    SourceNotes,
     list_files,
     require_dir,
 )
@@ -65,16 +63,8 @@ def _split_dirs(folder: Path) -> list[Path]:
     return [c for c in sorted(folder.iterdir()) if c.is_dir() and c.name.lower() in SPLITS]
 
 
-class KagglePneumoniaSource:
+class KagglePneumoniaSource(MappedXraySource):
     name = "kaggle-pneumonia"
-    profile = XRAY_PROFILE
-
-    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
-        self.label_map = LabelMap(label_map)
-        self.notes = SourceNotes()
-
-    def prepare(self, root: Path) -> None:
-        return None
 
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
         base = find_dataset_root(root)

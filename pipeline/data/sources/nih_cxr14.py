@@ -15,17 +15,15 @@ when present, give ``source_split`` (recorded, never used by our split).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.data.sources.base import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
-    XRAY_PROFILE,
-    LabelMap,
+    MappedXraySource,
     RawRecord,
     SourceError,
-    SourceNotes,
     list_files,
     read_csv,
     require_dir,
@@ -46,16 +44,8 @@ def find_label_file(root: Path, labels: Path | None) -> Path:
     return found[0]
 
 
-class NihCxr14Source:
+class NihCxr14Source(MappedXraySource):
     name = "nih-cxr14"
-    profile = XRAY_PROFILE
-
-    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
-        self.label_map = LabelMap(label_map)
-        self.notes = SourceNotes()
-
-    def prepare(self, root: Path) -> None:
-        return None
 
     def classify(self, findings: str) -> tuple[str | None, list[str]]:
         """Class of a ``Finding Labels`` value (None = excluded) and its individual findings."""

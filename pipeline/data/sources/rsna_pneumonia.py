@@ -11,15 +11,13 @@ the ``patientId`` (the file stem), pseudonymised at ingestion. DICOM files may s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.data.sources.base import (
-    XRAY_PROFILE,
-    LabelMap,
+    MappedXraySource,
     RawRecord,
     SourceError,
-    SourceNotes,
     list_files,
     read_csv,
     require_dir,
@@ -49,16 +47,8 @@ def _as_number(value: str) -> float:
         return float("-inf")
 
 
-class RsnaPneumoniaSource:
+class RsnaPneumoniaSource(MappedXraySource):
     name = "rsna-pneumonia"
-    profile = XRAY_PROFILE
-
-    def __init__(self, label_map: Mapping[str, str] | None = None) -> None:
-        self.label_map = LabelMap(label_map)
-        self.notes = SourceNotes()
-
-    def prepare(self, root: Path) -> None:
-        return None
 
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
         require_dir(root, LAYOUT)

@@ -39,8 +39,8 @@ def xray_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> A
     return keras.Model(inputs, classification_head(x, num_classes), name="xray_cnn")
 
 
-def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """Seed Q6 exactly: Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout0.4 → Dense."""
+def _conv_pool_x2(input_shape: tuple[int, int, int], num_classes: int, dropout: float, name: str) -> Any:
+    """Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout → head (the seed's Q6 and Q9 body)."""
     import keras
     from keras import layers
 
@@ -51,8 +51,13 @@ def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> 
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="embedding")(x)
-    x = layers.Dropout(0.4, name="dropout")(x)
-    return keras.Model(inputs, classification_head(x, num_classes), name="mnist_cnn")
+    x = layers.Dropout(dropout, name="dropout")(x)
+    return keras.Model(inputs, classification_head(x, num_classes), name=name)
+
+
+def mnist_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
+    """Seed Q6 exactly: Conv32(3) → MaxPool2 → Conv64(3) → MaxPool2 → Dense128 → Dropout0.4 → Dense."""
+    return _conv_pool_x2(input_shape, num_classes, 0.4, "mnist_cnn")
 
 
 def cifar10_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
@@ -103,15 +108,4 @@ def q9_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any
     The seed's augmentation (rotation, shifts, shear, zoom via ``ImageDataGenerator``) is done
     by the input pipeline (``train.augment``), on batches, with no horizontal flip by default.
     """
-    import keras
-    from keras import layers
-
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
-    x = layers.MaxPooling2D(2, name="pool1")(x)
-    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
-    x = layers.MaxPooling2D(2, name="pool2")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(128, activation="relu", name="embedding")(x)
-    x = layers.Dropout(0.5, name="dropout")(x)
-    return keras.Model(inputs, classification_head(x, num_classes), name="q9_cnn")
+    return _conv_pool_x2(input_shape, num_classes, 0.5, "q9_cnn")

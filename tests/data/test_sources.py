@@ -59,6 +59,16 @@ def test_kaggle_records_from_either_root(tmp_path: Path, level: str) -> None:
     assert by_name["IM-0115-0001.jpeg"].label == "NORMAL"
 
 
+def test_hidden_files_are_left_out_and_counted(tmp_path: Path) -> None:
+    base = _kaggle_tree(tmp_path)
+    (base / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (base / "train" / "NORMAL" / "._IM-0115-0001.jpeg").write_bytes(b"\0\5\26\7")
+    write_jpeg(base / "test" / "NORMAL" / ".ipynb_checkpoints" / "IM-0115-0001.jpeg", 3)
+    source = KagglePneumoniaSource({"NORMAL": "NORMAL", "PNEUMONIA": "PNEUMONIA"})
+    assert len(list(source.records(base, None))) == 4
+    assert source.notes.to_dict()["ignored_files"]["hidden_files"] == 3
+
+
 def test_kaggle_nested_zip_copy_uses_the_shallowest(tmp_path: Path) -> None:
     _kaggle_tree(tmp_path / "chest_xray")  # chest_xray/chest_xray/... as in the Kaggle zip
     write_jpeg(tmp_path / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", 5)

@@ -154,12 +154,25 @@ def require_dir(root: Path, layout: str, hint: str = "") -> None:
         )
 
 
-def list_files(folder: Path) -> list[Path]:
-    """Regular, non-hidden files below ``folder``, sorted (deterministic order)."""
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+def list_files(folder: Path, ignored: Counter[str] | None = None) -> list[Path]:
+    """Regular files below ``folder``, sorted (deterministic order).
+
+    Hidden files and files in hidden folders (``.DS_Store``, ``._*`` AppleDouble files,
+    ``.ipynb_checkpoints/``, ``.git/``) are left out, and counted under ``hidden_files`` in
+    ``ignored`` (the ingest summary's ``ignored_files``) so that nothing is dropped silently.
+    """
+    files: list[Path] = []
+    hidden = 0
+    for p in folder.rglob("*"):
+        if not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            hidden += 1
+        else:
+            files.append(p)
+    if ignored is not None and hidden:
+        ignored["hidden_files"] += hidden
+    return sorted(files)
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:

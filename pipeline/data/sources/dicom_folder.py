@@ -65,7 +65,7 @@ class DicomFolderSource(MappedXraySource):
         label_file = labels or root / "labels.csv"
         by_file, by_uid_raw = self.read_labels(label_file)
         by_uid = self._map_uid_labels(by_uid_raw)
-        for path in list_files(root):
+        for path in list_files(root, self.notes.ignored):
             if path.resolve() == label_file.resolve():
                 continue
             ref = path.relative_to(root).as_posix()

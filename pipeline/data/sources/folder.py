@@ -44,7 +44,7 @@ class FolderSource:
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
         self.class_folders(root)
         mapping = {r["file"]: r for r in read_csv(labels, ("file", "patient_id"))} if labels else {}
-        for path in list_files(root):
+        for path in list_files(root, self.notes.ignored):
             if path.parent == root:
                 continue
             ref = path.relative_to(root).as_posix()

@@ -71,7 +71,7 @@ class KagglePneumoniaSource(MappedXraySource):
         self.notes.ignored["outside_split_folders"] += sum(
             1 for p in base.iterdir() if p.is_file() and not p.name.startswith("."))
         for split_dir in _split_dirs(base):
-            for path in list_files(split_dir):
+            for path in list_files(split_dir, self.notes.ignored):
                 parts = path.relative_to(split_dir).parts
                 if "__MACOSX" in parts:
                     self.notes.ignored["macos_metadata"] += 1

@@ -89,7 +89,7 @@ class KerasDatasetSource:
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
         require_dir(root, "ROOT/<class>/<split>_<index>.png", f"Materialise it with `xrayops data generate "
                                                               f"--set data.source={self.name}`.")
-        for path in list_files(root):
+        for path in list_files(root, self.notes.ignored):
             if path.parent == root:
                 continue  # the marker file
             ref = path.relative_to(root).as_posix()

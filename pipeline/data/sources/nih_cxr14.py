@@ -59,7 +59,7 @@ class NihCxr14Source(MappedXraySource):
         rows = {r["Image Index"].strip(): r for r in read_csv(label_file, COLUMNS)}
         shipped = _shipped_splits(root)
         seen: set[str] = set()
-        for path in list_files(root):
+        for path in list_files(root, self.notes.ignored):
             if path == label_file or (path.parent == root and path.suffix.lower() not in (*IMAGE_SUFFIXES,
                                                                                           *DICOM_SUFFIXES)):
                 self.notes.ignored["metadata_files"] += 1

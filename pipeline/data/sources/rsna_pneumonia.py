@@ -57,7 +57,7 @@ class RsnaPneumoniaSource(MappedXraySource):
             raise SourceError(f"label file {label_file} not found. Expected layout: {LAYOUT}")
         targets = image_targets(label_file)
         seen: set[str] = set()
-        for path in list_files(root):
+        for path in list_files(root, self.notes.ignored):
             rel = path.relative_to(root)
             if path == label_file or (path.parent == root and path.suffix.lower() in (".csv", ".txt", ".md")):
                 self.notes.ignored["metadata_files"] += 1

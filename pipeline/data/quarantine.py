@@ -37,7 +37,6 @@ REASONS = {
     "missing_patient": "no patient identifier for this file",
     "duplicate_image": "identical bytes already ingested (kept the first)",
     "conflicting_labels": "identical bytes carry different labels",
-    "near_duplicate_dropped": "near-duplicate of an image in another split (split.near_duplicate_action=drop)",
 }
 
 

@@ -8,6 +8,8 @@ every other feature) and never contain pixels or identifiers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -98,30 +100,38 @@ def view_features(small: np.ndarray, *, bit_depth: int, width: int, height: int)
     """
     levels = 256
     scaled = small * np.float32(levels - 1)
-    scaled += 0.5
-    np.clip(scaled, 0, levels - 1, out=scaled)
-    hist = np.bincount(scaled.astype(np.uint8).ravel(), minlength=levels)
+    scaled += np.float32(0.5)
+    if not (0.0 <= float(scaled.min()) and float(scaled.max()) < levels):  # views are in [0, 1]; others clip
+        np.clip(scaled, 0, levels - 1, out=scaled)
+    hist = np.asarray(Image.fromarray(scaled.astype(np.uint8)).histogram(), dtype=np.int64)
     p05, p50, p95 = _percentiles(hist, (5, 50, 95), levels)
     prob = hist[hist > 0] / hist.sum()
-    lap = small[1:-1, 1:-1] * 4  # 4x centre minus the 4 neighbours, in place (same arithmetic order)
-    lap -= small[:-2, 1:-1]
-    lap -= small[2:, 1:-1]
-    lap -= small[1:-1, :-2]
-    lap -= small[1:-1, 2:]
+    lap = small[:-2, 1:-1] + small[2:, 1:-1]  # the 4 neighbours minus 4x centre (sign does not change the variance)
+    lap += small[1:-1, :-2]
+    lap += small[1:-1, 2:]
+    lap -= small[1:-1, 1:-1] * np.float32(4)
+    mean, var = _mean_var(small)
     return {
-        "mean": float(small.mean()),
-        "std": float(small.std()),
+        "mean": mean,
+        "std": math.sqrt(var),
         "p05": float(p05),
         "p50": float(p50),
         "p95": float(p95),
         "contrast": float(p95 - p05),
         "entropy": float(-(prob * np.log2(prob)).sum()),
-        "sharpness": float(lap.var() * 1000.0),
+        "sharpness": _mean_var(lap)[1] * 1000.0,
         "width": float(width),
         "height": float(height),
         "aspect": float(width / height) if height else 0.0,
         "bit_depth": float(bit_depth),
     }
+
+
+def _mean_var(values: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) variance in two BLAS passes (float64 accumulation of the mean)."""
+    flat = values.ravel()
+    mean = float(flat.mean(dtype=np.float64))
+    return mean, max(0.0, float(np.dot(flat, flat)) / flat.size - mean * mean)
 
 
 PHASH_BITS = 256

@@ -89,7 +89,72 @@ def image_features(gray01: np.ndarray, *, bit_depth: int, width: int, height: in
         bit_depth: bits per sample of the stored image.
         width, height: original size in pixels.
     """
-    return view_features(feature_view(gray01, bit_depth), bit_depth=bit_depth, width=width, height=height)
+    return describe(gray01, bit_depth=bit_depth, width=width, height=height, phash=False)[0]
+
+
+def describe(image: np.ndarray, *, bit_depth: int, width: int, height: int,
+             phash: bool = True) -> tuple[dict[str, float], str | None]:
+    """Features (as :func:`image_features`) and, with ``phash``, the :func:`perceptual_hash` of one image.
+
+    This is the one entry point of ingestion (integer pixels) and serving (``gray01``): both
+    reach the same code for the same pixels, so production features compare exactly with the
+    training reference. 8-bit images take a fast path on the 256-level view (Pillow resize and
+    histogram, integer Laplacian: a few large GIL-free calls instead of many small NumPy ones);
+    16-bit images use the float view (:func:`view_features`).
+    """
+    px = _levels(image, bit_depth)
+    if px.dtype != np.uint8:
+        view = feature_view(px, bit_depth)
+        return (view_features(view, bit_depth=bit_depth, width=width, height=height),
+                perceptual_hash(view) if phash else None)
+    small = Image.fromarray(np.ascontiguousarray(px))
+    if small.size != (FEATURE_SIDE, FEATURE_SIDE):
+        small = small.resize((FEATURE_SIDE, FEATURE_SIDE), Image.Resampling.BILINEAR, reducing_gap=1.0)
+    feats = _u8_features(small, bit_depth=bit_depth, width=width, height=height)
+    if not phash:
+        return feats, None
+    side = (_PHASH_SIDE, _PHASH_SIDE)
+    tiny = np.asarray(small.convert("F").resize(side, Image.Resampling.BILINEAR, reducing_gap=1.0), np.float64)
+    return feats, _hash_bits(tiny)
+
+
+_LEVELS01 = np.arange(256, dtype=np.float64) / 255.0
+
+
+def _u8_features(small: Image.Image, *, bit_depth: int, width: int, height: int) -> dict[str, float]:
+    """:func:`view_features` of an 8-bit view given as a Pillow ``L`` image (same values up to rounding)."""
+    hist = np.asarray(small.histogram(), dtype=np.int64)
+    n = float(hist.sum())
+    mean = float(hist @ _LEVELS01) / n
+    var = max(0.0, float(hist @ (_LEVELS01 * _LEVELS01)) / n - mean * mean)
+    p05, p50, p95 = _percentiles(hist, (5, 50, 95), 256)
+    prob = hist[hist > 0] / n
+    q = np.asarray(small, dtype=np.int16)
+    lap = q[:-2, 1:-1] + q[2:, 1:-1]  # |values| <= 4 * 255: int16 is exact
+    lap += q[1:-1, :-2]
+    lap += q[1:-1, 2:]
+    lap -= q[1:-1, 1:-1] * np.int16(4)
+    return _feature_dict(mean, var, (p05, p50, p95), prob, _mean_var(lap.astype(np.float32))[1] / 255.0**2,
+                         bit_depth, width, height)
+
+
+def _feature_dict(mean: float, var: float, pcts: tuple[float, float, float], prob: np.ndarray, lap_var: float,
+                  bit_depth: int, width: int, height: int) -> dict[str, float]:
+    p05, p50, p95 = pcts
+    return {
+        "mean": mean,
+        "std": math.sqrt(var),
+        "p05": float(p05),
+        "p50": float(p50),
+        "p95": float(p95),
+        "contrast": float(p95 - p05),
+        "entropy": float(-(prob * np.log2(prob)).sum()),
+        "sharpness": lap_var * 1000.0,
+        "width": float(width),
+        "height": float(height),
+        "aspect": float(width / height) if height else 0.0,
+        "bit_depth": float(bit_depth),
+    }
 
 
 def view_features(small: np.ndarray, *, bit_depth: int, width: int, height: int) -> dict[str, float]:
@@ -111,20 +176,7 @@ def view_features(small: np.ndarray, *, bit_depth: int, width: int, height: int)
     lap += small[1:-1, 2:]
     lap -= small[1:-1, 1:-1] * np.float32(4)
     mean, var = _mean_var(small)
-    return {
-        "mean": mean,
-        "std": math.sqrt(var),
-        "p05": float(p05),
-        "p50": float(p50),
-        "p95": float(p95),
-        "contrast": float(p95 - p05),
-        "entropy": float(-(prob * np.log2(prob)).sum()),
-        "sharpness": _mean_var(lap)[1] * 1000.0,
-        "width": float(width),
-        "height": float(height),
-        "aspect": float(width / height) if height else 0.0,
-        "bit_depth": float(bit_depth),
-    }
+    return _feature_dict(mean, var, (p05, p50, p95), prob, _mean_var(lap)[1], bit_depth, width, height)
 
 
 def _mean_var(values: np.ndarray) -> tuple[float, float]:
@@ -160,9 +212,14 @@ def perceptual_hash(gray01: np.ndarray, bit_depth: int = 8) -> str:
     """
     view = gray01 if gray01.shape == (FEATURE_SIDE, FEATURE_SIDE) and gray01.dtype.kind == "f" \
         else feature_view(gray01, bit_depth)
-    small = _resize01(view, _PHASH_SIDE).astype(np.float64)
+    return _hash_bits(_resize01(view, _PHASH_SIDE).astype(np.float64))
+
+
+def _hash_bits(small: np.ndarray) -> str:
+    """Bits of the 16x16 lowest DCT frequencies of a 64x64 view above their median (scale-free)."""
     low = (_DCT @ small @ _DCT.T).ravel()  # == scipy.fft.dctn(small, norm="ortho")[:16, :16]
-    bits = low > np.median(low[1:])
+    ac = np.sort(low[1:])  # 255 values: the median is the middle one (np.median, without its overhead)
+    bits = low > ac[ac.size // 2]
     return np.packbits(bits).tobytes().hex()
 
 

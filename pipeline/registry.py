@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Settings
 from pipeline.evaluate import EvalResult
 from pipeline.inputs import InputSpec, check_files, load_images
-from pipeline.tracking import code_version, configure_mlflow
+from pipeline.tracking import code_version, configure_mlflow, mlflow_client
 from pipeline.train import TrainResult
 
 if TYPE_CHECKING:
@@ -137,10 +137,10 @@ def describe(trained: TrainResult, evaluation: EvalResult) -> str:
 
 
 def get_alias(settings: Settings, alias: str) -> Any | None:
-    """The version holding ``alias``, or None."""
+    """The version holding ``alias``, or None (a read: MLflow's process-wide URIs are left alone)."""
     from mlflow.exceptions import MlflowException
 
-    client = configure_mlflow(settings)
+    client = mlflow_client(settings)
     try:
         return client.get_model_version_by_alias(settings.registered_model, alias)
     except MlflowException:

@@ -14,15 +14,27 @@ logger = logging.getLogger(__name__)
 
 
 def configure_mlflow(settings: Settings) -> Any:
-    """Point MLflow at the configured tracking and registry URIs; returns an ``MlflowClient``."""
+    """Point MLflow (process-wide, for its fluent API) at the configured tracking and registry URIs;
+    returns an ``MlflowClient``."""
     import mlflow
+
+    client = mlflow_client(settings)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
+    return client
+
+
+def mlflow_client(settings: Settings) -> Any:
+    """An ``MlflowClient`` on the configured URIs that leaves MLflow's process-wide URIs alone.
+
+    Use it for reads from background threads (the serving alias poller): changing the global
+    URIs there would redirect whatever else runs in the process (a training run, a test).
+    """
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(settings.registry_uri)
     return MlflowClient(tracking_uri=uri, registry_uri=settings.registry_uri)
 
 

@@ -44,7 +44,7 @@ from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
 from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
 from pipeline.data.store import IMAGES_DIR, store_image
-from pipeline.features import IMAGE_FEATURES, feature_view, perceptual_hash, view_features
+from pipeline.features import IMAGE_FEATURES, describe
 
 logger = logging.getLogger(__name__)
 
@@ -272,10 +272,10 @@ def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome
 def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str, label_index: int,
          patient: str) -> dict[str, Any]:
     """Manifest fields of one accepted image (pseudonymised patient, features, PHI-free header fields)."""
-    # one downscaled copy serves the features and the pHash; grayscale pixels are resampled as
-    # integers (the same view serving computes from gray01(), see pipeline.features.feature_view)
-    view = feature_view(image.pixels if image.channels == 1 else image.gray01(), image.bit_depth)
-    feats = view_features(view, bit_depth=image.bit_depth, width=image.width, height=image.height)
+    # one downscaled view serves the features and the pHash; serving reaches the same code from
+    # gray01() (pipeline.features.describe), so production features compare exactly
+    feats, phash = describe(image.pixels if image.channels == 1 else image.gray01(), bit_depth=image.bit_depth,
+                            width=image.width, height=image.height)
     extra = record.extra
     return {
         "patient_id": pseudonymise(str(patient), opts.salt),
@@ -286,7 +286,7 @@ def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str
         "channels": image.channels,
         "bit_depth": image.bit_depth,
         **{name: feats[name] for name in FEATURE_COLUMNS},
-        "phash": perceptual_hash(view),
+        "phash": phash,
         "format": image.format,
         "source": opts.source,
         "source_split": record.source_split,

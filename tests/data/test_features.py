@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.imaging import DecodedImage
-from pipeline.features import FEATURE_SIDE, feature_view, image_features, perceptual_hash, view_features
+from pipeline.features import FEATURE_SIDE, describe, feature_view, image_features, perceptual_hash, view_features
 
 pytestmark = pytest.mark.unit
 
@@ -17,12 +17,18 @@ def test_ingest_view_gives_the_serving_features(bit_depth: int, shape: tuple[int
     rng = np.random.default_rng(bit_depth + len(shape))
     dtype = np.uint8 if bit_depth == 8 else np.uint16
     image = DecodedImage((rng.random(shape) * ((1 << bit_depth) - 1)).astype(dtype), bit_depth, "png")
-    # serving: image_features(gray01) ; ingestion: one view (integer pixels when grayscale) for features + pHash
+    # serving: image_features(gray01) ; ingestion: describe() on integer pixels (gray01 for colour)
     serving = image_features(image.gray01(), bit_depth=bit_depth, width=image.width, height=image.height)
+    feats, phash = describe(image.pixels if image.channels == 1 else image.gray01(), bit_depth=bit_depth,
+                            width=image.width, height=image.height)
+    assert feats == serving  # exactly: monitoring compares production with the training reference
+    assert phash == perceptual_hash(image.gray01(), bit_depth)
+    # the 8-bit fast path and the float view path agree to float32 rounding
     view = feature_view(image.pixels if image.channels == 1 else image.gray01(), bit_depth)
     assert view.shape == (FEATURE_SIDE, FEATURE_SIDE) and view.dtype == np.float32
-    assert view_features(view, bit_depth=bit_depth, width=image.width, height=image.height) == serving
-    assert perceptual_hash(view) == perceptual_hash(image.gray01(), bit_depth)
+    slow = view_features(view, bit_depth=bit_depth, width=image.width, height=image.height)
+    assert slow == pytest.approx(serving, rel=1e-4, abs=1e-6)
+    assert slow["p05"] == serving["p05"] and slow["p95"] == serving["p95"]
 
 
 def test_percentiles_and_phash_match_their_reference_definitions() -> None:

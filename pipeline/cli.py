@@ -38,8 +38,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.models.registry import UnknownModel
     from pipeline.split import LeakageError
 
+    # errors of heavy modules count only once loaded (an instance implies its module was imported)
+    lazy = tuple(getattr(sys.modules[module], name) for module, name in _LAZY_ERRORS if module in sys.modules)
     return (ConfigError, SourceError, VersioningError, InputError, UnknownModel, LeakageError,
-            FileNotFoundError, NotADirectoryError)
+            FileNotFoundError, NotADirectoryError, *lazy)
+
+
+_LAZY_ERRORS = (("pipeline.registry", "PromotionError"), ("flows.deploy", "DeployError"))
 
 
 @contextmanager
@@ -448,12 +453,9 @@ def deploy(
     """
     with friendly_errors():
         settings = settings_for(params, sets)
-        from flows.deploy import DeployError, deploy_all
+        from flows.deploy import deploy_all
 
-        try:
-            deployed = deploy_all(settings, project_dir=project_dir, pool=pool, params_file=params, paused=paused)
-        except DeployError as exc:
-            _prefect_error(exc)
+        deployed = deploy_all(settings, project_dir=project_dir, pool=pool, params_file=params, paused=paused)
         pool_name = pool or settings.orchestrate.work_pool
         for d in deployed:
             when = f"cron '{d.cron}' ({d.timezone})" if d.cron else "no schedule (manual)"
@@ -564,14 +566,9 @@ def registry_rollback(
 
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import PromotionError, rollback
+        from pipeline.registry import rollback
 
-        try:
-            record = rollback(settings, reason=reason, actor=actor or getpass.getuser())
-        except PromotionError as exc:
-            typer.secho(f"error: {exc}", err=True, fg="red")
-            raise typer.Exit(2) from None
-        _dump(record)
+        _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
 
 
 @registry_app.command("approve")
@@ -586,13 +583,9 @@ def registry_approve(
     """Record a reviewer's decision on a gate-passing VERSION; approval moves `champion` to it."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import PromotionError, approve_version
+        from pipeline.registry import approve_version
 
-        try:
-            _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
-        except PromotionError as exc:
-            typer.secho(f"error: {exc}", err=True, fg="red")
-            raise typer.Exit(2) from None
+        _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
 
 
 @registry_app.command("card")

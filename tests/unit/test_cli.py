@@ -57,3 +57,10 @@ def test_validate_without_manifest_says_run_ingest(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(tmp_path), "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 2
     assert "run `xrayops ingest" in result.output
+
+
+def test_deploy_without_a_server_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = CliRunner().invoke(app, ["deploy", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 2, result.output
+    assert "PREFECT_API_URL is not set" in result.output and "Traceback" not in result.output

@@ -15,7 +15,10 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 def test_same_seed_same_metrics_other_seed_differs(train_settings: Callable[..., Settings]) -> None:
     from pipeline.train import run_train
 
-    settings = train_settings("train.epochs=2", "train.model=mnist_cnn")
+    # with op determinism (train.deterministic), which is what guarantees equal results: without it, one
+    # of four full-suite CI runs saw the first-epoch loss differ by 0.8 % between two identical runs
+    # (0.7098 vs 0.7154; not reproduced when this file or tests/model ran alone)
+    settings = train_settings("train.epochs=2", "train.model=mnist_cnn", "train.deterministic=true")
     first, second = run_train(settings), run_train(settings)
     assert first.run_id != second.run_id
     for key in ("loss", "auc", "val_loss", "val_auc"):

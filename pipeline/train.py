@@ -197,10 +197,7 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     ispec = InputSpec(settings.train.image_size or spec_entry.image_size,
                       settings.train.channels or spec_entry.channels, len(classes))
     keras.utils.set_random_seed(settings.base.seed)
-    if settings.train.deterministic:
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+    set_op_determinism(settings.train.deterministic)
     train_ds, val_ds = _datasets(settings, dataset_dir, data, ispec, hw)
     with hw.strategy.scope():
         model = build_model(settings.train.model, image_size=ispec.image_size, channels=ispec.channels,
@@ -234,6 +231,18 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     logger.info("trained %s in %.1f s (%d epochs); MLflow run %s", settings.train.model, seconds,
                 result.epochs_run, result.run_id or "(worker: not logged)")
     return result
+
+
+def set_op_determinism(enabled: bool) -> None:
+    """Make TensorFlow's process-wide op determinism follow ``train.deterministic`` for this run.
+
+    Enabling it is sticky for the whole process (and disables XLA), so a run that does not ask for
+    it switches it off again rather than inheriting it from an earlier run in the same process.
+    """
+    from tensorflow.python.framework import config as tf_config  # disable_op_determinism has no public alias
+
+    if tf_config.is_op_determinism_enabled() != enabled:
+        (tf_config.enable_op_determinism if enabled else tf_config.disable_op_determinism)()
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -12,6 +12,16 @@ from pipeline.config import Settings, with_overrides
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
+@pytest.fixture
+def op_determinism_reset() -> Iterator[None]:
+    """Op determinism is process-wide and disables XLA: leave it off for the tests that follow."""
+    from pipeline.train import set_op_determinism
+
+    yield
+    set_op_determinism(False)
+
+
+@pytest.mark.usefixtures("op_determinism_reset")
 def test_same_seed_same_metrics_other_seed_differs(train_settings: Callable[..., Settings]) -> None:
     from pipeline.train import run_train
 

@@ -91,3 +91,14 @@ def test_resumable_state_restores_patience_and_best_weights(tmp_path: Path) -> N
     assert (fresh_plateau.wait, fresh_plateau.best) == (1, 0.8)
     restorer.on_train_end()  # best epoch predates the restart: best weights come from the checkpoint file
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), best, strict=True))
+
+
+def test_op_determinism_follows_each_runs_setting() -> None:
+    from tensorflow.python.framework import config as tf_config
+
+    from pipeline.train import set_op_determinism
+
+    set_op_determinism(True)
+    assert tf_config.is_op_determinism_enabled()
+    set_op_determinism(False)  # a later run without train.deterministic does not inherit it
+    assert not tf_config.is_op_determinism_enabled()

@@ -5,7 +5,8 @@ With ``orchestrate.dask_address`` set, the ingest task hands its per-file work t
 (``ingest-shard``, visible in the UI) executed on a Dask worker, and the results stream
 back in input order to the ingest task, which writes the manifest as usual.
 
-- ``dask_address: null`` — no Dask; a local thread pool (``data.ingest.workers``);
+- ``dask_address: null`` — no Dask; local worker processes or threads (``data.ingest.workers``,
+  ``data.ingest.executor``);
 - ``dask_address: local`` — a throw-away in-process cluster of ``data.ingest.workers``
   single-thread workers (file decoding releases the GIL), handy to try the path;
 - ``dask_address: tcp://scheduler:8786`` — an existing cluster (``dask scheduler`` +

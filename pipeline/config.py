@@ -73,6 +73,9 @@ class SyntheticSection(_Section):
 
 class IngestSection(_Section):
     workers: int = Field(ge=0, description="Parallel readers; 0 = one per CPU core.")
+    executor: Literal["auto", "process", "thread"] = Field(
+        description="Where readers run: worker processes (process), threads (thread), or auto = processes "
+        "once a dataset has more than a few dozen files.")
     min_size: int | None = Field(ge=1, description="Smallest accepted side in pixels; null = the source's default.")
     max_pixels: int = Field(ge=1, description="Largest accepted width*height (decompression-bomb guard).")
     max_bytes: int = Field(ge=1, description="Largest accepted file size in bytes.")

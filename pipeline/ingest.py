@@ -87,7 +87,8 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
                mapper: Mapper | None = None) -> dict[str, Any]:
     """Ingest the configured dataset into ``settings.dataset_dir``; returns the ingest summary.
 
-    ``mapper`` runs the per-file work elsewhere (e.g. Dask shards); default: a local thread pool.
+    ``mapper`` runs the per-file work elsewhere (e.g. Dask shards); default: local worker
+    processes or threads (``data.ingest.executor``).
     """
     source = get_source(settings)
     raw = checkout_dir(settings) if settings.data.rev else settings.raw_dir
@@ -103,6 +104,7 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
         max_bytes=settings.data.ingest.max_bytes,
         dicom_bit_depth=settings.data.ingest.dicom_bit_depth,
         workers=settings.data.ingest.workers,
+        executor=settings.data.ingest.executor,
     )
     records = list(source.records(raw, labels))
     notes = getattr(source, "notes", None)

@@ -1,8 +1,9 @@
 """Ingestion: raw records → de-identified image store + ``manifest.parquet`` + quarantine.
 
-Streaming and parallel: records are read by a bounded thread pool (PIL, hashlib and
-numpy release the GIL) in submission order, and rows are written to Parquet in
-batches, so memory stays flat in the number of images. Output under the dataset dir::
+Streaming and parallel: records are read (:func:`pipeline.data.reader.read_one`) by worker
+processes or threads (:mod:`pipeline.data.parallel`), a bounded number in flight, results
+in input order; rows are written to Parquet in batches, so memory stays flat in the number
+of images. Output under the dataset dir::
 
     images/<id[:2]>/<image_id>.<ext>   de-identified copies (hard links when safe)
     manifest.parquet                   one row per usable image
@@ -28,10 +29,8 @@ import json
 import logging
 import os
 import tempfile
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +38,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.deid import age_band, pseudonymise
-from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
-from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter, quarantine_ref
-from pipeline.data.sources.base import RawRecord, SourceProfile
-from pipeline.data.store import IMAGES_DIR, store_image
-from pipeline.features import IMAGE_FEATURES, describe
+from pipeline.data.parallel import ordered_map
+from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter
+from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
+from pipeline.data.sources.base import RawRecord
+from pipeline.data.store import IMAGES_DIR
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
 LINKS_FILE = "patient_links.csv"
-FEATURE_COLUMNS = [f for f in IMAGE_FEATURES if f not in ("width", "height", "bit_depth")]
+__all__ = ["FEATURE_COLUMNS", "IngestOptions", "Mapper", "ingest_records", "read_links", "read_manifest",
+           "read_summary"]
 
 SCHEMA = pa.schema(
     [
@@ -80,29 +79,8 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class IngestOptions:
-    """How to read and judge files (from ``data.ingest`` and the source profile)."""
-
-    source: str
-    classes: tuple[str, ...]
-    profile: SourceProfile
-    salt: bytes
-    min_size: int
-    max_pixels: int
-    max_bytes: int
-    dicom_bit_depth: int
-    workers: int
-
-
-@dataclass
-class _Outcome:
-    row: dict[str, Any] | None = None
-    quarantine: QuarantineEntry | None = None
-
-
 # mapper(read, records) -> outcomes in input order (see ingest_records)
-Mapper = Callable[[Callable[[RawRecord], _Outcome], Iterable[RawRecord]], Iterable[_Outcome]]
+Mapper = Callable[[Callable[[RawRecord], Outcome], Iterable[RawRecord]], Iterable[Outcome]]
 
 
 def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOptions,
@@ -113,8 +91,9 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
 
     The manifest and summary are written to temporary names and moved into place at the
     end, so a crash mid-run leaves the previous manifest intact. ``mapper(read, records)``
-    replaces the local thread pool for the per-file work (read, hash, decode, features),
-    e.g. to run it on a Dask cluster; it must yield outcomes in input order.
+    replaces the local worker pool (:func:`pipeline.data.parallel.ordered_map`, ``opts.executor``)
+    for the per-file work (read, hash, decode, features), e.g. to run it on a Dask cluster; it
+    must yield outcomes in input order.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
@@ -125,13 +104,17 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
     writer = pq.ParquetWriter(tmp_manifest, SCHEMA)
     batch: list[dict[str, Any]] = []
     with QuarantineWriter(tmp_quarantine) as quarantine:
-        read = functools.partial(_read_one, out_dir=out_dir, opts=opts)
-        outcomes = mapper(read, records) if mapper else _parallel(records, read, opts.workers)
+        read = functools.partial(read_one, out_dir=out_dir, opts=opts)
+        outcomes = mapper(read, records) if mapper else \
+            ordered_map(read, records, workers=opts.workers, executor=opts.executor)
         for outcome in outcomes:
             files_seen += 1
             if progress:
                 progress(1)
             if outcome.quarantine:
+                if outcome.quarantine.reason == "decode_error":  # type name only: messages may quote content
+                    logger.warning("decoder raised %s on one file; quarantined as decode_error",
+                                   outcome.quarantine.detail.split(" ")[0])
                 quarantine.add(outcome.quarantine)
                 continue
             row = outcome.row
@@ -223,124 +206,6 @@ def _drop_conflicts(manifest: Path, conflicts: dict[str, str], quarantine: Quara
     kept = pa.Table.from_pandas(df[~bad], schema=SCHEMA, preserve_index=False)
     pq.write_table(kept, manifest)
     return kept.num_rows
-
-
-def _parallel(records: Iterable[RawRecord], fn: Callable[[RawRecord], _Outcome], workers: int) -> Iterator[_Outcome]:
-    """Map ``fn`` over ``records`` on a bounded pool, yielding results in input order."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        yield from map(fn, records)
-        return
-    pending: deque[Future[_Outcome]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-        for record in records:
-            pending.append(pool.submit(fn, record))
-            if len(pending) >= workers * 4:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> _Outcome:
-    qref = quarantine_ref(record.ref, opts.salt)
-    try:
-        size = record.path.stat().st_size
-        if size > opts.max_bytes:
-            raise BadImage("too_large_file", f"{size} bytes > {opts.max_bytes}")
-        data = record.path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        image = _decode(data, opts)
-        _check_image(image, opts)
-        label = record.label
-        if not label and record.label_by_uid:
-            label = record.label_by_uid.get(image.identifiers.get("sop_instance_uid", "")) or None
-        label_index = _check_label(label, opts.classes)
-        patient = record.patient_key or image.identifiers.get("patient_id") or None
-        if not patient:
-            raise BadImage("missing_patient", "no patient id in the label file or the DICOM header")
-    except BadImage as exc:
-        return _Outcome(quarantine=QuarantineEntry(qref, exc.reason, exc.detail))
-    except OSError as exc:
-        detail = f"unreadable: {exc.strerror or type(exc).__name__}"
-        return _Outcome(quarantine=QuarantineEntry(qref, "truncated", detail))
-    image_id = sha[:16]
-    rel = store_image(image, data, record, out_dir, image_id)
-    return _Outcome(row={**_row(image, record, opts, label, label_index, patient), "image_id": image_id,
-                          "path": rel, "sha256": sha, "_qref": qref})
-
-
-def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str, label_index: int,
-         patient: str) -> dict[str, Any]:
-    """Manifest fields of one accepted image (pseudonymised patient, features, PHI-free header fields)."""
-    # one downscaled view serves the features and the pHash; serving reaches the same code from
-    # gray01() (pipeline.features.describe), so production features compare exactly
-    feats, phash = describe(image.pixels if image.channels == 1 else image.gray01(), bit_depth=image.bit_depth,
-                            width=image.width, height=image.height)
-    extra = record.extra
-    return {
-        "patient_id": pseudonymise(str(patient), opts.salt),
-        "label": label,
-        "label_index": label_index,
-        "width": image.width,
-        "height": image.height,
-        "channels": image.channels,
-        "bit_depth": image.bit_depth,
-        **{name: feats[name] for name in FEATURE_COLUMNS},
-        "phash": phash,
-        "format": image.format,
-        "source": opts.source,
-        "source_split": record.source_split,
-        "view_position": _clean(extra.get("view_position") or image.meta.get("view_position")),
-        "sex": _clean(extra.get("sex")),
-        "age_band": age_band(_to_float(extra.get("age"))),
-        "modality": image.meta.get("modality") or opts.profile.modality,
-        "manufacturer": image.meta.get("manufacturer"),
-        "photometric": image.meta.get("photometric"),
-    }
-
-
-def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
-    """Decode; an unexpected decoder exception on odd input quarantines the file instead of
-    stopping the whole ingestion (logged with its type only: messages may quote file content)."""
-    try:
-        return decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth)
-    except BadImage:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - third-party decoders raise anything on hostile input
-        logger.warning("decoder raised %s on one file; quarantined as decode_error", type(exc).__name__)
-        raise BadImage("decode_error", f"{type(exc).__name__} while decoding") from None
-
-
-def _check_image(image: DecodedImage, opts: IngestOptions) -> None:
-    if image.channels == 3 and not opts.profile.allow_colour:
-        raise BadImage("colour_image", "colour pixels where grayscale radiographs are expected")
-    if min(image.width, image.height) < opts.min_size:
-        raise BadImage("too_small", f"{image.width}x{image.height} below {opts.min_size} px")
-    largest = opts.profile.size_range[1]
-    if max(image.width, image.height) > largest:  # validation's size range would reject it
-        raise BadImage("too_large_image", f"{image.width}x{image.height}: a side exceeds {largest} px")
-
-
-def _check_label(label: str | None, classes: tuple[str, ...]) -> int:
-    if not label:
-        raise BadImage("missing_label", "no label for this file")
-    if label not in classes:
-        raise BadImage("unknown_label", f"label not in {list(classes)}")
-    return classes.index(label)
-
-
-def _clean(value: object) -> str | None:
-    text = str(value).strip() if value is not None else ""
-    return text or None
-
-
-def _to_float(value: object) -> float | None:
-    try:
-        return float(str(value).rstrip("Yy")) if value not in (None, "") else None
-    except ValueError:
-        return None
 
 
 def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts: dict[str, int],

@@ -74,12 +74,14 @@ def bad_inputs(good: bytes) -> dict[str, tuple[bytes, str | None, str | None]]:
     }
 
 
-def opts(workers: int = 2) -> IngestOptions:
+def opts(workers: int = 2, executor: str = "auto") -> IngestOptions:
     return IngestOptions(source="test", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE, salt=SALT,
-                         min_size=32, max_pixels=100_000_000, max_bytes=MAX_BYTES, dicom_bit_depth=8, workers=workers)
+                         min_size=32, max_pixels=100_000_000, max_bytes=MAX_BYTES, dicom_bit_depth=8, workers=workers,
+                         executor=executor)
 
 
-def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path, executor: str) -> None:
     raw = tmp_path / "raw"
     goods = [write_png(raw / f"good{i}.png", i, positive=i % 2 == 0) for i in range(6)]
     first = goods[0].read_bytes()
@@ -95,7 +97,7 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path) -> 
     conflict.write_bytes(goods[1].read_bytes())
     records.append(RawRecord(conflict, conflict.name, "PNEUMONIA", "G1-other"))
 
-    summary = ingest_records(records, tmp_path / "ds", opts())
+    summary = ingest_records(records, tmp_path / "ds", opts(executor=executor))
 
     rows = list(csv.DictReader(open(tmp_path / "ds" / "quarantine.csv")))
     got = {r["path"]: r["reason"] for r in rows}
@@ -163,9 +165,9 @@ def test_metadata_in_png_and_jpeg_never_reaches_the_image_store(tmp_path: Path) 
 
 def test_unexpected_decoder_failure_quarantines_the_file_not_the_run(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.data.manifest as manifest
+    import pipeline.data.reader as reader
 
-    real = manifest.decode_bytes
+    real = reader.decode_bytes
     poison = b"\x89PNG\r\n\x1a\n" + b"hostile" * 20
 
     def flaky_decoder(data: bytes, **kwargs: object) -> object:  # a third-party decoder bug on odd input
@@ -173,7 +175,7 @@ def test_unexpected_decoder_failure_quarantines_the_file_not_the_run(tmp_path: P
             raise IndexError("list index out of range")
         return real(data, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(manifest, "decode_bytes", flaky_decoder)
+    monkeypatch.setattr(reader, "decode_bytes", flaky_decoder)
     raw = tmp_path / "raw"
     records = [RawRecord(write_png(raw / f"g{i}.png", i), f"g{i}.png", "NORMAL", f"P{i}") for i in range(3)]
     (raw / "odd.png").write_bytes(poison)

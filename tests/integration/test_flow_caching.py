@@ -1,6 +1,6 @@
 """The expensive data tasks (ingest, validate) are cached on the DVC dataset hash + settings, and the
 cache is only trusted while the files it describes are still on disk; the per-file ingest work can
-run on a Dask cluster (a two-worker local cluster here) with the same manifest as the thread pool."""
+run on a Dask cluster (a two-worker local cluster here) with the same manifest as local workers."""
 
 from __future__ import annotations
 

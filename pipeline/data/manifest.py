@@ -112,9 +112,9 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
             if progress:
                 progress(1)
             if outcome.quarantine:
-                if outcome.quarantine.reason == "decode_error":  # type name only: messages may quote content
-                    logger.warning("decoder raised %s on one file; quarantined as decode_error",
-                                   outcome.quarantine.detail.split(" ")[0])
+                if outcome.quarantine.reason == "decode_error":  # the detail names the error type only
+                    logger.warning("decoder failed on one file (%s); quarantined as decode_error",
+                                   outcome.quarantine.detail)
                 quarantine.add(outcome.quarantine)
                 continue
             row = outcome.row

@@ -48,6 +48,32 @@ def test_an_error_in_a_worker_reaches_the_caller(executor: str) -> None:
                          process_after=8))
 
 
+def die_on_5(item: int) -> int:
+    if item == 5:
+        os._exit(3)  # a decoder crash or the OOM killer: the worker process vanishes
+    return item
+
+
+def test_a_dead_worker_process_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="worker process died"):
+        list(ordered_map(die_on_5, range(40), workers=2, executor="process", chunk=4))
+
+
+def test_auto_falls_back_to_this_process_when_workers_cannot_start(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.data import parallel
+
+    def no_processes(workers: int) -> None:
+        raise PermissionError("semaphores are not available here")
+
+    monkeypatch.setattr(parallel, "_start_pool", no_processes)
+    out = list(ordered_map(pid_of, range(200), workers=2, executor="auto", chunk=8, process_after=16))
+    assert out == [(i, os.getpid()) for i in range(200)]
+    assert [r.message for r in caplog.records].count(
+        "could not start worker processes (PermissionError: semaphores are not available here); "
+        "reading files in this process instead") == 1
+
+
 def test_unknown_executor_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown executor 'gpu'"):
         list(ordered_map(pid_of, range(3), executor="gpu"))
@@ -70,7 +96,7 @@ def test_process_and_thread_ingestion_write_identical_outputs(tmp_path: Path) ->
         summary = ingest_records(records, out, opts)
         assert (summary["files_seen"], summary["ingested"], summary["quarantined"]) == (42, 40, 2)
         outputs[executor] = (pq.read_table(out / "manifest.parquet").to_pylist(),
-                             list(csv.reader(open(out / "quarantine.csv"))),
+                             list(csv.reader((out / "quarantine.csv").read_text().splitlines())),
                              (out / "patient_links.csv").read_text(),
                              sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")),
                              {k: v for k, v in summary.items()})

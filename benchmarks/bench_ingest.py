@@ -11,7 +11,8 @@ same files from a warm page cache, alternating, best of ``--rounds``:
 - ours: the real ingestion (``pipeline.data.manifest.ingest_records`` with the default
   worker count and executor, i.e. worker processes): read, sha256, decode with checks,
   features + pHash, de-identified image store, streaming Parquet manifest, quarantine and
-  summary; the time includes starting the worker processes;
+  summary; each call's time includes forking its worker processes (and, in the first
+  round, starting the fork server that imports NumPy/Pillow once per process);
 - ours on threads (``executor=thread``) and on 1 worker (in the calling process), for reference;
 - ceilings: the naive per-image work split over as many processes (started before the
   clock starts; the speed-up these cores give at that moment) and over as many threads.

@@ -42,9 +42,9 @@ def read_shard(read: Callable[[Any], Any], records: list[Any]) -> list[Any]:
 
 
 def local_workers(settings: Settings) -> int:
-    import os
+    from pipeline.data.parallel import cpu_count
 
-    return settings.data.ingest.workers or os.cpu_count() or 1
+    return settings.data.ingest.workers or cpu_count()
 
 
 def dask_task_runner(settings: Settings) -> Any:

@@ -1,7 +1,8 @@
 """The per-file work of ingestion: read, hash, decode, check, store, describe one file.
 
 Kept apart from :mod:`pipeline.data.manifest` (which writes Parquet) so that process
-workers import only what they need (NumPy, Pillow; pydicom on the first DICOM file):
+workers do not import pandas or pyarrow (NumPy, Pillow, and the sources package with
+its config models; pydicom on the first DICOM file):
 ``read_one`` runs in worker processes, threads or Dask workers alike and returns a
 picklable :class:`Outcome`.
 """

@@ -9,11 +9,13 @@ same files from a warm page cache, alternating, best of ``--rounds``:
 
 - naive: one loop — read the bytes, sha256, decode with Pillow, mean/std of the pixels;
 - ours: the real ingestion (``pipeline.data.manifest.ingest_records`` with the default
-  worker count and executor, i.e. worker processes): read, sha256, decode with checks,
-  features + pHash, de-identified image store, streaming Parquet manifest, quarantine and
-  summary; each call's time includes forking its worker processes (and, in the first
-  round, starting the fork server that imports NumPy/Pillow once per process);
-- ours on threads (``executor=thread``) and on 1 worker (in the calling process), for reference;
+  worker count, executor and PNG inflate, i.e. worker processes and ISA-L): read, sha256,
+  decode with checks, features + pHash, de-identified image store, streaming Parquet
+  manifest, quarantine and summary; each call's time includes forking its worker processes
+  (and, in the first round, starting the fork server that imports NumPy/Pillow once per process);
+- ours with Pillow's own inflate (``png_inflate=pillow``: the decoder the naive loop uses,
+  so this row is the parallel speed-up alone), on threads (``executor=thread``) and on
+  1 worker (in the calling process), for reference;
 - ceilings: the naive per-image work split over as many processes (started before the
   clock starts; the speed-up these cores give at that moment) and over as many threads.
 
@@ -135,7 +137,7 @@ def naive_processes(paths: list[Path], workers: int) -> float:
     return seconds
 
 
-def ours(paths: list[Path], out: Path, workers: int = 0, executor: str = "auto") -> float:
+def ours(paths: list[Path], out: Path, workers: int = 0, executor: str = "auto", png_inflate: str = "isal") -> float:
     """The real ingestion into ``out``; returns seconds."""
     from pipeline.data.manifest import IngestOptions, ingest_records
     from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
@@ -143,7 +145,7 @@ def ours(paths: list[Path], out: Path, workers: int = 0, executor: str = "auto")
     shutil.rmtree(out, ignore_errors=True)
     opts = IngestOptions(source="bench", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE,
                          salt=b"bench-salt", min_size=32, max_pixels=100_000_000, max_bytes=268_435_456,
-                         dicom_bit_depth=8, workers=workers, executor=executor)
+                         dicom_bit_depth=8, workers=workers, executor=executor, png_inflate=png_inflate)
     records = [RawRecord(p, p.name, "NORMAL" if i % 5 else "PNEUMONIA", f"B{i // 2}") for i, p in enumerate(paths)]
     t0 = time.perf_counter()
     summary = ingest_records(records, out, opts)
@@ -243,11 +245,12 @@ def main() -> None:
     try:
         ours(paths[:50], tmp / "warmup")  # imports, caches (50 files: no worker processes yet)
         naive(paths[:50])
-        times: dict[str, list[float]] = {"naive": [], "ours": [], "ours_threads": [], "ours_1": [],
-                                         "ceiling": [], "ceiling_threads": []}
+        times: dict[str, list[float]] = {"naive": [], "ours": [], "ours_pillow": [], "ours_threads": [],
+                                         "ours_1": [], "ceiling": [], "ceiling_threads": []}
         for _ in range(args.rounds):
             times["naive"].append(naive(paths))
             times["ours"].append(ours(paths, tmp / "ours"))
+            times["ours_pillow"].append(ours(paths, tmp / "ours_p", png_inflate="pillow"))
             times["ours_threads"].append(ours(paths, tmp / "ours_t", executor="thread"))
             times["ceiling"].append(naive_processes(paths, workers))
             times["ceiling_threads"].append(naive_threads(paths, workers))
@@ -268,6 +271,7 @@ def report(n: int, total_bytes: int, workers: int, rate: dict[str, float], times
     print(f"{'contender':<52}{'images/s':>10}{'vs naive':>10}   rounds (s)")
     rows = [("naive sequential (read, sha256, decode, mean/std)", "naive"),
             (f"ours: ingest_records, {workers} worker processes (default)", "ours"),
+            (f"ours: {workers} worker processes, Pillow's inflate", "ours_pillow"),
             (f"ours: ingest_records, {workers} threads", "ours_threads"),
             ("ours: ingest_records, 1 worker (in process)", "ours_1"),
             (f"ceiling: the naive loop on {workers} processes", "ceiling"),
@@ -289,6 +293,7 @@ def report(n: int, total_bytes: int, workers: int, rate: dict[str, float], times
     print(json.dumps({
         "benchmark": "ingest", "images": n, "side": SIDE, "cpu_cores": workers,
         "naive_img_s": round(rate["naive"], 1), "ours_img_s": round(rate["ours"], 1),
+        "ours_pillow_inflate_img_s": round(rate["ours_pillow"], 1),
         "ours_threads_img_s": round(rate["ours_threads"], 1), "ours_1worker_img_s": round(rate["ours_1"], 1),
         "ratio_ours_vs_naive": round(ratio, 3),
         "ceiling_processes_img_s": round(rate["ceiling"], 1),

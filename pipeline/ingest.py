@@ -105,6 +105,7 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
         dicom_bit_depth=settings.data.ingest.dicom_bit_depth,
         workers=settings.data.ingest.workers,
         executor=settings.data.ingest.executor,
+        png_inflate=settings.data.ingest.png_inflate,
     )
     records = list(source.records(raw, labels))
     notes = getattr(source, "notes", None)

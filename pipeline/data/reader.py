@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.deid import age_band, pseudonymise
-from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
+from pipeline.data.imaging import PNG_INFLATERS, BadImage, DecodedImage, decode_bytes
 from pipeline.data.quarantine import QuarantineEntry, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
 from pipeline.data.store import store_image
@@ -38,6 +38,11 @@ class IngestOptions:
     dicom_bit_depth: int
     workers: int
     executor: str = "auto"  # pipeline.data.parallel: auto | process | thread
+    png_inflate: str = "isal"  # pipeline.data.png_inflate: isal | pillow
+
+    def __post_init__(self) -> None:  # a wrong value would otherwise quarantine every PNG as decode_error
+        if self.png_inflate not in PNG_INFLATERS:
+            raise ValueError(f"png_inflate must be one of {PNG_INFLATERS}, not {self.png_inflate!r}")
 
 
 @dataclass
@@ -112,7 +117,8 @@ def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
     stopping the whole ingestion (the detail names its type only: messages may quote file
     content; ingestion logs it in the parent process)."""
     try:
-        return decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth)
+        return decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth,
+                            png_inflate=opts.png_inflate)
     except BadImage:
         raise
     except MemoryError:

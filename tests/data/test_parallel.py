@@ -79,7 +79,7 @@ def test_unknown_executor_is_a_clear_error() -> None:
         list(ordered_map(pid_of, range(3), executor="gpu"))
 
 
-def test_process_and_thread_ingestion_write_identical_outputs(tmp_path: Path) -> None:
+def test_process_and_thread_ingestion_and_both_png_inflaters_write_identical_outputs(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     records = [RawRecord(p, p.name, "PNEUMONIA" if i % 3 == 0 else "NORMAL", f"P{i // 2}")
                for i, p in enumerate(write_png(raw / f"x{i}.png", i, positive=i % 3 == 0) for i in range(40))]
@@ -88,16 +88,17 @@ def test_process_and_thread_ingestion_write_identical_outputs(tmp_path: Path) ->
     records += [RawRecord(raw / "bad.png", "bad.png", "NORMAL", "P90"),
                 RawRecord(raw / "copy.png", "copy.png", "PNEUMONIA", "P91")]  # x3's bytes, another patient
     outputs = {}
-    for executor in ("thread", "process"):
+    for executor, inflate in (("thread", "isal"), ("process", "isal"), ("process", "pillow")):
         opts = IngestOptions(source="test", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE, salt=b"s",
                              min_size=32, max_pixels=10**8, max_bytes=10**7, dicom_bit_depth=8, workers=2,
-                             executor=executor)
-        out = tmp_path / executor
+                             executor=executor, png_inflate=inflate)
+        out = tmp_path / f"{executor}-{inflate}"
         summary = ingest_records(records, out, opts)
         assert (summary["files_seen"], summary["ingested"], summary["quarantined"]) == (42, 40, 2)
-        outputs[executor] = (pq.read_table(out / "manifest.parquet").to_pylist(),
+        outputs[executor, inflate] = (pq.read_table(out / "manifest.parquet").to_pylist(),
                              list(csv.reader((out / "quarantine.csv").read_text().splitlines())),
                              (out / "patient_links.csv").read_text(),
                              sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")),
                              {k: v for k, v in summary.items()})
-    assert outputs["process"] == outputs["thread"]  # rows, order, quarantine, links, stored files, summary
+    # rows, order, quarantine, links, stored files, summary: neither where files are read nor who inflates matters
+    assert outputs["process", "isal"] == outputs["thread", "isal"] == outputs["process", "pillow"]

@@ -77,8 +77,8 @@ class IngestSection(_Section):
         description="Where readers run: worker processes (process), threads (thread), or auto = processes "
         "once a dataset has more than a few dozen files.")
     png_inflate: Literal["isal", "pillow"] = Field(
-        description="Who inflates PNG pixel data: isal = Intel ISA-L (about 1.6x faster decoding, same pixels; "
-        "Pillow unfilters), pillow = Pillow alone (the switch-off).")
+        description="Who inflates PNG pixel data: isal = Intel ISA-L (same pixels; Pillow un-filters; decoding 512x512 "
+        "radiograph PNGs ~1.6x faster), pillow = Pillow alone (the switch-off).")
     min_size: int | None = Field(ge=1, description="Smallest accepted side in pixels; null = the source's default.")
     max_pixels: int = Field(ge=1, description="Largest accepted width*height (decompression-bomb guard).")
     max_bytes: int = Field(ge=1, description="Largest accepted file size in bytes.")

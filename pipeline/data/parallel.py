@@ -114,7 +114,7 @@ def _processes(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk: in
     seen = 0
     starter: ThreadPoolExecutor | None = None
     starting: Future[ProcessPoolExecutor] | None = None
-    pool: ProcessPoolExecutor | None = _start_pool(workers) if process_after == 0 else None
+    pool: ProcessPoolExecutor | None = _start_pool_now(workers) if process_after == 0 else None
     settled = pool is not None  # where chunks run is decided (workers up, or none could start)
     pending: deque[Future[list[R]]] = deque()
     try:
@@ -150,6 +150,17 @@ def _started(starting: Future[ProcessPoolExecutor]) -> ProcessPoolExecutor | Non
     logger.warning("could not start worker processes (%s: %s); reading files in this process instead",
                    type(exc).__name__, exc)
     return None
+
+
+def _start_pool_now(workers: int) -> ProcessPoolExecutor:
+    """Executor ``process``: the workers must start; if they cannot, say so and what to use instead."""
+    try:
+        return _start_pool(workers)
+    except (OSError, BrokenProcessPool, RuntimeError) as exc:
+        raise RuntimeError(
+            f"could not start ingestion worker processes ({type(exc).__name__}: {exc}); set "
+            "data.ingest.executor=auto (falls back to this process) or thread"
+        ) from exc
 
 
 def _start_pool(workers: int) -> ProcessPoolExecutor:

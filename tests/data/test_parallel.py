@@ -72,6 +72,9 @@ def test_auto_falls_back_to_this_process_when_workers_cannot_start(monkeypatch: 
     assert [r.message for r in caplog.records].count(
         "could not start worker processes (PermissionError: semaphores are not available here); "
         "reading files in this process instead") == 1
+    with pytest.raises(RuntimeError, match="could not start ingestion worker processes .PermissionError: "
+                       "semaphores are not available here.; set data.ingest.executor=auto"):
+        list(ordered_map(pid_of, range(200), workers=2, executor="process"))  # forced: no silent fallback
 
 
 def test_unknown_executor_is_a_clear_error() -> None:

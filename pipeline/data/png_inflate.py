@@ -46,8 +46,10 @@ def with_stored_pixels(data: bytes, *, max_pixels: int) -> bytes | None:
     when the fast path does not apply (see the module docstring)."""
     if isal_zlib is None or len(data) < 45 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
-    width, height, depth, colour, _compression, _filter, interlace = struct.unpack(">IIBBBBB", data[16:29])
-    if interlace or colour not in _CHANNELS or depth not in (1, 2, 4, 8, 16) or not width or not height:
+    width, height, depth, colour, compression, method, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if interlace or compression or method or colour not in _CHANNELS or depth not in (1, 2, 4, 8, 16):
+        return None  # only deflate + the standard filters (method 0), non-interlaced
+    if not width or not height:
         return None
     if width * height > max_pixels:
         return None  # Pillow raises the decompression-bomb error on the header

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.png_inflate import with_stored_pixels
+from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_INFLATERS = ("isal", "pillow")
 
@@ -74,7 +73,7 @@ class DecodedImage:
 
 def sniff_format(head: bytes) -> str | None:
     """Identify the container from its first bytes (never from the file name)."""
-    if head.startswith(PNG_MAGIC):
+    if head.startswith(PNG_SIGNATURE):
         return "png"
     if head.startswith(JPEG_MAGIC):
         return "jpeg"

@@ -99,9 +99,9 @@ def test_process_and_thread_ingestion_and_both_png_inflaters_write_identical_out
         summary = ingest_records(records, out, opts)
         assert (summary["files_seen"], summary["ingested"], summary["quarantined"]) == (42, 40, 2)
         outputs[executor, inflate] = (pq.read_table(out / "manifest.parquet").to_pylist(),
-                             list(csv.reader((out / "quarantine.csv").read_text().splitlines())),
-                             (out / "patient_links.csv").read_text(),
-                             sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")),
-                             {k: v for k, v in summary.items()})
+                                      list(csv.reader((out / "quarantine.csv").read_text().splitlines())),
+                                      (out / "patient_links.csv").read_text(),
+                                      sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")),
+                                      {k: v for k, v in summary.items()})
     # rows, order, quarantine, links, stored files, summary: neither where files are read nor who inflates matters
     assert outputs["process", "isal"] == outputs["thread", "isal"] == outputs["process", "pillow"]

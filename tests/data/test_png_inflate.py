@@ -16,7 +16,6 @@ from pipeline.data.imaging import BadImage, decode_bytes
 from pipeline.data.png_inflate import with_stored_pixels
 
 MAX = 10**8
-pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="isal not installed")
 
 
 def _chunks(data: bytes) -> list[tuple[bytes, bytes, int]]:

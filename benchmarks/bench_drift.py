@@ -12,7 +12,7 @@ script times, in one process:
 - reading the window: ours (``production_log.read(last_k=N, where=version)``: newest files
   first, stop when N rows of that version are found) vs the baseline of reading every file and
   filtering afterwards;
-- the Evidently report (``pipeline.monitor.drift_report``: DataDriftPreset on inputs, prediction
+- the Evidently report (``pipeline.monitoring.drift.drift_report``: DataDriftPreset on inputs, prediction
   drift, data-quality tests, HTML + JSON written), on a shifted window.
 
 Prints a table; the last line is JSON.
@@ -57,7 +57,7 @@ def rows(n: int, seed: int, shift: float, start: datetime, version: str) -> pd.D
 
 def write_log(log_dir: Path, n: int) -> None:
     """``n`` rows served by version 1, then ``n`` by version 2 (the champion moved), in 1,000-row files."""
-    from pipeline import production_log
+    from pipeline.serving import production_log
 
     start = datetime.now(UTC) - timedelta(hours=12)
     for v, shift in (("1", 0.0), ("2", 0.5)):
@@ -81,8 +81,8 @@ def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 def bench(n: int, root: Path, reference: pd.DataFrame) -> dict[str, float]:
-    from pipeline import production_log
-    from pipeline.monitor import drift_report
+    from pipeline.serving import production_log
+    from pipeline.monitoring.drift import drift_report
 
     log_dir = root / f"log-{n}"
     _, t_write = timed(write_log, log_dir, n)
@@ -116,7 +116,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="xrayops-bench-drift-") as tmp:
         # warm-up on a small window so the first measured size does not pay one-off costs
-        from pipeline.monitor import drift_report
+        from pipeline.monitoring.drift import drift_report
 
         drift_report(reference, rows(500, 1, 0.0, datetime.now(UTC), "1"), Path(tmp) / "warm", share_threshold=0.3,
                      min_rows=30)

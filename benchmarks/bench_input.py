@@ -11,7 +11,7 @@ zoom 0.1, horizontal flip, fill ``nearest`` (flip is on here only to match the s
 - seed: ``tf.keras.preprocessing.image.ImageDataGenerator(...).flow_from_directory`` (legacy);
 - keras layers: ``keras.utils.image_dataset_from_directory`` + one ``keras.layers.Random*``
   layer per transform (the documented modern path), for reference;
-- ours: ``pipeline.inputs.directory_dataset`` (parallel decode, cache of resized images,
+- ours: ``pipeline.training.inputs.directory_dataset`` (parallel decode, cache of resized images,
   shuffle, one fused affine resampling per batch, prefetch); also with tf.data's autotuner
   switched on, to test the claim that it stalls when an epoch's iterator starts/ends.
 

@@ -63,13 +63,13 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     from datetime import UTC, datetime
 
     from pipeline.config import load_settings
-    from pipeline.evaluate import run_evaluate
-    from pipeline.ingest import prepare_raw, run_ingest, version_raw
+    from pipeline.evaluation.evaluate import run_evaluate
+    from pipeline.data.ingest import prepare_raw, run_ingest, version_raw
     from pipeline.job import log_reference_profile, run_summary, simulate_and_report
-    from pipeline.registry import gate, move_champion, record_decision, register_version
-    from pipeline.split import run_split
-    from pipeline.train import run_train
-    from pipeline.validate import run_validation
+    from pipeline.registry.versions import gate, move_champion, record_decision, register_version
+    from pipeline.data.split import run_split
+    from pipeline.training.train import run_train
+    from pipeline.data.validate import run_validation
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()

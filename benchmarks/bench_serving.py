@@ -51,7 +51,7 @@ def naive_app(model_path: str, size: int, channels: int) -> Any:
     import tensorflow as tf
     from PIL import Image
 
-    from pipeline.models.registry import register_custom_objects
+    from pipeline.training.models.zoo import register_custom_objects
 
     register_custom_objects()
     model = keras.models.load_model(model_path, compile=False)
@@ -97,11 +97,11 @@ def register(settings: Any, name: str, size: int, out_dir: Path) -> tuple[Path, 
     import mlflow
     from mlflow.models import infer_signature
 
-    from pipeline.export import log_exports
-    from pipeline.models import build_model
-    from pipeline.monitor import log_reference, reference_profile
-    from pipeline.predictor import fit_pca, score_with_embeddings
-    from pipeline.registry import CHAMPION
+    from pipeline.registry.export import log_exports
+    from pipeline.training.models import build_model
+    from pipeline.monitoring.drift import log_reference, reference_profile
+    from pipeline.serving.predictor import fit_pca, score_with_embeddings
+    from pipeline.registry.versions import CHAMPION
     from pipeline.tracking import configure_mlflow, ensure_experiment, pip_requirements
 
     model = build_model(name, image_size=size, num_classes=2, **({"weights": "none"} if "net" in name else {}))
@@ -242,7 +242,7 @@ def bench_model(name: str, size: int, root: Path, args: argparse.Namespace, imag
             row["load"] = concurrent(f"http://127.0.0.1:{port}/v1/predict", images, args.load)
     finally:
         stop(proc)
-    from pipeline import production_log
+    from pipeline.serving import production_log
 
     row["logged_rows"] = production_log.count_rows(settings.production_log)
     port = free_port()

@@ -10,7 +10,7 @@ same validation split each epoch:
 
 - seed: the images as one numpy array, ``model.fit(x, y_onehot, batch_size=128,
   validation_data=...)``, nothing else — the seed notebook's Q6 cell;
-- ours: ``pipeline.train.run_train`` — the tf.data pipeline (PNG decode, cache, shuffle,
+- ours: ``pipeline.training.train.run_train`` — the tf.data pipeline (PNG decode, cache, shuffle,
   prefetch; no augmentation, as the seed's Q6), class weights, BackupAndRestore,
   ModelCheckpoint, EarlyStopping, ReduceLROnPlateau, resumable state, per-epoch MLflow
   logging, MLflow system metrics — plus, once after training, the model, curves and
@@ -92,8 +92,8 @@ def make_project(tmp: Path, folder: Path, epochs: int) -> Any:
 
 def arrays(settings: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.data.manifest import read_manifest
-    from pipeline.inputs import InputSpec, check_files, load_images, split_frame
-    from pipeline.split import read_split
+    from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
+    from pipeline.data.split import read_split
 
     frame = split_frame(read_manifest(settings.dataset_dir), read_split(settings.dataset_dir), name)
     images = load_images(check_files(settings.dataset_dir, frame["path"].tolist()), InputSpec(28, 1, 10), 512)
@@ -104,8 +104,8 @@ def run_seed(data: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The seed's Q6 cell: bare ``fit`` on numpy arrays."""
     import keras
 
-    from pipeline.models import build_model
-    from pipeline.tracking_callbacks import EpochTimer
+    from pipeline.training.models import build_model
+    from pipeline.training.callbacks import EpochTimer
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(42)
@@ -124,8 +124,8 @@ def run_ours(settings: Any, autotune: bool = False) -> dict[str, Any]:
     import tensorflow as tf
 
     from pipeline import inputs
-    from pipeline.tracking_callbacks import EpochTimer
-    from pipeline.train import run_train
+    from pipeline.training.callbacks import EpochTimer
+    from pipeline.training.train import run_train
 
     keras.backend.clear_session()
     timer = EpochTimer()
@@ -176,8 +176,8 @@ def main() -> None:
     folder = digits_folder(args.images)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         settings = make_project(Path(tmp), folder, args.epochs)
-        from pipeline.ingest import run_ingest
-        from pipeline.split import run_split
+        from pipeline.data.ingest import run_ingest
+        from pipeline.data.split import run_split
 
         run_ingest(settings, show_progress=False)
         run_split(settings)
@@ -196,8 +196,8 @@ def main() -> None:
 
 def report(runs: dict[str, list[dict[str, Any]]], n_train: int, n_val: int, peak: float,
            args: argparse.Namespace) -> None:
-    from pipeline.models import build_model
-    from pipeline.models.architecture import architecture_report
+    from pipeline.training.models import build_model
+    from pipeline.training.models.architecture import architecture_report
 
     train_flops = 3 * architecture_report(build_model("mnist_cnn", num_classes=10)).total_flops
     rows = {}

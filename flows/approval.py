@@ -37,7 +37,7 @@ def request_approval(settings: Settings, version: Any, decision: Any) -> dict[st
         ``{"approved", "status" (approved | rejected | timeout), "reviewer", "comment", "decided_at",
         "version"}`` — also stored on the version as ``approval_*`` tags and a JSON artifact.
     """
-    from pipeline.registry import record_approval
+    from pipeline.registry.versions import record_approval
 
     logger = get_run_logger()
     description = approval_markdown(settings, version, decision)
@@ -80,7 +80,7 @@ def _continue_after_timeout() -> None:
 
 def approval_markdown(settings: Settings, version: Any, decision: Any) -> str:
     """What the reviewer sees above the form: the gate table and where the model card is."""
-    from pipeline.modelcard import card_path
+    from pipeline.registry.modelcard import card_path
 
     return (f"## Approve {settings.registered_model} v{version.version} as champion?\n\n"
             f"{decision.to_markdown()}\n"

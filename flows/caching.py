@@ -32,8 +32,8 @@ from pipeline.config import Settings
 
 STAMP_DIR = ".prefect-cache"
 CACHE_FORMAT = 1  # bump to invalidate every cache record
-INGEST_CODE = ("pipeline/ingest.py", "pipeline/features.py", "pipeline/data")
-VALIDATE_CODE = ("pipeline/validate.py",)
+INGEST_CODE = ("pipeline/data/ingest.py", "pipeline/data/features.py", "pipeline/data")
+VALIDATE_CODE = ("pipeline/data/validate.py",)
 PIPELINE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -148,7 +148,7 @@ def ingest_intact(settings: Settings, version: Any) -> bool:
 
 def validate_intact(settings: Settings, ingest_summary: dict[str, Any]) -> bool:
     """True when the GX result on disk was produced for this manifest and these settings."""
-    from pipeline.validate import RESULT_FILE
+    from pipeline.data.validate import RESULT_FILE
 
     result = settings.dataset_dir / "validation" / RESULT_FILE
     return _stamp_matches(settings, "validate", validate_key(settings, ingest_summary)) and result.is_file()

@@ -25,7 +25,7 @@ class FeedbackParameters(BaseModel):
 
 @task(name="ingest-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
 def ingest(settings: Settings) -> dict[str, Any]:
-    from pipeline.feedback import ingest_feedback
+    from pipeline.monitoring.feedback import ingest_feedback
 
     summary = ingest_feedback(settings)
     get_run_logger().info("feedback: %s records → %s; dataset version %s", summary["records"],
@@ -36,7 +36,7 @@ def ingest(settings: Settings) -> dict[str, Any]:
 @flow(name="xrayops-feedback", log_prints=True)
 def feedback_flow(params: FeedbackParameters | None = None) -> dict[str, Any]:
     """Turn adjudicated feedback into a DVC-versioned dataset and report accuracy per model version."""
-    from pipeline.feedback import summary_markdown
+    from pipeline.monitoring.feedback import summary_markdown
 
     settings = (params or FeedbackParameters()).settings()
     summary = ingest(settings)

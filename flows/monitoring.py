@@ -1,6 +1,6 @@
 """The monitoring flow: drift of production inputs vs the champion's reference → report, alert, retraining.
 
-Tasks are thin wrappers of :mod:`pipeline.monitor`. When the drift share exceeds
+Tasks are thin wrappers of :mod:`pipeline.monitoring.drift`. When the drift share exceeds
 ``monitor.drift_share_threshold`` the flow emits the Prefect event ``xrayops.drift.detected``
 (automations can react to it), ends in a ``Completed`` state named ``Drift detected``, and —
 when ``monitor.retrain_on_drift`` is set — starts the training deployment
@@ -44,14 +44,14 @@ class MonitoringParameters(BaseModel):
 
 @task(name="drift-report", cache_policy=NO_CACHE)
 def drift_report(settings: Settings, window_hours: float | None, last_k: int | None) -> dict[str, Any]:
-    from pipeline.monitor import monitor_champion
+    from pipeline.monitoring.drift import monitor_champion
 
     return monitor_champion(settings, hours=window_hours, last_k=last_k)
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)
 def publish(summary: dict[str, Any]) -> None:
-    from pipeline.monitor import summary_markdown
+    from pipeline.monitoring.drift import summary_markdown
 
     if summary["status"] == "no_model":
         create_markdown_artifact(f"## Drift report\n\n{summary['message']}\n", key="drift-report")

@@ -88,7 +88,7 @@ def _cluster_workers(runner: Any, default: int) -> int:
 
 @contextmanager
 def ingest_mapper(settings: Settings) -> Iterator[Callable[..., Iterable[Any]] | None]:
-    """A ``mapper`` for :func:`pipeline.ingest.run_ingest`, or None when Dask is not configured."""
+    """A ``mapper`` for :func:`pipeline.data.ingest.run_ingest`, or None when Dask is not configured."""
     if not settings.orchestrate.dask_address:
         yield None
         return

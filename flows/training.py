@@ -61,14 +61,14 @@ class TrainingParameters(BaseModel):
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
 def prepare_data(settings: Settings) -> str:
-    from pipeline.ingest import prepare_raw
+    from pipeline.data.ingest import prepare_raw
 
     return str(prepare_raw(settings))
 
 
 @task(name="version-data", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def version_data(settings: Settings) -> Any:
-    from pipeline.ingest import version_raw
+    from pipeline.data.ingest import version_raw
 
     version = version_raw(settings)
     if version:
@@ -80,7 +80,7 @@ def version_data(settings: Settings) -> Any:
 def ingest(settings: Settings, version: Any) -> dict[str, Any]:
     """Cached on (DVC hash, data settings, code); see flows/caching.py."""
     from flows.scaleout import ingest_mapper
-    from pipeline.ingest import run_ingest
+    from pipeline.data.ingest import run_ingest
 
     with ingest_mapper(settings) as mapper:
         kwargs = {"mapper": mapper} if mapper else {}
@@ -94,7 +94,7 @@ def ingest(settings: Settings, version: Any) -> dict[str, Any]:
 @task(name="validate", cache_key_fn=validate_cache_key, persist_result=True, result_serializer="json")
 def validate(settings: Settings, ingest_summary: dict[str, Any]) -> dict[str, Any]:
     """Cached on (manifest sha256, validate settings, code); see flows/caching.py."""
-    from pipeline.validate import run_validation
+    from pipeline.data.validate import run_validation
 
     result = run_validation(settings)
     write_stamp(settings, "validate", validate_key(settings, ingest_summary))
@@ -103,21 +103,21 @@ def validate(settings: Settings, ingest_summary: dict[str, Any]) -> dict[str, An
 
 @task(name="split", cache_policy=NO_CACHE)
 def split(settings: Settings) -> dict[str, Any]:
-    from pipeline.split import run_split
+    from pipeline.data.split import run_split
 
     return run_split(settings)
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(settings: Settings, version: Any) -> Any:
-    from pipeline.train import run_train
+    from pipeline.training.train import run_train
 
     return run_train(settings, version=version)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(settings: Settings, trained: Any) -> Any:
-    from pipeline.evaluate import run_evaluate
+    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.job import log_reference_profile
 
     result = run_evaluate(settings, trained)
@@ -128,8 +128,8 @@ def evaluate(settings: Settings, trained: Any) -> Any:
 @task(name="register", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
     """Registry version + SavedModel/ONNX export (parity-checked) + model card."""
-    from pipeline.modelcard import card_path
-    from pipeline.registry import register_version
+    from pipeline.registry.modelcard import card_path
+    from pipeline.registry.versions import register_version
 
     mv = register_version(settings, trained, evaluation)
     card = card_path(settings, str(mv.version))
@@ -140,8 +140,8 @@ def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any:
-    from pipeline.registry import gate as run_gate
-    from pipeline.registry import record_decision
+    from pipeline.registry.versions import gate as run_gate
+    from pipeline.registry.versions import record_decision
 
     decision = run_gate(settings, version, evaluation)
     record_decision(settings, version, decision, trained.run_id)
@@ -151,7 +151,7 @@ def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(settings: Settings, version: Any, decision: Any) -> dict[str, Any]:
-    from pipeline.registry import move_champion
+    from pipeline.registry.versions import move_champion
 
     if not decision.promote:
         get_run_logger().warning("challenger v%s not promoted: %s", version.version, decision.reason)

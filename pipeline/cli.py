@@ -34,9 +34,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.data.sources.base import SourceError
     from pipeline.data.versioning import VersioningError
-    from pipeline.inputs import InputError
-    from pipeline.models.registry import UnknownModel
-    from pipeline.split import LeakageError
+    from pipeline.training.inputs import InputError
+    from pipeline.training.models.zoo import UnknownModel
+    from pipeline.data.split import LeakageError
 
     # errors of heavy modules count only once loaded (an instance implies its module was imported)
     lazy = tuple(getattr(sys.modules[module], name) for module, name in _LAZY_ERRORS if module in sys.modules)
@@ -44,7 +44,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             FileNotFoundError, NotADirectoryError, *lazy)
 
 
-_LAZY_ERRORS = (("pipeline.registry", "PromotionError"), ("flows.deploy", "DeployError"))
+_LAZY_ERRORS = (("pipeline.registry.versions", "PromotionError"), ("flows.deploy", "DeployError"))
 
 
 @contextmanager
@@ -55,7 +55,7 @@ def friendly_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as exc:
-        from pipeline.validate import ValidationFailed
+        from pipeline.data.validate import ValidationFailed
 
         if isinstance(exc, ValidationFailed):
             typer.secho(f"error: {exc}", err=True, fg="red")
@@ -143,7 +143,7 @@ def data_generate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Generate/materialise the configured raw dataset and version it with DVC."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.ingest import prepare_raw, version_raw
+        from pipeline.data.ingest import prepare_raw, version_raw
 
         root = prepare_raw(settings)
         version = version_raw(settings)
@@ -174,7 +174,7 @@ def ingest(
         extra.append("data.version_with_dvc=false")  # an explicit folder may live outside any DVC repo
     with friendly_errors():
         settings = settings_for(params, sets, extra)
-        from pipeline.ingest import prepare_raw, run_ingest, version_raw
+        from pipeline.data.ingest import prepare_raw, run_ingest, version_raw
 
         if input is None and not settings.data.rev:
             prepare_raw(settings)
@@ -207,7 +207,7 @@ def validate(
     """Validate DIR/manifest.parquet with Great Expectations; exit 1 on a critical failure."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.validate import run_validation
+        from pipeline.data.validate import run_validation
 
         result = run_validation(settings, dataset_dir.resolve() if dataset_dir else None)
         typer.echo(f"validation passed: {result['statistics']['successful_expectations']}/"
@@ -224,7 +224,7 @@ def split(
     """Split DIR by patient; writes DIR/split.parquet and DIR/split_certificate.json."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.split import run_split
+        from pipeline.data.split import run_split
 
         cert = run_split(settings, dataset_dir.resolve() if dataset_dir else None)
         _dump({k: cert[k] for k in ("images", "patients", "prevalence", "patient_overlap",
@@ -237,7 +237,7 @@ def train(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Train train.model on the split dataset (MLflow-tracked); writes <models_dir>/<dataset>/."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.train import run_train
+        from pipeline.training.train import run_train
 
         result = run_train(settings)
         _dump({"run_id": result.run_id, "model_uri": result.model_uri, "epochs": result.epochs_run,
@@ -249,9 +249,9 @@ def evaluate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Evaluate the last trained model on the test split (metrics with patient-level CIs)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.evaluate import run_evaluate
+        from pipeline.evaluation.evaluate import run_evaluate
         from pipeline.job import log_reference_profile
-        from pipeline.train import load_trained
+        from pipeline.training.train import load_trained
 
         trained = load_trained(settings)
         result = run_evaluate(settings, trained)
@@ -264,8 +264,8 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Register the last evaluated model and promote it through the gate."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import gate as run_gate
-        from pipeline.registry import move_champion, record_decision, register_version
+        from pipeline.registry.versions import gate as run_gate
+        from pipeline.registry.versions import move_champion, record_decision, register_version
 
         trained, evaluation = _reload_evaluation(settings)
         mv = register_version(settings, trained, evaluation)
@@ -280,8 +280,8 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
 
 
 def _reload_evaluation(settings: Any) -> tuple[Any, Any]:
-    from pipeline.evaluate import run_evaluate
-    from pipeline.train import load_trained
+    from pipeline.evaluation.evaluate import run_evaluate
+    from pipeline.training.train import load_trained
 
     trained = load_trained(settings)
     return trained, run_evaluate(settings, trained)
@@ -293,7 +293,7 @@ def _reload_evaluation(settings: Any) -> tuple[Any, Any]:
 @model_app.command("list")
 def model_list() -> None:
     """List the zoo models."""
-    from pipeline.models import list_models
+    from pipeline.training.models import list_models
 
     for spec in list_models():
         typer.echo(f"{spec.name:<18} {spec.family:<9} {spec.image_size}x{spec.image_size}x{spec.channels}  "
@@ -314,8 +314,8 @@ def model_describe(
         from pipeline.runtime import quiet_tools
 
         quiet_tools()
-        from pipeline.models import build_model, get_spec
-        from pipeline.models.architecture import architecture_report
+        from pipeline.training.models import build_model, get_spec
+        from pipeline.training.models.architecture import architecture_report
 
         spec = get_spec(name)
         model = build_model(name, image_size=image_size, channels=channels,
@@ -363,7 +363,7 @@ def serve(
     """Serve the version holding serve.model_alias over HTTP (FastAPI + uvicorn; API key from $XRAYOPS_API_KEY)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.serve.app import run as run_api
+        from pipeline.serving.app import run as run_api
 
         run_api(settings, host, port)
 
@@ -407,7 +407,7 @@ def monitor(
         configure_prefect(settings)
         from flows.monitoring import MonitoringParameters
         from flows.monitoring import run as run_flow
-        from pipeline.monitor import summary_markdown
+        from pipeline.monitoring.drift import summary_markdown
 
         summary = run_flow(MonitoringParameters(window_hours=window_hours, last_k=last_k, retrain_on_drift=retrain,
                                                 overrides=list(sets or []),
@@ -425,7 +425,7 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         configure_prefect(settings)
         from flows.feedback import FeedbackParameters
         from flows.feedback import run as run_flow
-        from pipeline.feedback import summary_markdown
+        from pipeline.monitoring.feedback import summary_markdown
 
         summary = run_flow(FeedbackParameters(overrides=list(sets or []), params_path=str(params) if params else None))
         typer.echo(summary_markdown(summary))
@@ -535,7 +535,7 @@ def registry_show(
     """List the versions of the registered model with aliases, AUC (CI), threshold, gate and approval."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import overview
+        from pipeline.registry.versions import overview
 
         rows = overview(settings)
         if as_json:
@@ -566,7 +566,7 @@ def registry_rollback(
 
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import rollback
+        from pipeline.registry.versions import rollback
 
         _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
 
@@ -583,7 +583,7 @@ def registry_approve(
     """Record a reviewer's decision on a gate-passing VERSION; approval moves `champion` to it."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry import approve_version
+        from pipeline.registry.versions import approve_version
 
         _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
 
@@ -597,7 +597,7 @@ def registry_card(
     """(Re)write the model card of VERSION and print it (markdown; its file path goes to stderr)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.modelcard import publish_model_card
+        from pipeline.registry.modelcard import publish_model_card
 
         path = publish_model_card(settings, version)
         typer.echo(path.read_text())

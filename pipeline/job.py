@@ -30,10 +30,10 @@ def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> 
     reference and the production log carry the same ``emb_pc*`` columns.
     """
     from pipeline.data.manifest import read_manifest
-    from pipeline.inputs import InputSpec, check_files, load_images
-    from pipeline.monitor import log_reference, reference_profile
-    from pipeline.predictor import fit_pca, score_with_embeddings
-    from pipeline.split import read_split
+    from pipeline.training.inputs import InputSpec, check_files, load_images
+    from pipeline.monitoring.drift import log_reference, reference_profile
+    from pipeline.serving.predictor import fit_pca, score_with_embeddings
+    from pipeline.data.split import read_split
 
     dataset_dir = settings.dataset_dir
     manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
@@ -53,13 +53,13 @@ def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> 
 
 def simulate_and_report(settings: Settings) -> dict[str, Any]:
     """Simulate a shifted production batch against the champion, log it, and report drift."""
-    from pipeline import production_log
+    from pipeline.serving import production_log
     from pipeline.data.manifest import read_manifest
-    from pipeline.monitor import monitor_champion
-    from pipeline.predictor import load_predictor
-    from pipeline.registry import CHAMPION, get_alias
-    from pipeline.simulate import simulate_requests
-    from pipeline.split import read_split
+    from pipeline.monitoring.drift import monitor_champion
+    from pipeline.serving.predictor import load_predictor
+    from pipeline.registry.versions import CHAMPION, get_alias
+    from pipeline.monitoring.simulate import simulate_requests
+    from pipeline.data.split import read_split
 
     champion = get_alias(settings, CHAMPION)
     if champion is None:
@@ -80,7 +80,7 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
                 certificate: dict[str, Any], trained: Any, evaluation: Any, version: Any, decision: Any,
                 promotion: dict[str, Any], drift: dict[str, Any] | None) -> dict[str, Any]:
     """The end-of-run summary (stable keys; documented in README.md)."""
-    from pipeline.registry import aliases
+    from pipeline.registry.versions import aliases
 
     finished = datetime.now(UTC)
     dvc = ingest.get("dvc") or {}

@@ -91,7 +91,7 @@ def dvc_project(tmp_path: Path, make_settings: Callable[..., Settings]) -> Calla
 @pytest.fixture
 def cohort(make_settings: Callable[..., Settings]) -> Settings:
     """Settings of a tiny project whose synthetic cohort is generated and ingested (no DVC)."""
-    from pipeline.ingest import prepare_raw, run_ingest
+    from pipeline.data.ingest import prepare_raw, run_ingest
 
     settings = make_settings("data.version_with_dvc=false")
     prepare_raw(settings)
@@ -112,13 +112,13 @@ def train_champion(root: Path, overrides: list[str] | None = None) -> Settings:
     """A tiny project under ``root`` with a trained model registered as ``champion`` (real path: ingest → validate →
     split → train → evaluate → reference profile with embedding PCA → register with ONNX export → lenient gate →
     alias)."""
-    from pipeline.evaluate import run_evaluate
-    from pipeline.ingest import prepare_raw, run_ingest
+    from pipeline.evaluation.evaluate import run_evaluate
+    from pipeline.data.ingest import prepare_raw, run_ingest
     from pipeline.job import log_reference_profile
-    from pipeline.registry import gate, move_champion, record_decision, register_version
-    from pipeline.split import run_split
-    from pipeline.train import run_train
-    from pipeline.validate import run_validation
+    from pipeline.registry.versions import gate, move_champion, record_decision, register_version
+    from pipeline.data.split import run_split
+    from pipeline.training.train import run_train
+    from pipeline.data.validate import run_validation
 
     lenient = ["promote.min_auc=0", "promote.sensitivity_ci_floor=0", "promote.max_ece=1"]
     settings = load_settings(write_params(root, [*TINY, "data.version_with_dvc=false", *lenient, *(overrides or [])]))

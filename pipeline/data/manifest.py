@@ -42,7 +42,7 @@ from pipeline.data.parallel import ordered_map
 from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
-from pipeline.data.store import IMAGES_DIR
+from pipeline.data.image_store import IMAGES_DIR
 
 logger = logging.getLogger(__name__)
 

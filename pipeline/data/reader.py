@@ -18,8 +18,8 @@ from pipeline.data.deid import age_band, pseudonymise
 from pipeline.data.imaging import PNG_INFLATERS, BadImage, DecodedImage, decode_bytes
 from pipeline.data.quarantine import QuarantineEntry, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
-from pipeline.data.store import store_image
-from pipeline.features import IMAGE_FEATURES, describe
+from pipeline.data.image_store import store_image
+from pipeline.data.features import IMAGE_FEATURES, describe
 
 FEATURE_COLUMNS = [f for f in IMAGE_FEATURES if f not in ("width", "height", "bit_depth")]
 
@@ -86,7 +86,7 @@ def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str
          patient: str) -> dict[str, Any]:
     """Manifest fields of one accepted image (pseudonymised patient, features, PHI-free header fields)."""
     # one downscaled view serves the features and the pHash; serving reaches the same code from
-    # gray01() (pipeline.features.describe), so production features compare exactly
+    # gray01() (pipeline.data.features.describe), so production features compare exactly
     feats, phash = describe(image.pixels if image.channels == 1 else image.gray01(), bit_depth=image.bit_depth,
                             width=image.width, height=image.height)
     extra = record.extra

@@ -19,10 +19,10 @@ from pipeline.ui.render import SETS_ENV, blend, display_gray, ui_settings
 @st.cache_resource(show_spinner="Loading the served model…")
 def get_service(params_env: str, sets_env: str) -> Any:
     """One inference service per (params, overrides), shared by all sessions of this process."""
-    from pipeline.production_log import LogWriter
+    from pipeline.serving.production_log import LogWriter
     from pipeline.runtime import quiet_tools
-    from pipeline.serve.service import InferenceService
-    from pipeline.serve.store import ModelStore
+    from pipeline.serving.service import InferenceService
+    from pipeline.serving.model_store import ModelStore
 
     quiet_tools()
     settings = ui_settings()
@@ -32,8 +32,8 @@ def get_service(params_env: str, sets_env: str) -> Any:
 
 def score(service: Any, data: bytes) -> Any:
     """Score an upload once per distinct file; the result lives in the session."""
-    from pipeline.serve.gate import Rejected
-    from pipeline.serve.store import NotReady
+    from pipeline.serving.admission import Rejected
+    from pipeline.serving.model_store import NotReady
 
     digest = hashlib.sha256(data).hexdigest()
     if st.session_state.get("digest") == digest:
@@ -62,7 +62,7 @@ def show_result(result: Any) -> None:
 
 
 def show_images(result: Any) -> None:
-    from pipeline.serve.service import ExplainUnavailable, explain_image
+    from pipeline.serving.service import ExplainUnavailable, explain_image
 
     gray = display_gray(result.image)
     left, right = st.columns(2)
@@ -84,7 +84,7 @@ def show_images(result: Any) -> None:
 
 
 def feedback_form(service: Any, result: Any) -> None:
-    from pipeline.feedback import FeedbackError, FeedbackRecord, record_feedback
+    from pipeline.monitoring.feedback import FeedbackError, FeedbackRecord, record_feedback
 
     st.subheader("Your assessment")
     with st.form("feedback"):

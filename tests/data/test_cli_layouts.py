@@ -22,7 +22,6 @@ from pipeline.data.deid import pseudonymise
 from tests.data.helpers import find_tokens
 from tests.data.layouts import BUILDERS, Layout
 
-pytestmark = pytest.mark.data
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +106,6 @@ def test_cli_errors_for_people(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "kaggle-pneumonia" in result.output
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_installed_cli_runs_from_any_cwd(tmp_path: Path, make_settings: Callable[..., object]) -> None:
     """Real processes (as the outside check runs them): the console script, cwd outside the project."""

@@ -12,10 +12,9 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.data.imaging import decode_bytes
-from pipeline.ingest import run_ingest
+from pipeline.data.ingest import run_ingest
 from tests.data.helpers import dicom_bytes, write_dicom, xray
 
-pytestmark = pytest.mark.data
 
 MAX = 100_000_000
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.imaging import DecodedImage
-from pipeline.features import FEATURE_SIDE, describe, feature_view, image_features, perceptual_hash, view_features
+from pipeline.data.features import FEATURE_SIDE, describe, feature_view, image_features, perceptual_hash, view_features
 
-pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize(("bit_depth", "shape"), [(8, (300, 420)), (8, (64, 64)), (8, (256, 256)),

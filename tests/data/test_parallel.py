@@ -16,7 +16,6 @@ from pipeline.data.parallel import ordered_map
 from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
 from tests.data.helpers import write_png
 
-pytestmark = pytest.mark.data
 
 
 def pid_of(item: int, fail_on: int = -1) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import Settings
 from tests.data.helpers import PHI, find_tokens, write_dicom
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 N_PATIENTS = 24
 PATIENT_IDS = [f"MRNQ7{p:04d}" for p in range(N_PATIENTS)]
@@ -48,9 +48,9 @@ def test_no_planted_phi_in_any_output(prefect_harness: None, make_settings: Call
                                       tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from flows.training import TrainingParameters, run
-    from pipeline.ingest import run_ingest
-    from pipeline.split import run_split
-    from pipeline.validate import run_validation
+    from pipeline.data.ingest import run_ingest
+    from pipeline.data.split import run_split
+    from pipeline.data.validate import run_validation
 
     caplog.set_level(logging.DEBUG)
     raw = _pacs_export(tmp_path / "pacs_export")

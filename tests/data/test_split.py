@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Settings, with_overrides
-from pipeline.split import LeakageError, near_duplicate_pairs, run_split, split_by_patient, verify_certificate
+from pipeline.data.split import LeakageError, near_duplicate_pairs, run_split, split_by_patient, verify_certificate
 
-pytestmark = pytest.mark.data
 
 
 def test_no_patient_in_two_splits_and_certificate_holds(cohort: Settings) -> None:
@@ -84,7 +83,7 @@ def test_near_duplicates_under_two_patients_stay_on_one_side(cohort: Settings) -
         Image.fromarray(img).save(raw / name)
         extra.append({**r.to_dict(), "file": name, "patient_id": f"ALIAS{k}"})
     pd.concat([rows, pd.DataFrame(extra)]).to_csv(raw / "patients.csv", index=False)
-    from pipeline.ingest import run_ingest
+    from pipeline.data.ingest import run_ingest
 
     run_ingest(cohort, show_progress=False)
     cert = run_split(cohort)
@@ -196,7 +195,7 @@ def test_near_duplicates_need_matching_statistics_and_a_plausible_group(make_set
 
 
 def test_too_few_patients_is_a_clear_error(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    from pipeline.split import SplitError
+    from pipeline.data.split import SplitError
 
     ds = _manifest_dir(tmp_path, n_patients=2, pairs=0)
     with pytest.raises(SplitError, match="cannot split 2 patient group"):

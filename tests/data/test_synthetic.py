@@ -12,7 +12,6 @@ from PIL import Image
 
 from pipeline.data.synthetic import BAD_KINDS, CohortSpec, generate_cohort, plan_patients, render_image
 
-pytestmark = pytest.mark.data
 
 
 def spec(**kw: object) -> CohortSpec:

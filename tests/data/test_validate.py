@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Settings, with_overrides
-from pipeline.validate import ValidationFailed, run_validation
+from pipeline.data.validate import ValidationFailed, run_validation
 
-pytestmark = pytest.mark.data
 
 
 def test_good_manifest_passes_and_writes_docs(cohort: Settings) -> None:

@@ -11,9 +11,8 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.data.versioning import VersioningError, track
-from pipeline.ingest import prepare_raw
+from pipeline.data.ingest import prepare_raw
 
-pytestmark = pytest.mark.data
 
 
 def test_track_is_stable_and_pushes(dvc_project: Callable[..., Settings]) -> None:
@@ -79,7 +78,7 @@ def test_ingest_by_rev_gives_each_version_also_from_the_remote(make_settings: Ca
                                                                tmp_path: Path) -> None:
     import pandas as pd
 
-    from pipeline.ingest import run_ingest, version_raw
+    from pipeline.data.ingest import run_ingest, version_raw
 
     repo = _dataset_repo(tmp_path / "datarepo")
 

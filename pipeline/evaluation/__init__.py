@@ -1,0 +1,1 @@
+"""Stage `evaluate`: clinical metrics, patient-level bootstrap, operating point, plots, Grad-CAM."""

@@ -1,0 +1,1 @@
+"""Stage `monitor`: Evidently drift reports, simulated traffic, clinician feedback."""

@@ -1,0 +1,211 @@
+"""Clinician feedback: an append-only record store, adjudication, and the feedback dataset.
+
+Records (``<feedback_log>/records/date=…/part-*.parquet``) hold the request id, model
+name/version, the model's answer, the clinician's verdict (agree / disagree + the correct
+label) and an optional short comment — never patient identifiers. For a case a clinician
+gave feedback on, the *de-identified pixels* (decoded image, no DICOM header) are kept as
+``<feedback_log>/images/<request_id>.png`` so the case can become training data; the
+production log itself never holds pixels.
+
+Adjudication: a case's label is the one from ``<feedback_log>/adjudications.csv``
+(``request_id,label``; written by a senior reader) when present, else the clinicians'
+label when all its records agree; conflicting cases are left out and listed.
+:func:`ingest_feedback` writes the adjudicated cases as a ``folder``-source dataset
+(``<data_dir>/raw/<monitor.feedback_dataset>/<LABEL>/<request_id>.png``), versions it with
+DVC, and reports each model version's accuracy on them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.data.imaging import DecodedImage, encode_png
+from pipeline.serving.production_log import append
+
+logger = logging.getLogger(__name__)
+
+RECORDS_DIR = "records"
+IMAGES_DIR = "images"
+ADJUDICATIONS_FILE = "adjudications.csv"
+MAX_COMMENT = 500
+_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class FeedbackError(ValueError):
+    """Feedback that cannot be stored or used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One clinician's verdict on one prediction (no PHI)."""
+
+    request_id: str
+    model_name: str
+    model_version: str
+    predicted_label: str
+    probability: float
+    verdict: Literal["agree", "disagree"]
+    correct_label: str
+    comment: str = ""
+    source: str = "ui"
+    submitted_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedImage | None = None) -> Path:
+    """Append one record atomically (and keep the case's de-identified pixels when given)."""
+    if not _REQUEST_ID.match(record.request_id):
+        raise FeedbackError(f"request id {record.request_id!r} is not a 32-digit hex id from the API/UI")
+    if record.verdict not in ("agree", "disagree"):
+        raise FeedbackError(f"verdict must be 'agree' or 'disagree', got {record.verdict!r}")
+    if record.verdict == "agree" and record.correct_label != record.predicted_label:
+        raise FeedbackError("an 'agree' verdict must keep the predicted label")
+    row = {**asdict(record), "comment": record.comment.strip()[:MAX_COMMENT], "has_image": image is not None}
+    if image is not None:
+        images = feedback_dir / IMAGES_DIR
+        images.mkdir(parents=True, exist_ok=True)
+        tmp = images / f".{record.request_id}.png.tmp"
+        tmp.write_bytes(encode_png(image))
+        os.replace(tmp, images / f"{record.request_id}.png")
+    return append(feedback_dir / RECORDS_DIR, pd.DataFrame([row]), time_column="submitted_at")[0]
+
+
+def read_feedback(feedback_dir: Path) -> pd.DataFrame:
+    """All feedback records, oldest first (empty frame when there are none)."""
+    files = sorted((feedback_dir / RECORDS_DIR).glob("date=*/part-*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=[f.name for f in FeedbackRecord.__dataclass_fields__.values()])
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return df.sort_values("submitted_at", kind="stable").reset_index(drop=True)
+
+
+def adjudicate(records: pd.DataFrame, adjudications: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per case: request_id, label, status (adjudicated | consensus | conflict), model answer."""
+    if records.empty:
+        return pd.DataFrame(columns=["request_id", "label", "status", "model_name", "model_version",
+                                     "predicted_label", "records"])
+    override: dict[str, str] = {}
+    if adjudications is not None:
+        override = dict(zip(adjudications["request_id"], adjudications["label"], strict=True))
+    rows = []
+    for rid, group in records.groupby("request_id", sort=False):
+        labels = sorted(set(group["correct_label"]))
+        if rid in override:
+            label, status = override[rid], "adjudicated"
+        elif len(labels) == 1:
+            label, status = labels[0], "consensus"
+        else:
+            label, status = None, "conflict"
+        first = group.iloc[0]
+        rows.append({"request_id": rid, "label": label, "status": status, "model_name": first["model_name"],
+                     "model_version": str(first["model_version"]), "predicted_label": first["predicted_label"],
+                     "records": len(group)})
+    return pd.DataFrame(rows)
+
+
+def read_adjudications(feedback_dir: Path) -> pd.DataFrame | None:
+    path = feedback_dir / ADJUDICATIONS_FILE
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path, dtype=str)
+    if not {"request_id", "label"} <= set(df.columns):
+        raise FeedbackError(f"{path} must have the columns request_id,label (found {list(df.columns)})")
+    return df
+
+
+def accuracy_by_version(cases: pd.DataFrame) -> list[dict[str, Any]]:
+    """Accuracy of each model version on its resolved feedback cases, with a Wilson 95 % interval."""
+    resolved = cases[cases["status"] != "conflict"]
+    out = []
+    for (name, version), group in resolved.groupby(["model_name", "model_version"], sort=True):
+        n = len(group)
+        k = int((group["predicted_label"] == group["label"]).sum())
+        out.append({"model_name": name, "model_version": str(version), "cases": n, "correct": k,
+                    "accuracy": round(k / n, 4), "ci95": [round(v, 4) for v in wilson(k, n)]})
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def feedback_dataset_dir(settings: Settings) -> Path:
+    return settings.resolve(Path(settings.paths.data_dir) / "raw" / settings.monitor.feedback_dataset)
+
+
+def write_dataset(cases: pd.DataFrame, feedback_dir: Path, dest: Path) -> dict[str, int]:
+    """Place each resolved case's image under ``dest/<LABEL>/<request_id>.png`` (idempotent)."""
+    counts: dict[str, int] = {}
+    missing = 0
+    for case in cases[cases["status"] != "conflict"].itertuples():
+        src = feedback_dir / IMAGES_DIR / f"{case.request_id}.png"
+        if not src.is_file():
+            missing += 1
+            continue
+        for other in dest.glob(f"*/{case.request_id}.png"):
+            if other.parent.name != case.label:
+                other.unlink()  # re-adjudicated to another label
+        target = dest / str(case.label) / f"{case.request_id}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copyfile(src, target)
+        counts[str(case.label)] = counts.get(str(case.label), 0) + 1
+    return {**counts, "_missing_image": missing}
+
+
+def ingest_feedback(settings: Settings) -> dict[str, Any]:
+    """Adjudicated feedback → labelled ``folder`` dataset (DVC-versioned) + accuracy per model version."""
+    from pipeline.data.versioning import track
+
+    fb_dir = settings.feedback_log
+    records = read_feedback(fb_dir)
+    cases = adjudicate(records, read_adjudications(fb_dir))
+    dest = feedback_dataset_dir(settings)
+    counts = write_dataset(cases, fb_dir, dest)
+    missing = counts.pop("_missing_image")
+    version = None
+    if counts and settings.data.version_with_dvc:
+        version = track(dest, remote_url=settings.dvc_remote, push=settings.data.dvc_push).to_dict()
+    summary = {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "records": int(len(records)), "cases": int(len(cases)),
+        "status": {str(k): int(v) for k, v in cases["status"].value_counts().items()} if len(cases) else {},
+        "conflicts": cases.loc[cases["status"] == "conflict", "request_id"].tolist(),
+        "dataset_dir": str(dest), "images_by_label": counts, "cases_without_image": missing, "dvc": version,
+        "accuracy_by_version": accuracy_by_version(cases) if len(cases) else [],
+        "train_with": f"xrayops run --set data.source=folder --set data.input={dest}",
+    }
+    out = settings.reports_dir / "feedback" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    summary["report"] = str(out / "summary.json")
+    logger.info("feedback: %d records → %d cases (%s); dataset %s %s", len(records), len(cases), summary["status"],
+                dest, counts)
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rows = "\n".join(f"| {a['model_name']} | v{a['model_version']} | {a['cases']} | {a['accuracy']:.3f} | "
+                     f"{a['ci95'][0]:.3f}–{a['ci95'][1]:.3f} |" for a in summary["accuracy_by_version"])
+    dvc = summary.get("dvc") or {}
+    return (f"## Clinician feedback\n\n- {summary['records']} records, {summary['cases']} cases "
+            f"({summary['status']}); conflicts left out: {len(summary['conflicts'])}\n"
+            f"- dataset `{summary['dataset_dir']}`: {summary['images_by_label']} "
+            f"(DVC md5 `{dvc.get('dvc_md5')}`)\n- train with: `{summary['train_with']}`\n\n"
+            f"| model | version | cases | accuracy | 95% CI |\n|---|---|---|---|---|\n{rows}\n")

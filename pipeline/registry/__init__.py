@@ -1,0 +1,1 @@
+"""Stages `register` + `promote`: registry contract, versions, the promotion gate, model cards, exports."""

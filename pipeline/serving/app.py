@@ -1,0 +1,337 @@
+"""The FastAPI app: ``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/model/refresh``, ``/healthz``, ``/readyz``.
+
+Run it with ``xrayops serve --host H --port P`` (uvicorn, one process). Inference runs on a
+bounded thread pool of ``serve.workers`` threads; the event loop only parses requests.
+The API key comes from the environment variable named by ``serve.api_key_env`` and is
+sent in the ``X-API-Key`` header; ``serve.require_api_key=false`` disables it for local use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hmac
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+
+from pipeline.config import ConfigError, Settings
+from pipeline.serving.production_log import LogWriter
+from pipeline.serving.admission import REASONS, Rejected
+from pipeline.serving.schemas import (
+    ErrorOut,
+    ExplanationOut,
+    Health,
+    MetricOut,
+    ModelInfo,
+    ModelRef,
+    PredictionOut,
+    Readiness,
+    RefreshOut,
+    error_example,
+)
+from pipeline.serving.service import ExplainUnavailable, InferenceService
+from pipeline.serving.model_store import ModelStore, NotReady
+
+logger = logging.getLogger(__name__)
+
+API_KEY_HEADER = "X-API-Key"
+MULTIPART_SLACK = 64 * 1024  # multipart boundaries and part headers around the file
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, detail: str, request_id: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+        self.request_id, self.headers = request_id, headers
+
+
+def _error(status: int, reason: str, detail: str, request_id: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"reason": reason, "detail": detail, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), **({"X-Request-ID": request_id}
+                                                                                 if request_id else {})})
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    by_status: dict[int, dict[str, Any]] = {}
+    extra = {401: ("invalid_api_key", "missing or wrong X-API-Key header"),
+             503: ("model_not_ready", "no version of xrayops-synthetic holds alias 'champion'"),
+             501: ("explain_unavailable", "Grad-CAM is not available for this model")}
+    table = {**{r: v for r, v in REASONS.items()}, **{v[0]: (s, v[1]) for s, v in extra.items()}}
+    for reason, (status, meaning) in table.items():
+        if status in statuses:
+            by_status.setdefault(status, {"model": ErrorOut, "description": "", "content": {
+                "application/json": {"examples": {}}}})
+            by_status[status]["description"] += f"`{reason}`: {meaning}. "
+            by_status[status]["content"]["application/json"]["examples"][reason] = {
+                "summary": meaning, "value": error_example(reason, meaning)}
+    if 422 in statuses:
+        by_status[422]["content"]["application/json"]["examples"]["invalid_request"] = {
+            "summary": "the request is malformed (e.g. no `file` part)",
+            "value": error_example("invalid_request", "body.file: Field required")}
+    return dict(by_status)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over the limit before they are parsed or spooled."""
+
+    def __init__(self, app: Any, limit: int, on_reject: Any = None) -> None:
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(scope, receive, send, int(length))
+        seen, started, rejected = 0, False, False
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit and not started:
+                    # Answer now; the app sees a disconnect and its own response is dropped.
+                    rejected = True
+                    await self._reject(scope, receive, send, seen)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if rejected:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, limited_receive, tracking_send)
+
+    async def _reject(self, scope: dict[str, Any], receive: Any, send: Any, size: int) -> None:
+        request_id = scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+        detail = f"request body of {size}+ bytes exceeds serve.max_upload_bytes={self.limit - MULTIPART_SLACK}"
+        if self.on_reject is not None:
+            self.on_reject(request_id, Rejected("too_large", detail))
+        await _error(413, "too_large", detail, request_id)(scope, receive, send)
+
+
+class RequestId:
+    """Pure ASGI middleware: a request id in ``request.state.request_id`` and the ``X-Request-ID`` header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def api_key_from_env(settings: Settings) -> str | None:
+    """The configured API key, or None when keys are disabled.
+
+    Raises:
+        ConfigError: keys are required but the environment variable is unset or empty.
+    """
+    cfg = settings.serve
+    if not cfg.require_api_key:
+        return None
+    key = os.environ.get(cfg.api_key_env, "")
+    if not key:
+        raise ConfigError(f"serve.require_api_key is true but ${cfg.api_key_env} is not set: export "
+                          f"{cfg.api_key_env}=<a long random secret> (clients send it as {API_KEY_HEADER}), or "
+                          "pass --set serve.require_api_key=false for local use only")
+    return key
+
+
+def model_info(store: ModelStore) -> ModelInfo:
+    p = store.require()
+    metrics: dict[str, MetricOut] = {}
+    for key, text in p.tags.items():
+        if key.startswith("test_"):
+            value, _, ci = text.partition(" ")
+            try:
+                bounds = json.loads(ci.replace("None", "null")) if ci else None
+                metrics[key.removeprefix("test_")] = MetricOut(value=float(value), ci=bounds)
+            except ValueError:
+                continue
+    return ModelInfo(name=p.model_name, version=p.version, alias=store.alias, threshold=p.threshold,
+                     threshold_policy=p.tags.get("threshold_policy"), classes=p.classes,
+                     positive_class=p.positive_class, input_size=p.spec.image_size, input_channels=p.spec.channels,
+                     engine=getattr(p.engine, "name", "?"), embedding_components=len(p.pca.components) if p.pca else 0,
+                     metrics=metrics, run_id=p.run_id, loaded_at=store.loaded_at)
+
+
+def create_app(settings: Settings, *, store: ModelStore | None = None, poll: bool = True) -> FastAPI:
+    """Build the app; the model loads (and the log writer starts) when the app starts."""
+    api_key = api_key_from_env(settings)
+    store = store or ModelStore(settings)
+    writer = LogWriter(settings.production_log, settings.serve.log_flush_s)
+    service = InferenceService(settings, store, writer)
+    executor = ThreadPoolExecutor(max_workers=settings.serve.workers, thread_name_prefix="inference")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        writer.start()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, store.start if poll else store.refresh)
+        try:
+            yield
+        finally:
+            store.stop()
+            executor.shutdown(wait=True)
+            writer.close()
+
+    app = FastAPI(title="xrayops inference API", version="1", lifespan=lifespan,
+                  description=_DESCRIPTION.format(header=API_KEY_HEADER, env=settings.serve.api_key_env),
+                  openapi_tags=[{"name": "inference", "description": "Score chest X-rays."},
+                                {"name": "model", "description": "The served model version."},
+                                {"name": "operations", "description": "Probes for orchestrators."}])
+    app.state.store, app.state.service, app.state.writer = store, service, writer
+    app.add_middleware(BodyLimit, limit=settings.serve.max_upload_bytes + MULTIPART_SLACK,
+                       on_reject=lambda rid, exc: service.log_rejection(rid, exc, None, "api"))
+    app.add_middleware(RequestId)
+    _handlers(app)
+    auth = _auth_dependency(api_key)
+    _routes(app, settings, store, service, executor, auth)
+    return app
+
+
+def _auth_dependency(api_key: str | None) -> Any:
+    scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                          description="API key (value of the environment variable named by serve.api_key_env).")
+
+    async def check(key: str | None = Depends(scheme)) -> None:
+        if api_key is None:
+            return
+        if not key:
+            raise ApiError(401, "missing_api_key", f"send the API key in the {API_KEY_HEADER} header",
+                           headers={"WWW-Authenticate": "APIKey"})
+        if not hmac.compare_digest(key.encode(), api_key.encode()):
+            raise ApiError(401, "invalid_api_key", f"the {API_KEY_HEADER} header does not hold a valid key",
+                           headers={"WWW-Authenticate": "APIKey"})
+
+    return check
+
+
+def _handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.reason, exc.detail, exc.request_id, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", detail)
+
+
+def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: InferenceService,
+            executor: ThreadPoolExecutor, auth: Any) -> None:
+    cfg = settings.serve
+
+    @app.post("/v1/predict", response_model=PredictionOut, tags=["inference"], dependencies=[Depends(auth)],
+              responses=_responses(400, 401, 413, 415, 422, 501, 503), summary="Score one chest X-ray")
+    async def predict(
+        request: Request,
+        file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (format detected from the content).")],
+        explain: Annotated[bool, Query(description="Also return a Grad-CAM overlay (PNG, base64); slower.")] = False,
+        view_position: Annotated[str | None, Form(description="View (PA, AP, LL) when the file has none.")] = None,
+    ) -> PredictionOut:
+        """Gate the upload, score it with the served version and log the prediction (features only, no pixels).
+
+        The label applies the version's locked operating threshold. Rejections return 4xx with a reason code
+        and are logged (reason only)."""
+        request_id = request.state.request_id
+        data = await file.read(cfg.max_upload_bytes + 1)
+        call = functools.partial(service.predict, data, request_id=request_id, view_position=view_position,
+                                 explain=explain)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(executor, call)
+        except Rejected as exc:
+            raise ApiError(exc.status, exc.reason, exc.detail, request_id) from None
+        except NotReady as exc:
+            raise ApiError(503, "model_not_ready", str(exc), request_id) from None
+        except ExplainUnavailable as exc:
+            raise ApiError(501, "explain_unavailable", str(exc), request_id) from None
+        explanation = (ExplanationOut(overlay_png_base64=base64.b64encode(result.explanation.overlay_png).decode())
+                       if result.explanation else None)
+        return PredictionOut(request_id=request_id, probability=result.probability, label=result.label,
+                             threshold=result.threshold, positive_class=result.positive_class,
+                             probabilities=result.probabilities, latency_ms=round(result.latency_ms, 2),
+                             model=ModelRef(name=result.model_name, version=result.model_version, alias=result.alias),
+                             explanation=explanation)
+
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(auth)],
+             responses=_responses(401, 503), summary="The served model version")
+    async def model() -> ModelInfo:
+        """Name, version, alias, locked threshold and headline test metrics of the served version."""
+        try:
+            return model_info(store)
+        except NotReady as exc:
+            raise ApiError(503, "model_not_ready", str(exc)) from None
+
+    @app.post("/v1/model/refresh", response_model=RefreshOut, tags=["model"], dependencies=[Depends(auth)],
+              responses=_responses(401), summary="Check the alias now")
+    async def refresh() -> RefreshOut:
+        """Check the registry alias immediately (it is also polled every `serve.alias_poll_s` seconds)."""
+        changed = await asyncio.get_running_loop().run_in_executor(executor, store.refresh)
+        return RefreshOut(changed=changed, model=model_info(store) if store.current else None)
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+    async def healthz() -> Health:
+        """The process is up (no authentication)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Readiness, tags=["operations"], summary="Readiness",
+             responses={503: {"model": Readiness, "description": "No model loaded yet."}})
+    async def readyz() -> Any:
+        """Ready when a model version is loaded (no authentication)."""
+        state = {k: v for k, v in store.status().items() if k in Readiness.model_fields}
+        return state if state["ready"] else JSONResponse(state, status_code=503)
+
+
+_DESCRIPTION = """Scores chest radiographs with the registry version holding the served alias
+(`champion` by default) and logs every prediction's image features, embedding components and output
+(never pixels or patient data) for drift monitoring.
+
+**Authentication**: send the API key in the `{header}` header (the server reads it from `${env}`).
+
+**Errors** always look like `{{"error": {{"reason": ..., "detail": ..., "request_id": ...}}}}`; `reason` is a stable
+code (see each endpoint's responses).
+"""
+
+
+def run(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Serve with uvicorn in this process (blocks)."""
+    import uvicorn
+
+    app = create_app(settings)
+    uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port, log_level="info",
+                access_log=False, timeout_graceful_shutdown=10)

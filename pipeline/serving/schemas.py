@@ -1,0 +1,99 @@
+"""Request/response models of the API (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from pipeline.serving.admission import REASONS
+
+
+class ModelRef(BaseModel):
+    name: str = Field(description="Registered model name.", examples=["xrayops-synthetic"])
+    version: str = Field(description="Registry version that produced the answer.", examples=["3"])
+    alias: str | None = Field(description="Alias the version was loaded through.", examples=["champion"])
+
+
+class ExplanationOut(BaseModel):
+    overlay_png_base64: str = Field(description="Grad-CAM heatmap blended over the image, PNG, base64.")
+    method: str = Field("grad-cam", description="Explanation method.")
+
+
+class PredictionOut(BaseModel):
+    """The model's answer for one image."""
+
+    request_id: str = Field(description="Id of this request (also in the X-Request-ID header and the production "
+                                        "log); quote it when giving feedback.", examples=["5f0c1e0e9b8d4a40b6c1"])
+    probability: float = Field(ge=0, le=1, description="Probability of the positive class (binary models) or of "
+                                                       "the top class (multi-class).", examples=[0.83])
+    label: str = Field(description="Decision at the version's locked operating threshold.", examples=["PNEUMONIA"])
+    threshold: float | None = Field(description="Operating threshold locked at registration (binary models).",
+                                    examples=[0.41])
+    positive_class: str | None = Field(description="Class the probability refers to.", examples=["PNEUMONIA"])
+    probabilities: dict[str, float] = Field(description="Probability of every class.",
+                                            examples=[{"NORMAL": 0.17, "PNEUMONIA": 0.83}])
+    model: ModelRef
+    latency_ms: float = Field(description="Server-side time for gate, inference and logging.", examples=[24.1])
+    explanation: ExplanationOut | None = Field(None, description="Present when `explain=true`.")
+
+
+class ErrorBody(BaseModel):
+    reason: str = Field(description="Stable reason code: " + ", ".join(
+        [*REASONS, "missing_api_key", "invalid_api_key", "invalid_request", "model_not_ready",
+         "explain_unavailable"]), examples=["colour_photograph"])
+    detail: str = Field(description="What was found and what was expected.",
+                        examples=["3-channel colour image; expected a grayscale radiograph"])
+    request_id: str | None = Field(None, description="Id of the request (rejections are logged under it).")
+
+
+class ErrorOut(BaseModel):
+    """Every error has this shape."""
+
+    error: ErrorBody
+
+
+class MetricOut(BaseModel):
+    value: float | None = Field(description="Test-set value at registration.")
+    ci: list[float | None] | None = Field(None, description="Patient-level bootstrap confidence interval.")
+
+
+class ModelInfo(BaseModel):
+    """The model currently served."""
+
+    name: str = Field(examples=["xrayops-synthetic"])
+    version: str = Field(examples=["3"])
+    alias: str = Field(examples=["champion"])
+    threshold: float | None = Field(description="Locked operating threshold.", examples=[0.41])
+    threshold_policy: str | None = Field(None, examples=["sensitivity_floor"])
+    classes: list[str] = Field(examples=[["NORMAL", "PNEUMONIA"]])
+    positive_class: str | None = Field(examples=["PNEUMONIA"])
+    input_size: int = Field(description="Side of the square model input in pixels.", examples=[128])
+    input_channels: int = Field(examples=[1])
+    engine: str = Field(description="Compiled inference engine: onnx or tf.", examples=["onnx"])
+    embedding_components: int = Field(description="Embedding PCs logged per prediction.", examples=[4])
+    metrics: dict[str, MetricOut] = Field(description="Headline test metrics recorded on the version.")
+    run_id: str | None = Field(description="MLflow training run of the version.")
+    loaded_at: float | None = Field(description="Unix time the version was loaded.")
+
+
+class RefreshOut(BaseModel):
+    changed: bool = Field(description="True when the alias had moved and the new version was loaded.")
+    model: ModelInfo | None
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class Readiness(BaseModel):
+    ready: bool
+    alias: str
+    model_name: str
+    version: str | None
+    engine: str | None
+    error: str | None = Field(None, description="Why no model is loaded, or why the last alias check failed.")
+
+
+def error_example(reason: str, detail: str) -> dict[str, Any]:
+    return {"error": {"reason": reason, "detail": detail, "request_id": "5f0c1e0e9b8d4a40b6c1"}}

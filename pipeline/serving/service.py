@@ -1,0 +1,121 @@
+"""One prediction, end to end, shared by the API and the clinician UI:
+gate → preprocess → compiled inference (+ embedding) → production-log row → optional Grad-CAM.
+
+Nothing here keeps per-request state on the service object: every call takes the current
+:class:`~pipeline.serving.predictor.Predictor` once, so concurrent requests and alias moves cannot
+mix model versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Settings
+from pipeline.data.imaging import DecodedImage
+from pipeline.serving.production_log import LogWriter
+from pipeline.serving.admission import Rejected, admit
+from pipeline.serving.model_store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+class ExplainUnavailable(RuntimeError):
+    """Grad-CAM cannot be computed for this model or deployment."""
+
+
+@dataclass
+class Explanation:
+    heatmap: np.ndarray  # (h, w) in [0, 1]
+    overlay_png: bytes
+
+
+@dataclass
+class PredictionResult:
+    request_id: str
+    probability: float
+    probabilities: dict[str, float]
+    label: str
+    threshold: float | None
+    positive_class: str | None
+    model_name: str
+    model_version: str
+    alias: str | None
+    engine: str
+    latency_ms: float
+    image: DecodedImage
+    classes: list[str]
+    explanation: Explanation | None = None
+
+
+def clean_view_position(value: str | None) -> str | None:
+    """Upper-case alphanumeric view code (PA, AP, LL, …) or None; anything else is dropped."""
+    if not value:
+        return None
+    text = re.sub(r"[^A-Za-z0-9]", "", value).upper()[:12]
+    return text or None
+
+
+class InferenceService:
+    """Scores uploads with the store's current model and logs every outcome."""
+
+    def __init__(self, settings: Settings, store: ModelStore, writer: LogWriter) -> None:
+        self.settings = settings
+        self.store = store
+        self.writer = writer
+
+    def predict(self, data: bytes, *, request_id: str | None = None, view_position: str | None = None,
+                explain: bool = False, source: str = "api") -> PredictionResult:
+        """Gate, score and log one upload.
+
+        Raises:
+            NotReady: no model loaded.
+            Rejected: the upload failed the input gate (the rejection is logged, reason only).
+        """
+        started = time.perf_counter()
+        request_id = request_id or uuid.uuid4().hex
+        predictor = self.store.require()
+        try:
+            image = admit(data, self.settings.serve, dicom_bit_depth=self.settings.data.ingest.dicom_bit_depth)
+        except Rejected as exc:
+            self.log_rejection(request_id, exc, predictor.version, source)
+            raise
+        view = image.meta.get("view_position") or clean_view_position(view_position)
+        image.meta = {**image.meta, "view_position": view}
+        gray = image.gray01()
+        x = predictor.preprocess(image, gray)
+        scored = predictor.score(x[None])[0]
+        self.writer.add(predictor.log_row(image, scored, request_id=request_id, gray01=gray, source=source))
+        explanation = explain_image(predictor.model, x) if explain else None
+        return PredictionResult(
+            request_id=request_id, probability=scored.probability, probabilities=scored.probabilities,
+            label=scored.label, threshold=predictor.threshold, positive_class=predictor.positive_class,
+            model_name=predictor.model_name, model_version=predictor.version, alias=predictor.alias,
+            engine=getattr(predictor.engine, "name", "?"), latency_ms=(time.perf_counter() - started) * 1000,
+            image=image, classes=list(predictor.classes), explanation=explanation)
+
+    def log_rejection(self, request_id: str, exc: Rejected, model_version: str | None, source: str) -> None:
+        self.writer.add_rejection({"request_id": request_id, "request_time": datetime.now(UTC), "source": source,
+                                   "model_name": self.settings.registered_model, "model_version": model_version,
+                                   "reason": exc.reason, "status": exc.status})
+
+
+def explain_image(model: Any, x: np.ndarray) -> Explanation:
+    """Grad-CAM of one preprocessed image (``pipeline.evaluation.explain.gradcam``)."""
+    try:
+        from pipeline.evaluation.explain import gradcam
+    except ImportError as exc:
+        raise ExplainUnavailable(f"Grad-CAM is not available in this installation ({exc})") from None
+    try:
+        heatmap, overlay = gradcam(model, x[None])
+    except Exception as exc:
+        raise ExplainUnavailable(f"Grad-CAM failed for this model: {type(exc).__name__}: {str(exc)[:200]}") from None
+    heat = np.asarray(heatmap, np.float32)
+    return Explanation(heat[0] if heat.ndim == 3 else heat, overlay if isinstance(overlay, bytes) else bytes(overlay))

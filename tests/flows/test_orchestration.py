@@ -1,0 +1,120 @@
+"""Pieces of the production shape that need no server: run parameters as the UI/CLI send them, schedule
+validation, retry backoff, Dask shard sizes, settings from the environment, S3 locations by settings only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, Settings, load_settings
+
+
+
+def training_schema() -> dict:
+    from flows.training import training_flow
+
+    return training_flow.parameters.model_dump()
+
+
+def test_ui_form_schema_has_titled_described_fields() -> None:
+    schema = training_schema()
+    assert list(schema["properties"]) == ["params"] and "$ref" in schema["properties"]["params"]
+    fields = schema["definitions"]["TrainingParameters"]["properties"]
+    assert {"source", "rev", "model", "epochs", "require_approval", "overrides"} <= set(fields)
+    assert all(f.get("title") and f.get("description") for f in fields.values())
+
+
+def test_trigger_parameters_go_into_the_settings_model() -> None:
+    from flows.trigger import build_parameters, deployment_name
+
+    params = build_parameters(training_schema(), ["epochs=3", "model=vgg_small", "require_approval=true"],
+                              ["train.batch_size=16"])
+    assert params == {"params": {"epochs": 3, "model": "vgg_small", "require_approval": True,
+                                 "overrides": ["train.batch_size=16"]}}
+    from flows.training import TrainingParameters
+
+    TrainingParameters.model_validate(params["params"])  # what the server validates against the schema
+    assert build_parameters(training_schema(), [], []) == {}
+    assert build_parameters({"properties": {"a": {"type": "integer"}, "b": {}}}, ["a=1"], []) == {"a": 1}
+    with pytest.raises(ValueError, match="name=value"):
+        build_parameters(training_schema(), ["epochs"], [])
+    assert deployment_name("training") == "xrayops-training/training"
+    assert deployment_name("xrayops-monitoring") == "xrayops-monitoring/monitoring"
+    assert deployment_name("a/b") == "a/b"
+
+
+def test_bad_schedule_is_a_config_error_naming_the_setting() -> None:
+    from flows.deploy import check_schedule
+
+    check_schedule("0 2 * * 1", "Europe/Paris", "training_cron")
+    with pytest.raises(ConfigError, match="orchestrate.training_cron"):
+        check_schedule("every monday", "UTC", "training_cron")
+    with pytest.raises(ConfigError, match="orchestrate.timezone"):
+        check_schedule("0 2 * * 1", "Mars/Olympus", "training_cron")
+
+
+def test_io_task_options_back_off_exponentially(make_settings: Callable[..., Settings]) -> None:
+    from flows.options import backoff, io_options
+
+    assert backoff(2, 3) == [2, 4, 8]
+    opts = io_options(make_settings("orchestrate.task_retries=3", "orchestrate.task_retry_delay_s=5",
+                                    "orchestrate.task_timeout_s=60"))
+    assert opts["retries"] == 3 and opts["retry_delay_seconds"] == [5, 10, 20] and opts["timeout_seconds"] == 60
+    assert io_options(make_settings("orchestrate.task_retries=0"))["retry_delay_seconds"] == 0
+
+
+def test_dask_shards_are_bounded() -> None:
+    from flows.scaleout import MAX_SHARD, MIN_SHARD, shard_size
+
+    assert shard_size(10, 2) == MIN_SHARD
+    assert shard_size(800, 2) == 100
+    assert shard_size(10**7, 2) == MAX_SHARD
+
+
+def test_settings_overrides_from_the_environment(make_settings: Callable[..., Settings],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_settings().root / "params.yaml"
+    monkeypatch.setenv("XRAYOPS_SET", "paths.mlflow_tracking_uri=http://mlflow:5000;\n train.epochs=3 ;")
+    settings = load_settings(path, ["train.epochs=4"])
+    assert settings.tracking_uri == "http://mlflow:5000" and settings.train.epochs == 4  # --set wins
+    monkeypatch.setenv("XRAYOPS_SET", "train.nope=1")
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_settings(path)
+
+
+def test_s3_locations_come_from_settings_only(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """DVC remote and MLflow artifact store on S3/MinIO: URLs pass through untouched; with an HTTP tracking
+    server and no artifact root the server's own (proxied) store is used."""
+    from pipeline.tracking import ensure_experiment
+
+    s3 = make_settings("paths.dvc_remote=s3://dvc/store", "paths.mlflow_artifact_root=s3://mlflow/artifacts")
+    assert s3.dvc_remote == "s3://dvc/store" and s3.artifact_root == "s3://mlflow/artifacts"
+    exp_id = ensure_experiment(s3)  # SQLite tracking store; creating the experiment does not touch S3
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri=s3.tracking_uri).get_experiment(exp_id)
+    assert exp.artifact_location == "s3://mlflow/artifacts/xrayops_synthetic"
+    assert make_settings("paths.mlflow_tracking_uri=http://mlflow:5000").artifact_root is None
+    assert make_settings().artifact_root.startswith("file://")
+
+
+def test_dvc_remote_config_accepts_an_s3_url(dvc_project: Callable[..., Settings]) -> None:
+    from pipeline.data.versioning import ensure_remote
+
+    settings = dvc_project("paths.dvc_remote=s3://dvc/store")
+    ensure_remote(settings.root, settings.dvc_remote)
+    text = (settings.root / ".dvc" / "config.local").read_text()
+    assert "url = s3://dvc/store" in text and "remote = xrayops" in text
+
+
+def test_deployment_names_agree_with_settings_and_flows(make_settings: Callable[..., Settings]) -> None:
+    from flows import TRAINING_DEPLOYMENT
+    from flows.deploy import PROJECT_DIR, SPECS, find_flow
+
+    assert make_settings().monitor.training_deployment == TRAINING_DEPLOYMENT  # drift → retraining target
+    for spec in SPECS:
+        found = find_flow(spec, PROJECT_DIR)
+        if found:  # the flow object carries the name the deployment is addressed by
+            assert found[1].name == spec.flow_name, spec

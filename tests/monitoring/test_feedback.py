@@ -1,0 +1,100 @@
+"""Clinician feedback: validation, adjudication, accuracy per version, and the DVC-versioned feedback dataset."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import Settings
+from pipeline.data.imaging import decode_bytes
+from pipeline.monitoring.feedback import (
+    ADJUDICATIONS_FILE,
+    FeedbackError,
+    FeedbackRecord,
+    accuracy_by_version,
+    adjudicate,
+    ingest_feedback,
+    read_feedback,
+    record_feedback,
+    wilson,
+)
+from tests.serving.helpers import png
+
+
+def rec(rid: str, version: str, predicted: str, correct: str) -> FeedbackRecord:
+    return FeedbackRecord(request_id=rid, model_name="m", model_version=version, predicted_label=predicted,
+                          probability=0.7, verdict="agree" if predicted == correct else "disagree",
+                          correct_label=correct, comment="ok")
+
+
+def test_records_are_validated_and_append_only(tmp_path: Path) -> None:
+    rid = uuid.uuid4().hex
+    with pytest.raises(FeedbackError, match="32-digit"):
+        record_feedback(tmp_path, rec("../../etc/passwd", "1", "A", "A"))
+    with pytest.raises(FeedbackError, match="agree"):
+        record_feedback(tmp_path, FeedbackRecord(rid, "m", "1", "A", 0.5, "agree", "B"))
+    record_feedback(tmp_path, rec(rid, "1", "A", "B"), image=decode_bytes(png(1), max_pixels=10**6))
+    record_feedback(tmp_path, rec(rid, "1", "A", "B"))
+    assert len(read_feedback(tmp_path)) == 2 and (tmp_path / "images" / f"{rid}.png").is_file()
+
+
+def test_adjudication_and_accuracy_by_version() -> None:
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    records = pd.DataFrame([rec(ids[0], "1", "P", "P"), rec(ids[1], "1", "P", "N"), rec(ids[1], "1", "P", "N"),
+                            rec(ids[2], "1", "N", "N"), rec(ids[2], "1", "N", "P"),  # conflict
+                            rec(ids[3], "2", "N", "N"), rec(ids[4], "2", "P", "N")]).astype({"submitted_at": str})
+    cases = adjudicate(records).set_index("request_id")
+    assert cases.loc[ids[1], "status"] == "consensus" and cases.loc[ids[1], "label"] == "N"
+    assert cases.loc[ids[2], "status"] == "conflict" and cases.loc[ids[2], "label"] is None
+    acc = {a["model_version"]: a for a in accuracy_by_version(cases.reset_index())}
+    assert (acc["1"]["cases"], acc["1"]["correct"], acc["1"]["accuracy"]) == (2, 1, 0.5)
+    assert (acc["2"]["cases"], acc["2"]["accuracy"]) == (2, 0.5)
+    # a senior reader's adjudication resolves the conflict
+    override = pd.DataFrame({"request_id": [ids[2]], "label": ["P"]})
+    resolved = adjudicate(records, override).set_index("request_id")
+    assert resolved.loc[ids[2], "status"] == "adjudicated" and resolved.loc[ids[2], "label"] == "P"
+    lo, hi = wilson(1, 2)
+    assert 0 < lo < 0.5 < hi < 1 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_ingest_builds_a_dvc_versioned_folder_dataset(dvc_project: Callable[..., Settings]) -> None:
+    from pipeline.data.sources.folder import FolderSource
+
+    settings = dvc_project()
+    ids = [uuid.uuid4().hex for _ in range(4)]
+    truth = ["PNEUMONIA", "NORMAL", "NORMAL", "PNEUMONIA"]
+    predicted = ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL"]
+    for i, (rid, t, p) in enumerate(zip(ids, truth, predicted, strict=True)):
+        record_feedback(settings.feedback_log, rec(rid, "3", p, t), image=decode_bytes(png(i), max_pixels=10**6))
+    summary = ingest_feedback(settings)
+    dest = Path(summary["dataset_dir"])
+    assert dest == settings.root / "data" / "raw" / settings.monitor.feedback_dataset
+    assert summary["images_by_label"] == {"PNEUMONIA": 2, "NORMAL": 2}
+    assert summary["accuracy_by_version"][0] | {"ci95": None} == {
+        "model_name": "m", "model_version": "3", "cases": 4, "correct": 2, "accuracy": 0.5, "ci95": None}
+    assert summary["dvc"]["dvc_md5"].endswith(".dir") and (dest.parent / f"{dest.name}.dvc").is_file()
+    labels = {r.ref.split("/")[1].removesuffix(".png"): r.label for r in FolderSource().records(dest, None)}
+    assert labels == dict(zip(ids, truth, strict=True)), "the next training run reads it as a folder source"
+    # re-adjudicating a case moves it and gives a new dataset version
+    (settings.feedback_log / ADJUDICATIONS_FILE).write_text(f"request_id,label\n{ids[0]},NORMAL\n")
+    again = ingest_feedback(settings)
+    assert again["images_by_label"] == {"NORMAL": 3, "PNEUMONIA": 1}
+    assert again["dvc"]["dvc_md5"] != summary["dvc"]["dvc_md5"]
+    assert not (dest / "PNEUMONIA" / f"{ids[0]}.png").exists()
+
+
+@pytest.mark.slow
+def test_feedback_flow_in_prefect(prefect_harness: None, make_settings: Callable[..., Settings]) -> None:
+    from flows.feedback import FeedbackParameters, feedback_flow
+
+    settings = make_settings("data.version_with_dvc=false")
+    rid = uuid.uuid4().hex
+    record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
+                    image=decode_bytes(png(2), max_pixels=10**6))
+    summary = feedback_flow(FeedbackParameters(params_path=str(settings.root / "params.yaml")))
+    assert summary["images_by_label"] == {"PNEUMONIA": 1} and summary["dvc"] is None
+    assert summary["accuracy_by_version"][0]["accuracy"] == 0.0 and Path(summary["report"]).is_file()

@@ -29,16 +29,13 @@ from typing import Any
 
 from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
 from pipeline.config import ConfigError, Settings
+from pipeline.errors import DeployError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 POOL_TYPE = "process"
 TAGS = ["xrayops"]
-
-
-class DeployError(RuntimeError):
-    """The deployments could not be applied; the message says what to do."""
 
 
 @dataclass(frozen=True)

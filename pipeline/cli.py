@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.errors import ValidationFailed, XrayopsError
+
 app = typer.Typer(name="xrayops", help="Train, review, ship and watch chest X-ray classifiers.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Raw datasets: generate / materialise and version with DVC.", no_args_is_help=True)
@@ -30,40 +32,28 @@ ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params.yaml to
                                                 envvar="XRAYOPS_PARAMS")]
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.config import ConfigError
-    from pipeline.data.sources.base import SourceError
-    from pipeline.data.versioning import VersioningError
-    from pipeline.training.inputs import InputError
-    from pipeline.training.models.zoo import UnknownModel
-    from pipeline.data.split import LeakageError
-
-    # errors of heavy modules count only once loaded (an instance implies its module was imported)
-    lazy = tuple(getattr(sys.modules[module], name) for module, name in _LAZY_ERRORS if module in sys.modules)
-    return (ConfigError, SourceError, VersioningError, InputError, UnknownModel, LeakageError,
-            FileNotFoundError, NotADirectoryError, *lazy)
-
-
-_LAZY_ERRORS = (("pipeline.registry.versions", "PromotionError"), ("flows.deploy", "DeployError"))
-
-
 @contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn expected failures into a short message on stderr (exit 2; failed validation exits 1)."""
+    """Turn expected failures into one line on stderr (+ a hint): exit 2, or 1 for failed data validation.
+
+    Every error xrayops raises on purpose derives from :class:`pipeline.errors.XrayopsError`; a missing
+    file or folder named on the command line is reported the same way. Anything else is a bug and
+    keeps its traceback.
+    """
     try:
         yield
     except typer.Exit:
         raise
-    except Exception as exc:
-        from pipeline.data.validate import ValidationFailed
+    except (XrayopsError, FileNotFoundError, NotADirectoryError) as exc:
+        typer.secho(f"error: {_one_line(exc)}", err=True, fg="red")
+        hint = getattr(exc, "hint", None)
+        if hint:
+            typer.echo(f"hint: {hint}", err=True)
+        raise typer.Exit(1 if isinstance(exc, ValidationFailed) else 2) from None
 
-        if isinstance(exc, ValidationFailed):
-            typer.secho(f"error: {exc}", err=True, fg="red")
-            raise typer.Exit(1) from None
-        if isinstance(exc, _known_errors()):
-            typer.secho(f"error: {exc}", err=True, fg="red")
-            raise typer.Exit(2) from None
-        raise
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def settings_for(params: Path | None, sets: list[str] | None, extra: list[str] | None = None) -> Any:

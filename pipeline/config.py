@@ -17,14 +17,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pipeline.errors import ConfigError  # noqa: F401 (re-exported)
 
 PARAMS_ENV = "XRAYOPS_PARAMS"
 OVERRIDES_ENV = "XRAYOPS_SET"  # "section.field=value;…" applied before --set (containers, k8s pods)
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who has to fix it."""
 
 
 class _Section(BaseModel):

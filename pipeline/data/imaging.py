@@ -18,18 +18,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
+from pipeline.errors import BadImage  # noqa: F401 (re-exported)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_INFLATERS = ("isal", "pillow")
-
-
-class BadImage(Exception):
-    """An input that cannot be used; ``reason`` is a stable code for quarantine and API errors."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass

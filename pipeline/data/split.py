@@ -28,20 +28,13 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.manifest import read_links, read_manifest, read_summary
 from pipeline.data.features import hamming_distance, hashes_to_bytes
+from pipeline.errors import LeakageError, SplitError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_FILE = "split.parquet"
 CERTIFICATE_FILE = "split_certificate.json"
-
-
-class LeakageError(RuntimeError):
-    """The split certificate does not hold (patient overlap, tampering, stale split)."""
-
-
-class SplitError(LeakageError):
-    """The manifest cannot be split by patient as configured (e.g. too few patients)."""
 
 
 # --------------------------------------------------------------------------- near-duplicates

@@ -1,4 +1,5 @@
 """Stage ``validate``: a Great Expectations (1.x) suite on the manifest, kept in code.
+from pipeline.errors import ValidationFailed  # noqa: F401 (re-exported)
 
 Each expectation carries a severity in its ``meta``: a failed *critical* expectation
 stops the pipeline (:class:`ValidationFailed` names each failure and its observed
@@ -38,10 +39,6 @@ SUITE_NAME = "xrayops_manifest"
 RESULT_FILE = "result.json"
 # Summary-level results only: no lists of unexpected values (they could carry data).
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 0, "include_unexpected_rows": False}
-
-
-class ValidationFailed(RuntimeError):
-    """A critical expectation failed; the message lists each failure."""
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,11 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from pipeline.errors import VersioningError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 REMOTE_NAME = "xrayops"
-
-
-class VersioningError(RuntimeError):
-    """DVC could not version or fetch a dataset; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

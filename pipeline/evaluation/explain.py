@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pipeline.errors import GradCamError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ _PASS_THROUGH = ("BatchNormalization", "GroupNormalization", "LayerNormalization
                  "LeakyReLU", "ELU", "PReLU", "Softmax")
 _CACHE: weakref.WeakKeyDictionary[Any, GradCam] = weakref.WeakKeyDictionary()
 _CACHE_LOCK = threading.Lock()
-
-
-class GradCamError(ValueError):
-    """The model has no convolutional feature map Grad-CAM can use."""
 
 
 def _conv_types() -> tuple[type, ...]:

@@ -1,4 +1,5 @@
 """Clinician feedback: an append-only record store, adjudication, and the feedback dataset.
+from pipeline.errors import FeedbackError  # noqa: F401 (re-exported)
 
 Records (``<feedback_log>/records/date=…/part-*.parquet``) hold the request id, model
 name/version, the model's answer, the clinician's verdict (agree / disagree + the correct
@@ -41,10 +42,6 @@ IMAGES_DIR = "images"
 ADJUDICATIONS_FILE = "adjudications.csv"
 MAX_COMMENT = 500
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class FeedbackError(ValueError):
-    """Feedback that cannot be stored or used; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pipeline.errors import ExportError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ PARITY_TOLERANCE = 1e-4
 SAVED_MODEL_ARTIFACT = "export/saved_model"
 ONNX_ARTIFACT = "export/model.onnx"
 PARITY_TAG = "onnx_parity_max_abs_diff"
-
-
-class ExportError(RuntimeError):
-    """An export that could not be produced or does not match the Keras model."""
 
 
 def _input_hwc(model: Any, input_shape: tuple[int, ...] | None = None) -> tuple[int, int, int]:

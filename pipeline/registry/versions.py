@@ -21,6 +21,7 @@ from pipeline.evaluation.evaluate import EvalResult
 from pipeline.training.inputs import InputSpec, check_files, load_images
 from pipeline.tracking import code_version, configure_mlflow, mlflow_client
 from pipeline.training.train import TrainResult
+from pipeline.errors import PromotionError  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from pipeline.registry.gate import GateDecision
@@ -159,10 +160,6 @@ def load_version_model(settings: Settings, version: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- promotion
-
-
-class PromotionError(RuntimeError):
-    """An alias move that would break the registry's rules (the message says which)."""
 
 
 def record_decision(settings: Settings, version: Any, decision: GateDecision, run_id: str) -> None:

@@ -8,23 +8,10 @@ stable ``reason`` code and an HTTP status.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.config import ServeSection
 from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
-
-# reason code → (HTTP status, what it means); the API documents this table.
-REASONS: dict[str, tuple[int, str]] = {
-    "empty": (400, "the upload has 0 bytes"),
-    "too_large": (413, "the upload exceeds serve.max_upload_bytes"),
-    "too_many_pixels": (413, "width × height exceeds serve.max_pixels (decompression-bomb guard)"),
-    "not_an_image": (415, "the content is not PNG, JPEG or DICOM (checked by content, not file name)"),
-    "unsupported_image": (415, "an image mode or DICOM encoding the service cannot read"),
-    "corrupt": (422, "truncated or unreadable image data"),
-    "colour_photograph": (422, "colour pixels where a grayscale radiograph is expected"),
-    "too_small": (422, "the shorter side is below serve.min_side"),
-    "implausible_geometry": (422, "the aspect ratio exceeds serve.max_aspect"),
-}
+from pipeline.errors import REJECTION_REASONS as REASONS
+from pipeline.errors import Rejected  # noqa: F401 (re-exported)
 
 _FROM_DECODER = {
     "empty_file": "empty",
@@ -35,21 +22,6 @@ _FROM_DECODER = {
     "unsupported_mode": "unsupported_image",
     "dicom_unsupported": "unsupported_image",
 }
-
-
-@dataclass
-class Rejected(Exception):
-    """An upload the gate refused."""
-
-    reason: str
-    detail: str
-
-    @property
-    def status(self) -> int:
-        return REASONS[self.reason][0]
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
 
 
 def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8) -> DecodedImage:

@@ -43,19 +43,12 @@ from pipeline.serving.schemas import (
 )
 from pipeline.serving.service import ExplainUnavailable, InferenceService
 from pipeline.serving.model_store import ModelStore, NotReady
+from pipeline.errors import ApiError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 MULTIPART_SLACK = 64 * 1024  # multipart boundaries and part headers around the file
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, reason: str, detail: str, request_id: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.reason, self.detail = status, reason, detail
-        self.request_id, self.headers = request_id, headers
 
 
 def _error(status: int, reason: str, detail: str, request_id: str | None = None,

@@ -18,12 +18,9 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.serving.predictor import Predictor
+from pipeline.errors import NotReady  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-class NotReady(RuntimeError):
-    """No model is loaded yet; the message says why."""
 
 
 class ModelStore:

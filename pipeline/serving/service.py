@@ -23,12 +23,9 @@ from pipeline.data.imaging import DecodedImage
 from pipeline.serving.production_log import LogWriter
 from pipeline.serving.admission import Rejected, admit
 from pipeline.serving.model_store import ModelStore
+from pipeline.errors import ExplainUnavailable  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-
-class ExplainUnavailable(RuntimeError):
-    """Grad-CAM cannot be computed for this model or deployment."""
 
 
 @dataclass

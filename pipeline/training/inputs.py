@@ -24,14 +24,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import AugmentSection
+from pipeline.errors import InputError  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIRECTORY_LAYOUT = "ROOT/<class>/<image>.png|jpg|jpeg — one sub-folder per class (e.g. ROOT/NORMAL, ROOT/PNEUMONIA)"
 SHUFFLE_BUFFER_BYTES = 256 * 2**20  # the shuffle buffer holds decoded images: cap its memory
-
-
-class InputError(FileNotFoundError):
-    """Image files are missing; the message names the path and the expected layout."""
 
 
 @dataclass(frozen=True)

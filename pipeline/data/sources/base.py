@@ -14,14 +14,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from pipeline.errors import SourceError  # noqa: F401 (re-exported)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 XRAY_CLASSES = ("NORMAL", "PNEUMONIA")
-
-
-class SourceError(ValueError):
-    """The raw dataset is not where or how the source expects it."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from pipeline.errors import WeightsUnavailable  # noqa: F401 (re-exported)
 
 
 def find_backbone(model: Any) -> Any | None:
@@ -51,10 +52,6 @@ BACKBONES: dict[str, tuple[str, str, str]] = {
     "densenet121": ("DenseNet121", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
                     "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"),
 }
-
-
-class WeightsUnavailable(FileNotFoundError):
-    """Pretrained backbone weights cannot be found or downloaded; the message says where to put them."""
 
 
 def keras_cache_file(file_name: str) -> Path:

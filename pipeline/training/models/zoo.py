@@ -10,13 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from pipeline.errors import UnknownModel  # noqa: F401 (re-exported)
 
 Builder = Callable[..., Any]
-
-
-class UnknownModel(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

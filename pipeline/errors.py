@@ -1,0 +1,198 @@
+"""Every error xrayops raises on purpose, in one place (one base, one tree).
+
+Each class says what went wrong in words for the person who has to fix it; the CLI catches
+:class:`XrayopsError`, prints the message on one line with its hint and exits 2 (1 for a failed
+data validation). Errors of other libraries that mean "a service is not there" (MLflow, Prefect,
+DVC) are wrapped at the edge into :class:`ServiceUnavailable` with the fix named.
+
+Where an error also belongs to a builtin family (a missing file, a bad value) it keeps that
+builtin as a second base, so ``except FileNotFoundError`` around it keeps working::
+
+    XrayopsError
+    ├── ConfigError (ValueError)             params.yaml / --set / environment
+    ├── ServiceUnavailable                   MLflow, Prefect or DVC cannot be reached or answered with an error
+    ├── DataError                            the data → split path
+    │   ├── SourceError (ValueError)         raw dataset not where or how the source expects it
+    │   ├── VersioningError                  DVC could not version or fetch a dataset
+    │   ├── BadImage                         one unusable image (a quarantine reason; caught per file)
+    │   ├── ValidationFailed                 a critical Great Expectations check failed (CLI exit 1)
+    │   ├── LeakageError                     the split certificate does not hold
+    │   │   └── SplitError                   the manifest cannot be split by patient as configured
+    │   ├── InputError (FileNotFoundError)   image files the model needs are missing
+    │   └── FeedbackError (ValueError)       feedback that cannot be stored or used
+    ├── ModelError                           building, explaining or exporting a model
+    │   ├── UnknownModel (KeyError)          a name that is not in the model zoo
+    │   ├── WeightsUnavailable (FileNotFoundError)  pretrained weights not on disk (offline)
+    │   ├── GradCamError (ValueError)        no convolutional feature map for Grad-CAM
+    │   └── ExportError                      SavedModel / ONNX export failed or lost parity
+    ├── RegistryError                        the model registry
+    │   └── PromotionError                   an alias move that would break the registry's rules
+    ├── DeployError                          Prefect deployments could not be applied
+    └── ServingError                         the API and the clinician UI
+        ├── NotReady                         no model loaded (yet)
+        ├── ExplainUnavailable               Grad-CAM not available for this model/deployment
+        ├── Rejected                         an upload the input gate refused (stable reason code)
+        └── ApiError                         an HTTP error response with a stable reason
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class XrayopsError(Exception):
+    """Base of every error xrayops raises on purpose. ``hint`` is the fix, when one is known."""
+
+    hint: ClassVar[str | None] = None
+
+
+class ConfigError(XrayopsError, ValueError):
+    """A configuration problem, worded for the person who has to fix it."""
+
+
+class ServiceUnavailable(XrayopsError):
+    """MLflow, Prefect or DVC could not be reached (or failed); the message names the service and the fix."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataError(XrayopsError):
+    """A problem with a dataset on the data → split path."""
+
+
+class SourceError(DataError, ValueError):
+    """The raw dataset is not where or how the source expects it."""
+
+
+class VersioningError(DataError, RuntimeError):
+    """DVC could not version or fetch a dataset; the message says how to fix it."""
+
+
+class BadImage(DataError):
+    """An input that cannot be used; ``reason`` is a stable code for quarantine and API errors."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ValidationFailed(DataError, RuntimeError):
+    """A critical expectation failed; the message lists each failure."""
+
+
+class LeakageError(DataError, RuntimeError):
+    """The split certificate does not hold (patient overlap, tampering, stale split)."""
+
+
+class SplitError(LeakageError):
+    """The manifest cannot be split by patient as configured (e.g. too few patients)."""
+
+
+class InputError(DataError, FileNotFoundError):
+    """Image files are missing; the message names the path and the expected layout."""
+
+
+class FeedbackError(DataError, ValueError):
+    """Feedback that cannot be stored or used; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelError(XrayopsError):
+    """A model cannot be built, explained or exported."""
+
+
+class UnknownModel(ModelError, KeyError):
+    """A model name that is not in the zoo; the message lists the valid names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class WeightsUnavailable(ModelError, FileNotFoundError):
+    """Pretrained backbone weights cannot be found or downloaded; the message says where to put them."""
+
+
+class GradCamError(ModelError, ValueError):
+    """The model has no convolutional feature map Grad-CAM can use."""
+
+
+class ExportError(ModelError, RuntimeError):
+    """An export that could not be produced or does not match the Keras model."""
+
+
+# --------------------------------------------------------------------------- registry, orchestration
+
+
+class RegistryError(XrayopsError):
+    """The model registry cannot do what was asked."""
+
+
+class PromotionError(RegistryError, RuntimeError):
+    """An alias move that would break the registry's rules (the message says which)."""
+
+
+class DeployError(XrayopsError, RuntimeError):
+    """The deployments could not be applied; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class ServingError(XrayopsError):
+    """The API or the clinician UI cannot answer a request."""
+
+
+class NotReady(ServingError, RuntimeError):
+    """No model is loaded yet; the message says why."""
+
+
+class ExplainUnavailable(ServingError, RuntimeError):
+    """Grad-CAM cannot be computed for this model or deployment."""
+
+
+# reason code → (HTTP status, what it means); the API documents this table.
+REJECTION_REASONS: dict[str, tuple[int, str]] = {
+    "empty": (400, "the upload has 0 bytes"),
+    "too_large": (413, "the upload exceeds serve.max_upload_bytes"),
+    "too_many_pixels": (413, "width × height exceeds serve.max_pixels (decompression-bomb guard)"),
+    "not_an_image": (415, "the content is not PNG, JPEG or DICOM (checked by content, not file name)"),
+    "unsupported_image": (415, "an image mode or DICOM encoding the service cannot read"),
+    "corrupt": (422, "truncated or unreadable image data"),
+    "colour_photograph": (422, "colour pixels where a grayscale radiograph is expected"),
+    "too_small": (422, "the shorter side is below serve.min_side"),
+    "implausible_geometry": (422, "the aspect ratio exceeds serve.max_aspect"),
+}
+
+
+class Rejected(ServingError):
+    """An upload the input gate refused: a stable ``reason`` code (:data:`REJECTION_REASONS`) and a detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+    @property
+    def status(self) -> int:
+        return REJECTION_REASONS[self.reason][0]
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rejected) and (self.reason, self.detail) == (other.reason, other.detail)
+
+    __hash__ = Exception.__hash__
+
+
+class ApiError(ServingError):
+    """An HTTP error response: status, stable reason code, detail (never internal exception text)."""
+
+    def __init__(self, status: int, reason: str, detail: str, request_id: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+        self.request_id, self.headers = request_id, headers

@@ -1,5 +1,4 @@
 """Stage ``validate``: a Great Expectations (1.x) suite on the manifest, kept in code.
-from pipeline.errors import ValidationFailed  # noqa: F401 (re-exported)
 
 Each expectation carries a severity in its ``meta``: a failed *critical* expectation
 stops the pipeline (:class:`ValidationFailed` names each failure and its observed
@@ -32,6 +31,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest, read_summary
+from pipeline.errors import ValidationFailed  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

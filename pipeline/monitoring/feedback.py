@@ -1,5 +1,4 @@
 """Clinician feedback: an append-only record store, adjudication, and the feedback dataset.
-from pipeline.errors import FeedbackError  # noqa: F401 (re-exported)
 
 Records (``<feedback_log>/records/date=…/part-*.parquet``) hold the request id, model
 name/version, the model's answer, the clinician's verdict (agree / disagree + the correct
@@ -34,6 +33,7 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage, encode_png
 from pipeline.serving.production_log import append
+from pipeline.errors import FeedbackError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

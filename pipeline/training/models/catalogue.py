@@ -5,7 +5,7 @@ named ``embedding`` (serving and drift monitoring read it); the output layer is 
 (``classification_head``): one sigmoid unit for two classes, softmax otherwise.
 """
 
-from pipeline.training.models.zoo import ModelSpec, register
+from pipeline.training.models.spec import ModelSpec, register
 
 register(ModelSpec(
     name="xray_cnn", builder="pipeline.training.models.cnn:xray_cnn", image_size=128, channels=1, family="xray",

@@ -1,4 +1,4 @@
-"""Registry of zoo models: name → builder, default input, family.
+"""The zoo by name: list, look up and build models (specs declared in ``catalogue``, registered in ``spec``).
 
 Builders take ``(input_shape, num_classes, options)`` and return an uncompiled
 ``keras.Model`` whose head is float32 (safe under mixed precision): one sigmoid unit for
@@ -7,42 +7,13 @@ two classes, softmax otherwise. Keras is imported only when a model is built.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+# Importing the catalogue registers every spec (no Keras import happens there).
+import pipeline.training.models.catalogue  # noqa: F401
 from pipeline.errors import UnknownModel  # noqa: F401 (re-exported)
-
-Builder = Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A zoo entry."""
-
-    name: str
-    builder: str  # "module:function", imported lazily
-    image_size: int
-    channels: int
-    family: str  # seed | classic | xray | transfer
-    description: str
-    options: dict[str, Any] = field(default_factory=dict)
-    # (features, the seed's code, its error) when the seed hard-coded a wrong flatten size
-    seed_flatten: tuple[int, str, str] | None = None
-    num_classes: int = 2  # the task it was written for (default of `xrayops model describe`)
-
-    def load_builder(self) -> Builder:
-        import importlib
-
-        module, func = self.builder.split(":")
-        return getattr(importlib.import_module(module), func)
-
-
-_ZOO: dict[str, ModelSpec] = {}
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    _ZOO[spec.name] = spec
-    return spec
+from pipeline.training.models.spec import REGISTRY as _ZOO
+from pipeline.training.models.spec import Builder, ModelSpec, register  # noqa: F401 (re-exported)
 
 
 def register_custom_objects() -> None:
@@ -50,18 +21,11 @@ def register_custom_objects() -> None:
     import pipeline.training.models.layers  # noqa: F401
 
 
-def _load_all() -> None:
-    # Importing the catalogue registers every spec (no Keras import happens here).
-    from pipeline.training.models import catalogue  # noqa: F401
-
-
 def list_models() -> list[ModelSpec]:
-    _load_all()
     return sorted(_ZOO.values(), key=lambda s: (s.family, s.name))
 
 
 def get_spec(name: str) -> ModelSpec:
-    _load_all()
     if name not in _ZOO:
         raise UnknownModel(f"unknown model {name!r}; choose one of: {', '.join(sorted(_ZOO))} "
                            "(see `xrayops model list`)")

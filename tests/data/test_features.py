@@ -9,7 +9,6 @@ from pipeline.data.imaging import DecodedImage
 from pipeline.data.features import FEATURE_SIDE, describe, feature_view, image_features, perceptual_hash, view_features
 
 
-
 @pytest.mark.parametrize(("bit_depth", "shape"), [(8, (300, 420)), (8, (64, 64)), (8, (256, 256)),
                                                   (16, (512, 512)), (8, (90, 120, 3))])
 def test_ingest_view_gives_the_serving_features(bit_depth: int, shape: tuple[int, ...]) -> None:

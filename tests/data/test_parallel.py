@@ -17,7 +17,6 @@ from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
 from tests.data.helpers import write_png
 
 
-
 def pid_of(item: int, fail_on: int = -1) -> tuple[int, int]:
     if item == fail_on:
         raise ValueError(f"bad item {item}")

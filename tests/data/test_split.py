@@ -14,7 +14,6 @@ from pipeline.config import Settings, with_overrides
 from pipeline.data.split import LeakageError, near_duplicate_pairs, run_split, split_by_patient, verify_certificate
 
 
-
 def test_no_patient_in_two_splits_and_certificate_holds(cohort: Settings) -> None:
     cert = run_split(cohort)
     table = pd.read_parquet(cohort.dataset_dir / "split.parquet")

@@ -13,7 +13,6 @@ from PIL import Image
 from pipeline.data.synthetic import BAD_KINDS, CohortSpec, generate_cohort, plan_patients, render_image
 
 
-
 def spec(**kw: object) -> CohortSpec:
     base = dict(n_patients=20, images_per_patient=(1, 3), prevalence=0.3, image_size=64, bit_depth=8,
                 bad_files=0, shift=0.0, seed=7)

@@ -11,7 +11,6 @@ from pipeline.config import Settings, with_overrides
 from pipeline.data.validate import ValidationFailed, run_validation
 
 
-
 def test_good_manifest_passes_and_writes_docs(cohort: Settings) -> None:
     result = run_validation(cohort)
     assert result["success"] and not result["critical_failures"]

@@ -14,7 +14,6 @@ from pipeline.data.versioning import VersioningError, track
 from pipeline.data.ingest import prepare_raw
 
 
-
 def test_track_is_stable_and_pushes(dvc_project: Callable[..., Settings]) -> None:
     settings = dvc_project()
     prepare_raw(settings)

@@ -32,7 +32,8 @@ def _images(model, n: int = 3) -> np.ndarray:
 @pytest.mark.parametrize(("name", "options", "layer", "conv"), [
     ("xray_cnn", {"image_size": 48}, "relu4", ["conv4"]),
     ("mnist_cnn", {"num_classes": 10}, "conv2", ["conv2"]),
-    ("efficientnet_b0", {"image_size": 64}, "efficientnetb0", ["efficientnetb0", "top_conv"]),
+    pytest.param("efficientnet_b0", {"image_size": 64}, "efficientnetb0", ["efficientnetb0", "top_conv"],
+                 marks=pytest.mark.slow),
 ])
 def test_gradcam_finds_the_last_conv_and_returns_heatmap_and_png(name: str, options: dict, layer: str,
                                                                   conv: list[str]) -> None:

@@ -16,7 +16,6 @@ from pipeline.evaluation.metrics import (
 )
 
 
-
 def _clustered(n_patients: int = 40, per_patient: int = 15, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Images of one patient share label and most of their score (as real repeat X-rays do)."""
     rng = np.random.default_rng(seed)

@@ -15,6 +15,7 @@ from prefect import flow
 
 from pipeline.config import Settings, load_settings
 
+pytestmark = pytest.mark.slow  # each test runs flows on Prefect's test harness
 
 
 @flow(name="xrayops-test-data-stages")

@@ -11,7 +11,6 @@ import pytest
 from pipeline.config import ConfigError, Settings, load_settings
 
 
-
 def training_schema() -> dict:
     from flows.training import training_flow
 
@@ -84,6 +83,7 @@ def test_settings_overrides_from_the_environment(make_settings: Callable[..., Se
         load_settings(path)
 
 
+@pytest.mark.slow
 def test_s3_locations_come_from_settings_only(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     """DVC remote and MLflow artifact store on S3/MinIO: URLs pass through untouched; with an HTTP tracking
     server and no artifact root the server's own (proxied) store is used."""

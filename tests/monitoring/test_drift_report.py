@@ -13,7 +13,6 @@ import pytest
 from pipeline.monitoring.drift import DRIFT_FEATURES, drift_report, summary_markdown
 
 
-
 def frame(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
     """Production-log-like rows; ``shift`` brightens images and moves embeddings and outputs."""
     rng = np.random.default_rng(seed)
@@ -33,7 +32,7 @@ def frame(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
     return df
 
 
-@pytest.mark.parametrize(("ref_n", "cur_n", "method"), [(400, 300, "K-S p_value"),
+@pytest.mark.parametrize(("ref_n", "cur_n", "method"), [pytest.param(400, 300, "K-S p_value", marks=pytest.mark.slow),
                                                         (1500, 1200, "Wasserstein distance (normed)")])
 def test_drift_only_on_the_shifted_window_on_both_sides_of_the_method_switch(
         tmp_path: Path, ref_n: int, cur_n: int, method: str) -> None:

@@ -10,7 +10,6 @@ import pytest
 from pipeline.serving.predictor import EmbeddingPCA, expose_embedding, fit_pca
 
 
-
 def test_pca_is_deterministic_round_trips_and_explains_variance(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(200, 2)) * [5.0, 2.0]

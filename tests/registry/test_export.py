@@ -10,7 +10,6 @@ import pytest
 from pipeline.registry.export import ONNX_INPUT, ONNX_OUTPUT, export_onnx, export_saved_model, onnx_parity, onnx_session
 
 
-
 @pytest.mark.parametrize(("name", "options"), [("xray_cnn", {"image_size": 48}), ("mnist_cnn", {"num_classes": 10})])
 def test_onnx_export_matches_keras(tmp_path: Path, name: str, options: dict) -> None:
     from pipeline.training.models import build_model
@@ -48,6 +47,7 @@ def test_efficientnet_exports_without_leaked_inputs(tmp_path: Path) -> None:
     assert onnx_parity(model, path, np.random.default_rng(2).random((2, 32, 32, 1)).astype(np.float32)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_registration_logs_exports_and_parity_tag(make_settings, tmp_path: Path) -> None:
     import mlflow
 

@@ -13,7 +13,6 @@ from tests.data.helpers import PHI, dicom_bytes
 from tests.serving.helpers import colour_png, encode, png, xray01
 
 
-
 @pytest.fixture
 def cfg(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings("serve.max_upload_bytes=200000", "serve.max_pixels=300000", "serve.min_side=64",

@@ -14,7 +14,6 @@ from pipeline.serving import production_log
 from pipeline.serving.production_log import REJECTED_DIR, LogWriter
 
 
-
 def rows(n: int, start: datetime, version: str = "1", step: timedelta = timedelta(minutes=1)) -> pd.DataFrame:
     return pd.DataFrame({"request_id": [f"r{version}-{i}" for i in range(n)],
                          "request_time": [start + i * step for i in range(n)],

@@ -11,7 +11,6 @@ from pipeline.training.models import build_model
 from pipeline.training.models.architecture import architecture_report
 
 
-
 def test_simple_cnn_report_shows_12544_and_explains_the_seeds_3136() -> None:
     report = architecture_report(build_model("simple_cnn", num_classes=10))
     assert report.flatten_features() == {"flatten": 12544}

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from pipeline.config import Settings
 
 
-
+@pytest.mark.slow
 def test_training_run_leaves_a_complete_mlflow_record(train_settings: Callable[..., Settings]) -> None:
     from pipeline.training.train import run_train
 

@@ -15,7 +15,6 @@ from pipeline.training.hardware import setup_hardware, worker_role
 from pipeline.training.train import class_weights, compile_model, monitor_metric, run_fingerprint
 
 
-
 def test_class_weights_are_inverse_frequency() -> None:
     weights = class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}

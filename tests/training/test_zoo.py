@@ -80,6 +80,7 @@ def test_transfer_model_preprocesses_inside_and_fine_tunes_top_layers_with_froze
     assert not unfreeze_top(build_model("mnist_cnn"), 20)  # nothing to fine-tune
 
 
+@pytest.mark.slow
 def test_transfer_weights_from_a_local_file(tmp_path: Path) -> None:
     from pipeline.training.models.transfer import WeightsUnavailable, find_backbone
 

@@ -7,12 +7,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
-
-import numpy as np
 
 from pipeline.config import Settings
 
@@ -132,7 +129,3 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
 
 def mlflow_ui_command(settings: Settings) -> str:
     return f"uv run mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
-
-
-def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))

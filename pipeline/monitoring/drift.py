@@ -43,11 +43,6 @@ def input_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
     return [c for c in cols if reference[c].nunique() > 1 or current[c].nunique() > 1]
 
 
-def drift_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
-    """Every column the report tests: inputs, then the probability (when present)."""
-    return input_columns(reference, current) + [c for c in ("probability",) if c in reference and c in current]
-
-
 # --------------------------------------------------------------------------- the report
 
 

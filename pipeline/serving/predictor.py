@@ -1,10 +1,10 @@
 """Inference on decoded images, shared by the API, the clinician UI, production simulation and
 the training-time reference profile.
 
-Preprocessing mirrors :func:`pipeline.training.inputs.decode_resize` (float [0, 1], antialiased
-resize, luminance for grayscale models). Inference goes through a compiled path — ONNX
-Runtime on the exported model, or a ``tf.function`` with a fixed input signature — never
-``model.predict`` per request. Both engines return the probabilities *and* the model's
+Preprocessing is training's own (:mod:`pipeline.training.preprocess`: float [0, 1], antialiased
+resize; ``tests/serving/test_preprocess_parity.py`` holds the two paths equal). Inference goes
+through a compiled path — ONNX Runtime on the exported model, or a ``tf.function`` with a fixed
+input signature — never ``model.predict`` per request. Both engines return the probabilities *and* the model's
 penultimate-layer embedding in one pass; the embedding is reduced with the PCA fitted on
 the training split (:class:`EmbeddingPCA`) so production rows and the reference profile
 carry the same ``emb_pc*`` columns.
@@ -12,7 +12,6 @@ carry the same ``emb_pc*`` columns.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ import pandas as pd
 from pipeline.data.imaging import DecodedImage
 from pipeline.data.features import image_features
 from pipeline.training.inputs import InputSpec
+from pipeline.training.preprocess import preprocess_decoded
 
 logger = logging.getLogger(__name__)
 
@@ -195,18 +195,8 @@ def expose_embedding(proto: Any) -> str:
 # --------------------------------------------------------------------------- predictor
 
 
-@functools.cache
-def _resizer(size: int, channels: int) -> Any:
-    """Compiled antialiased resize + clip (the ops of :func:`pipeline.training.inputs.decode_resize`), any input size."""
-    import tensorflow as tf
-
-    sig = tf.TensorSpec([None, None, channels], tf.float32)
-    return tf.function(lambda x: tf.clip_by_value(tf.image.resize(x, (size, size), antialias=True), 0.0, 1.0),
-                       input_signature=[sig])
-
-
 @dataclass(frozen=True)
-class Scored:
+class Prediction:
     """One image's model outputs."""
 
     probability: float  # positive class (binary) or top class (multi-class)
@@ -254,16 +244,9 @@ class Predictor:
         return len(self.classes) == 2
 
     def preprocess(self, image: DecodedImage, gray01: np.ndarray | None = None) -> np.ndarray:
-        """``(size, size, channels)`` float32 exactly as training saw it."""
-        import tensorflow as tf
-
-        if self.spec.channels == 1:
-            px = (image.gray01() if gray01 is None else gray01)[..., None]
-        else:
-            scale = float((1 << image.bit_depth) - 1)
-            px = image.pixels.astype(np.float32) / scale
-            px = np.repeat(px[..., None], 3, axis=-1) if px.ndim == 2 else px
-        return _resizer(self.spec.image_size, self.spec.channels)(tf.constant(px, tf.float32)).numpy()
+        """``(size, size, channels)`` float32 exactly as training saw it (``gray01``: the image's
+        :meth:`~DecodedImage.gray01` when the caller has it already)."""
+        return preprocess_decoded(image, self.spec.image_size, self.spec.channels, gray01)
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw outputs ``(n, 1 | k)`` and embeddings ``(n, d)`` of a preprocessed batch."""
@@ -274,7 +257,7 @@ class Predictor:
         out = np.asarray(self.infer(batch)[0], dtype=np.float64)
         return out[:, 0] if out.shape[-1] == 1 else out
 
-    def score(self, batch: np.ndarray) -> list[Scored]:
+    def score(self, batch: np.ndarray) -> list[Prediction]:
         """Probabilities, labels and embedding PCs of a preprocessed batch."""
         out, emb = self.infer(batch)
         pcs = self.pca.transform(emb) if self.pca is not None else np.zeros((len(batch), 0))
@@ -285,10 +268,10 @@ class Predictor:
             if row.shape[-1] == 1:
                 p = float(row[0])
                 probs = {self.negative_class: 1.0 - p, self.positive_class or self.classes[1]: p}
-                scored.append(Scored(p, probs, self.label_for(p), dict(zip(cols, map(float, pcs[i]), strict=True))))
+                scored.append(Prediction(p, probs, self.label_for(p), dict(zip(cols, map(float, pcs[i]), strict=True))))
             else:
                 probs = {c: float(v) for c, v in zip(self.classes, row, strict=True)}
-                scored.append(Scored(float(row.max()), probs, self.label_for(row),
+                scored.append(Prediction(float(row.max()), probs, self.label_for(row),
                                      dict(zip(cols, map(float, pcs[i]), strict=True))))
         return scored
 
@@ -303,13 +286,13 @@ class Predictor:
             return positive if float(proba) >= threshold else self.negative_class
         return self.classes[int(np.argmax(proba))]
 
-    def log_row(self, image: DecodedImage, scored: Scored | np.ndarray | float, *, request_id: str | None = None,
+    def log_row(self, image: DecodedImage, scored: Prediction | np.ndarray | float, *, request_id: str | None = None,
                 gray01: np.ndarray | None = None, source: str = "api",
                 request_time: datetime | None = None) -> dict[str, Any]:
         """One production-log row (features, outputs, model version; no pixels, no identifiers)."""
-        if not isinstance(scored, Scored):
+        if not isinstance(scored, Prediction):
             p = float(scored) if np.ndim(scored) == 0 else float(np.max(scored))
-            scored = Scored(p, {}, self.label_for(scored), {})
+            scored = Prediction(p, {}, self.label_for(scored), {})
         gray = image.gray01() if gray01 is None else gray01
         row: dict[str, Any] = {
             "request_id": request_id or uuid.uuid4().hex,

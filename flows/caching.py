@@ -8,7 +8,7 @@ So each cached stage has:
 - a **key** computed from what determines its output: the DVC content hash of the raw
   dataset (ingest) or the manifest's sha256 (validate), the settings the stage reads, the
   dataset folder, a fingerprint of the pseudonymisation salt and of the stage's library
-  code;
+  code (every ``pipeline`` file in the stage module's import closure, see :mod:`flows.codegraph`);
 - a **stamp** file ``<dataset_dir>/.prefect-cache/<stage>.key`` written by the task after a
   real run, holding that key;
 - an **intact** check the flow makes before calling the task: stamp == key and the outputs
@@ -28,27 +28,23 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from flows.codegraph import PROJECT_ROOT, fingerprint
 from pipeline.config import Settings
 
 STAMP_DIR = ".prefect-cache"
 CACHE_FORMAT = 1  # bump to invalidate every cache record
-INGEST_CODE = ("pipeline/data/ingest.py", "pipeline/data/features.py", "pipeline/data")
-VALIDATE_CODE = ("pipeline/data/validate.py",)
-PIPELINE_ROOT = Path(__file__).resolve().parents[1]
+# the module whose function each cached task runs; its import closure is the code in the key
+INGEST_CODE = ("pipeline.data.ingest",)
+VALIDATE_CODE = ("pipeline.data.validate",)
 
 
 @cache
-def code_fingerprint(paths: tuple[str, ...]) -> str:
-    """sha256 of the library source files a stage runs (a code change invalidates the cache)."""
-    digest = hashlib.sha256()
-    for rel in paths:
-        target = PIPELINE_ROOT / rel
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for path in files:
-            if path.is_file():
-                digest.update(path.relative_to(PIPELINE_ROOT).as_posix().encode())
-                digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+def code_fingerprint(modules: tuple[str, ...], root: Path = PROJECT_ROOT) -> str:
+    """sha256 of the library source files the stage ``modules`` run: their ``pipeline`` import closure.
+
+    Computed once per process (the code a worker runs is the code it imported).
+    """
+    return fingerprint(modules, root)
 
 
 def _digest(payload: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -63,38 +63,66 @@ def _targets(node: ast.AST, module: str, is_package: bool, strings: bool) -> lis
     return []
 
 
-_IMPORTS_SEEN: dict[tuple[str, str, bool, bytes], frozenset[str]] = {}  # parsing is the slow part
-
-
 def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
-def imports_of(module: str, mods: dict[str, Path], *, strings: bool = False, tree: ast.AST | None = None) -> set[str]:
-    """The known modules ``module`` imports (not itself, not the packages above it).
-
-    ``tree``: look only at this part of the module's syntax tree (e.g. one function) instead of all of it.
-    """
-    path = mods[module]
-    if tree is None:
-        source = path.read_bytes()
-        key = (module, str(path), strings, hashlib.sha256(source).digest())
-        if key not in _IMPORTS_SEEN:
-            _IMPORTS_SEEN[key] = frozenset(imports_of(module, mods, strings=strings, tree=ast.parse(source, str(path))))
-        return set(_IMPORTS_SEEN[key])
-    typing_only: set[int] = set()
-    for node in ast.walk(tree):
+def _running_nodes(tree: ast.AST, eager: bool) -> Iterator[ast.AST]:
+    """The nodes of ``tree`` that can run: not the body of ``if TYPE_CHECKING:``; with ``eager``,
+    only what runs when the module is imported (no function bodies)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            typing_only |= {id(child) for child in ast.walk(node)}
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
+            todo += node.orelse
+        elif eager and node is not tree and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
             continue
-        for target, exact in _targets(node, module, path.name == "__init__.py", strings):
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
+def _scan(module: str, mods: dict[str, Path], tree: ast.AST, strings: bool,
+          eager: bool) -> tuple[frozenset[str], frozenset[str]]:
+    """(known modules, top-level names of other packages) that the running nodes of ``tree`` import."""
+    known: set[str] = set()
+    external: set[str] = set()
+    is_package = mods[module].name == "__init__.py"
+    tops = {m.partition(".")[0] for m in mods}
+    for node in _running_nodes(tree, eager):
+        for target, exact in _targets(node, module, is_package, strings):
             resolved = (target if target in mods else None) if exact else _resolve(target, mods)
             if resolved and resolved != module and not module.startswith(resolved + "."):
-                found.add(resolved)
-    return found
+                known.add(resolved)
+            elif not resolved and not exact and target.partition(".")[0] not in tops:
+                if not (isinstance(node, ast.ImportFrom) and node.level):
+                    external.add(target.partition(".")[0])
+    return frozenset(known), frozenset(external)
+
+
+_SCANNED: dict[tuple, tuple[frozenset[str], frozenset[str]]] = {}  # parsing is the slow part
+
+
+def _scan_module(module: str, mods: dict[str, Path], strings: bool, eager: bool) -> tuple[frozenset[str], ...]:
+    path = mods[module]
+    source = path.read_bytes()
+    key = (module, str(path), tuple(sorted(mods)), strings, eager, hashlib.sha256(source).digest())
+    if key not in _SCANNED:
+        _SCANNED[key] = _scan(module, mods, ast.parse(source, str(path)), strings, eager)
+    return _SCANNED[key]
+
+
+def imports_of(module: str, mods: dict[str, Path], *, strings: bool = False, eager: bool = False) -> set[str]:
+    """The known modules ``module`` imports (not itself, not the packages above it).
+
+    ``eager``: only those imported when the module is (not inside functions).
+    """
+    return set(_scan_module(module, mods, strings, eager)[0])
+
+
+def external_imports(module: str, mods: dict[str, Path], *, eager: bool = False) -> set[str]:
+    """Top-level names of the other packages ``module`` imports (``prefect``, ``numpy``, ``os``...)."""
+    return set(_scan_module(module, mods, False, eager)[1])
 
 
 def function_imports(module: str, function: str, root: Path = PROJECT_ROOT,
@@ -107,15 +135,15 @@ def function_imports(module: str, function: str, root: Path = PROJECT_ROOT,
     if not defs:
         raise ValueError(f"{module} has no function {function!r}")
     for node in defs:
-        found |= imports_of(module, mods, tree=node)
+        found |= _scan(module, mods, node, False, False)[0]
     return found
 
 
 def import_graph(root: Path = PROJECT_ROOT, packages: Iterable[str] = ("pipeline",), *,
-                 strings: bool = False) -> dict[str, set[str]]:
+                 strings: bool = False, eager: bool = False) -> dict[str, set[str]]:
     """``{module: modules it imports}`` over ``packages`` (see the module docstring for the rules)."""
     mods = module_files(root, packages)
-    return {m: imports_of(m, mods, strings=strings) for m in mods}
+    return {m: imports_of(m, mods, strings=strings, eager=eager) for m in mods}
 
 
 def _ancestors(module: str, mods: dict[str, Path]) -> list[str]:

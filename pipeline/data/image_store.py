@@ -3,7 +3,9 @@
 Files are named by content hash, never by their original (often identifying) names. Plain
 PNG/JPEG files without metadata are hard-linked (copied across file systems); DICOM pixels
 and images carrying text/EXIF/comment metadata are re-encoded as PNG, so no header leaves
-ingestion.
+ingestion. So are grayscale images in colour/palette/alpha files: the stored file then holds
+the decoder's grayscale pixels, which is what serving feeds the model (training would
+otherwise convert the colour file itself and see other values).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def store_image(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Pa
 
     The name is the content hash, so an existing file already holds these pixels.
     """
-    reencode = image.format == "dicom" or has_metadata(data, image.format)
+    reencode = image.format == "dicom" or image.gray_from_colour or has_metadata(data, image.format)
     rel = f"{IMAGES_DIR}/{image_id[:2]}/{image_id}.{'jpg' if image.format == 'jpeg' and not reencode else 'png'}"
     dest = out_dir / rel
     if not reencode:

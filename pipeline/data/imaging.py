@@ -34,6 +34,9 @@ class DecodedImage:
         format: ``png``, ``jpeg`` or ``dicom``.
         meta: PHI-free header fields (view_position, modality, manufacturer, photometric).
         identifiers: raw identifiers (patient_id, sop_instance_uid) — pseudonymise before storing.
+        gray_from_colour: the file is a colour, palette or alpha PNG/JPEG holding a grayscale image, read
+            as its first channel, so another decoder may read the file differently (ingestion stores
+            these pixels instead, :mod:`pipeline.data.image_store`: training reads what serving decodes).
     """
 
     pixels: np.ndarray
@@ -41,6 +44,7 @@ class DecodedImage:
     format: str
     meta: dict[str, Any] = field(default_factory=dict)
     identifiers: dict[str, str] = field(default_factory=dict)
+    gray_from_colour: bool = False
 
     @property
     def height(self) -> int:
@@ -152,7 +156,7 @@ def _from_pil(im: Image.Image, kind: str) -> DecodedImage:
     if mode in ("LA", "P", "PA", "RGB", "RGBA"):
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
         if _is_gray(rgb):
-            return DecodedImage(np.ascontiguousarray(rgb[..., 0]), 8, kind)
+            return DecodedImage(np.ascontiguousarray(rgb[..., 0]), 8, kind, gray_from_colour=True)
         return DecodedImage(rgb, 8, kind)
     raise BadImage("unsupported_mode", f"pixel mode {mode} (expected grayscale 8/16-bit or RGB)")
 

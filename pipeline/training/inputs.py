@@ -25,6 +25,7 @@ import pandas as pd
 
 from pipeline.config import AugmentSection
 from pipeline.errors import InputError  # noqa: F401 (re-exported)
+from pipeline.training.preprocess import decode_file, to_model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DIRECTORY_LAYOUT = "ROOT/<class>/<image>.png|jpg|jpeg — one sub-folder per class (e.g. ROOT/NORMAL, ROOT/PNEUMONIA)"
@@ -86,13 +87,12 @@ def directory_files(root: str | os.PathLike[str]) -> tuple[list[str], np.ndarray
 
 
 def decode_resize(path: Any, spec: InputSpec) -> Any:
-    """Read one PNG (8/16-bit) or JPEG file into a float32 ``(size, size, channels)`` tensor in [0, 1]."""
+    """Read one PNG (8/16-bit) or JPEG file into a float32 ``(size, size, channels)`` tensor in [0, 1]
+    (the steps serving shares: :mod:`pipeline.training.preprocess`)."""
     import tensorflow as tf
 
-    raw = tf.io.read_file(path)
-    img = tf.image.decode_image(raw, channels=spec.channels, dtype=tf.float32, expand_animations=False)
-    img = tf.image.resize(img, (spec.image_size, spec.image_size), antialias=True)
-    return tf.ensure_shape(tf.clip_by_value(img, 0.0, 1.0), (spec.image_size, spec.image_size, spec.channels))
+    img = to_model_input(decode_file(tf.io.read_file(path), spec.channels), spec.image_size, spec.channels)
+    return tf.ensure_shape(img, (spec.image_size, spec.image_size, spec.channels))
 
 
 def augmentation_layer(cfg: AugmentSection, seed: int) -> Any:

@@ -81,8 +81,8 @@ def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 def bench(n: int, root: Path, reference: pd.DataFrame) -> dict[str, float]:
-    from pipeline.serving import production_log
     from pipeline.monitoring.drift import drift_report
+    from pipeline.serving import production_log
 
     log_dir = root / f"log-{n}"
     _, t_write = timed(write_log, log_dir, n)

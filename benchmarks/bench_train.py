@@ -92,8 +92,8 @@ def make_project(tmp: Path, folder: Path, epochs: int) -> Any:
 
 def arrays(settings: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.data.manifest import read_manifest
-    from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
     from pipeline.data.split import read_split
+    from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
 
     frame = split_frame(read_manifest(settings.dataset_dir), read_split(settings.dataset_dir), name)
     images = load_images(check_files(settings.dataset_dir, frame["path"].tolist()), InputSpec(28, 1, 10), 512)
@@ -104,8 +104,8 @@ def run_seed(data: dict[str, Any], epochs: int) -> dict[str, Any]:
     """The seed's Q6 cell: bare ``fit`` on numpy arrays."""
     import keras
 
-    from pipeline.training.models import build_model
     from pipeline.training.callbacks import EpochTimer
+    from pipeline.training.models import build_model
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(42)
@@ -205,7 +205,8 @@ def report(runs: dict[str, list[dict[str, Any]]], n_train: int, n_val: int, peak
         best = max(results, key=lambda r: n_train / statistics.median(r["epoch_s"][1:]))
         steady = statistics.median(best["epoch_s"][1:])
         rows[name] = {"name": name, "steady_img_s": round(n_train / steady, 1),
-                      "first_epoch_s": round(best["epoch_s"][0], 2), "worst_epoch_s": round(max(best["epoch_s"][1:]), 2),
+                      "first_epoch_s": round(best["epoch_s"][0], 2),
+                      "worst_epoch_s": round(max(best["epoch_s"][1:]), 2),
                       "steady_epoch_s": round(steady, 2), "wall_s": round(best["wall_s"], 1),
                       "gflop_s": round(train_flops * n_train / steady / 1e9, 1)}
         rows[name]["pct_of_peak"] = round(100 * rows[name]["gflop_s"] / peak, 1)

@@ -29,7 +29,7 @@ from typing import Any
 
 from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
 from pipeline.config import ConfigError, Settings
-from pipeline.errors import DeployError  # noqa: F401 (re-exported)
+from pipeline.errors import DeployError  # re-exported
 
 logger = logging.getLogger(__name__)
 

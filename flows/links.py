@@ -15,7 +15,7 @@ def _experiment_id(tracking_uri: str, run_id: str) -> str | None:
         from mlflow import MlflowClient
 
         return str(MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id)
-    except Exception as exc:  # a link is a convenience: never fail a run over it
+    except Exception as exc:  # noqa: BLE001 - a link is a convenience: never fail a run over it
         logger.warning("cannot resolve the experiment of run %s: %s", run_id, exc)
         return None
 

@@ -82,7 +82,7 @@ def _cluster_workers(runner: Any, default: int) -> int:
     client = getattr(runner, "_client", None)
     try:
         return max(1, len(client.scheduler_info()["workers"])) if client else default
-    except Exception:  # an old/odd client: fall back to the configured count
+    except Exception:  # noqa: BLE001 - an old/odd client: fall back to the configured count
         return default
 
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pipeline.errors import ConfigError  # noqa: F401 (re-exported)
+
+from pipeline.errors import ConfigError  # re-exported
 
 PARAMS_ENV = "XRAYOPS_PARAMS"
 OVERRIDES_ENV = "XRAYOPS_SET"  # "section.field=value;…" applied before --set (containers, k8s pods)
@@ -118,7 +119,8 @@ class ValidateSection(_Section):
 
 class SplitSection(_Section):
     fractions: tuple[float, float, float] = Field(description="Train/val/test fractions of patients.")
-    near_duplicate_hamming: int = Field(ge=0, le=31, description="Max differing bits (of 256) of near-duplicate pHashes.")
+    near_duplicate_hamming: int = Field(ge=0, le=31,
+                                        description="Max differing bits (of 256) of near-duplicate pHashes.")
     near_duplicate_action: Literal["merge", "drop", "report"] = Field(
         description="merge: keep near-duplicate patients on one side; drop: remove the later image; "
         "report: only list them.")
@@ -231,7 +233,8 @@ class OrchestrateSection(_Section):
     work_pool: str = Field(description="Prefect work pool the deployments run on.")
     task_retries: int = Field(ge=0, description="Retries of I/O tasks.")
     task_retry_delay_s: float = Field(ge=0, description="First retry delay (doubles each retry).")
-    task_timeout_s: float = Field(gt=0, description="Timeout of one attempt of an I/O task (DVC push, MLflow registry).")
+    task_timeout_s: float = Field(gt=0,
+                                  description="Timeout of one attempt of an I/O task (DVC push, MLflow registry).")
     dask_address: str | None = Field(description="Dask scheduler for data tasks; 'local' = a local cluster.")
 
 

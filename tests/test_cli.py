@@ -10,7 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-
 from tests.conftest import REPO
 
 

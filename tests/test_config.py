@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, Settings, apply_overrides, load_settings, with_overrides
-
 from tests.conftest import REPO
 
 

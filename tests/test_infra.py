@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,9 +16,8 @@ import yaml
 
 from pipeline.cli import app
 from pipeline.config import load_settings
-
-
 from tests.conftest import REPO
+
 INFRA = REPO / "infra"
 COMPOSE = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]

@@ -38,11 +38,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.image_store import IMAGES_DIR
 from pipeline.data.parallel import ordered_map
 from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
-from pipeline.data.image_store import IMAGES_DIR
 
 logger = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 About two thirds of Pillow's time on a typical radiograph PNG goes to zlib's inflate
 (512x512 8-bit files: ~1.45 ms per file, ~0.5 ms for the same files with stored blocks).
-Intel's ISA-L (the ``isal`` package) inflates the same streams 2-3x faster than zlib. :func:`with_stored_pixels` inflates the ``IDAT``
-stream once with ISA-L and returns the same PNG with that stream re-written as *stored*
-(uncompressed) deflate blocks; Pillow then only copies those bytes and does everything
-else as before (un-filtering, modes, palettes, 16-bit). The pixels are identical by
-construction: the filtered scanlines are the same bytes, the inflate checks the stream's
-Adler-32 and its exact length, every other chunk is copied unchanged, and the new ``IDAT``
-gets a correct CRC.
+Intel's ISA-L (the ``isal`` package) inflates the same streams 2-3x faster than zlib.
+:func:`with_stored_pixels` inflates the ``IDAT`` stream once with ISA-L and returns the same
+PNG with that stream re-written as *stored* (uncompressed) deflate blocks; Pillow then only
+copies those bytes and does everything else as before (un-filtering, modes, palettes,
+16-bit). The pixels are identical by construction: the filtered scanlines are the same
+bytes, the inflate checks the stream's Adler-32 and its exact length, every other chunk is
+copied unchanged, and the new ``IDAT`` gets a correct CRC.
 
 Anything unusual returns ``None`` and the caller decodes the original bytes with Pillow
 alone, so errors (truncated files, bad checksums, bombs) are reported exactly as before:

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.manifest import read_links, read_manifest, read_summary
 from pipeline.data.features import hamming_distance, hashes_to_bytes
-from pipeline.errors import LeakageError, SplitError  # noqa: F401 (re-exported)
+from pipeline.data.manifest import read_links, read_manifest, read_summary
+from pipeline.errors import LeakageError, SplitError  # re-exported
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage, encode_png
+from pipeline.errors import FeedbackError  # re-exported
 from pipeline.serving.production_log import append
-from pipeline.errors import FeedbackError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

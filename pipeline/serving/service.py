@@ -20,10 +20,10 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage
-from pipeline.serving.production_log import LogWriter
+from pipeline.errors import ExplainUnavailable  # re-exported
 from pipeline.serving.admission import Rejected, admit
 from pipeline.serving.model_store import ModelStore
-from pipeline.errors import ExplainUnavailable  # noqa: F401 (re-exported)
+from pipeline.serving.production_log import LogWriter
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def explain_image(model: Any, x: np.ndarray) -> Explanation:
         raise ExplainUnavailable(f"Grad-CAM is not available in this installation ({exc})") from None
     try:
         heatmap, overlay = gradcam(model, x[None])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any Keras/TF failure on this model means "no explanation"
         raise ExplainUnavailable(f"Grad-CAM failed for this model: {type(exc).__name__}: {str(exc)[:200]}") from None
     heat = np.asarray(heatmap, np.float32)
     return Explanation(heat[0] if heat.ndim == 3 else heat, overlay if isinstance(overlay, bytes) else bytes(overlay))

@@ -25,10 +25,10 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest, read_summary
-from pipeline.data.versioning import DatasetVersion
-from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
 from pipeline.data.split import read_split, verify_certificate
+from pipeline.data.versioning import DatasetVersion
 from pipeline.tracking import code_version, ensure_experiment, pip_requirements
+from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pipeline.ui.render import SETS_ENV, blend, display_gray, ui_settings
 @st.cache_resource(show_spinner="Loading the served model…")
 def get_service(params_env: str, sets_env: str) -> Any:
     """One inference service per (params, overrides), shared by all sessions of this process."""
-    from pipeline.serving.production_log import LogWriter
     from pipeline.runtime import quiet_tools
-    from pipeline.serving.service import InferenceService
     from pipeline.serving.model_store import ModelStore
+    from pipeline.serving.production_log import LogWriter
+    from pipeline.serving.service import InferenceService
 
     quiet_tools()
     settings = ui_settings()

@@ -22,7 +22,6 @@ from pipeline.data.deid import pseudonymise
 from tests.data.helpers import find_tokens
 from tests.data.layouts import BUILDERS, Layout
 
-
 REPO = Path(__file__).resolve().parents[2]
 
 

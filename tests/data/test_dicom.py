@@ -15,7 +15,6 @@ from pipeline.data.imaging import decode_bytes
 from pipeline.data.ingest import run_ingest
 from tests.data.helpers import dicom_bytes, write_dicom, xray
 
-
 MAX = 100_000_000
 
 

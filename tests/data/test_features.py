@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.data.imaging import DecodedImage
 from pipeline.data.features import FEATURE_SIDE, describe, feature_view, image_features, perceptual_hash, view_features
+from pipeline.data.imaging import DecodedImage
 
 
 @pytest.mark.parametrize(("bit_depth", "shape"), [(8, (300, 420)), (8, (64, 64)), (8, (256, 256)),

@@ -7,12 +7,10 @@ import json
 from collections.abc import Callable
 
 import pandas as pd
-import pytest
 
 from pipeline.config import Settings
-from pipeline.data.synthetic import BAD_KINDS
 from pipeline.data.ingest import prepare_raw, run_ingest
-
+from pipeline.data.synthetic import BAD_KINDS
 
 MANIFEST_COLUMNS = {"image_id", "path", "sha256", "patient_id", "label", "width", "height", "channels", "bit_depth",
                     "mean", "std", "source", "source_split", "view_position"}

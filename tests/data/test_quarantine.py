@@ -19,7 +19,6 @@ from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
 from pipeline.data.synthetic import _png_bomb
 from tests.data.helpers import dicom_bytes, to_uint8, write_png, xray
 
-
 SALT = b"quarantine-test-salt"
 MAX_BYTES = 60_000
 

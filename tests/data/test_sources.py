@@ -19,7 +19,6 @@ from pipeline.data.sources.nih_cxr14 import NihCxr14Source
 from pipeline.data.sources.rsna_pneumonia import RsnaPneumoniaSource, image_targets
 from tests.data.helpers import write_dicom, write_jpeg, write_png
 
-
 NIH_MAP = {"Pneumonia": "PNEUMONIA", "No Finding": "NORMAL"}
 
 

@@ -7,7 +7,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipeline.data.synthetic import BAD_KINDS, CohortSpec, generate_cohort, plan_patients, render_image

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
-from pipeline.data.versioning import VersioningError, track
 from pipeline.data.ingest import prepare_raw
+from pipeline.data.versioning import VersioningError, track
 
 
 def test_track_is_stable_and_pushes(dvc_project: Callable[..., Settings]) -> None:

@@ -14,7 +14,6 @@ from pipeline.evaluation.explain import (
     select_examples,
 )
 
-
 RNG = np.random.default_rng(0)
 
 

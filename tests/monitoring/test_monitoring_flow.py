@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 def log_batch(settings: Settings, n: int, *, shift: float, seed: int) -> None:
     """Score ``n`` new-patient images through the serving path and log them."""
-    from pipeline.serving.service import InferenceService
     from pipeline.serving.model_store import ModelStore
+    from pipeline.serving.service import InferenceService
 
     store = ModelStore(settings)
     store.refresh()

@@ -117,7 +117,7 @@ def wait_until(check: Callable[[], bool], group: Group, timeout_s: float, what: 
         try:
             if check():
                 return time.monotonic() - t0
-        except Exception:  # not up yet
+        except Exception:  # noqa: BLE001 - not up yet (any client error)
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{group.name}: no {what} after {timeout_s:.0f} s:\n{group.tail()}")

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.serving import production_log
 from pipeline.cli import app
 from pipeline.config import Settings
+from pipeline.serving import production_log
 from tests.conftest import REPO
 from tests.serving.helpers import free_port, png
 

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from pipeline.serving import production_log
 from pipeline.serving.production_log import REJECTED_DIR, LogWriter

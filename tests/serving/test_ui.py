@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serving import production_log
 from pipeline.config import Settings, with_overrides
 from pipeline.monitoring.feedback import IMAGES_DIR, read_feedback
+from pipeline.serving import production_log
 from pipeline.ui.render import SETS_ENV
 from tests.conftest import REPO
 from tests.serving.helpers import colour_png, png

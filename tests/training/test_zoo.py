@@ -9,7 +9,6 @@ import pytest
 
 from pipeline.training.models import build_model, get_spec, list_models
 
-
 ZOO = [spec.name for spec in list_models()]
 
 

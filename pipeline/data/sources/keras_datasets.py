@@ -123,7 +123,7 @@ def download(spec: KerasDataset, cache: Path) -> Path:
 
         return Path(get_file(fname=spec.download_as, origin=spec.origin, file_hash=spec.sha256,
                              cache_dir=str(cache.parent), cache_subdir=cache.name))
-    except Exception as exc:  # keras raises a bare Exception("URL fetch failure ...") offline
+    except Exception as exc:  # noqa: BLE001 - keras raises a bare Exception("URL fetch failure ...") offline
         raise SourceError(
             f"keras:{spec.name} is not in the Keras cache and could not be downloaded ({str(exc)[:160]}). "
             f"Offline? Download {spec.origin} elsewhere and place it at {cache / spec.download_as} "

@@ -300,7 +300,7 @@ def _notes(report: ArchitectureReport) -> list[str]:
     from pipeline.training.models.zoo import UnknownModel, get_spec
 
     notes = []
-    for name, n in report.flatten_features().items():
+    for name in report.flatten_features():
         row = next(r for r in report.rows if r.name == name)
         notes.append(f"{name}: {row.shape_formula} features enter the first Dense layer.")
     try:

@@ -15,7 +15,8 @@ def classification_head(x: Any, num_classes: int, name: str = "predictions") -> 
 
 
 def xray_cnn(input_shape: tuple[int, int, int], num_classes: int, **_: Any) -> Any:
-    """Per-image standardisation, four conv blocks (16-32-64-96, GroupNorm, ReLU, max-pool), global average pooling, dropout.
+    """Per-image standardisation, four conv blocks (16-32-64-96, GroupNorm, ReLU, max-pool), global average
+    pooling, dropout.
 
     GroupNorm rather than BatchNorm: with small batches and augmentation, BatchNorm's moving
     statistics lag the weights and validation scores swing from epoch to epoch; GroupNorm

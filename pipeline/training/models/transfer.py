@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from pipeline.errors import WeightsUnavailable  # noqa: F401 (re-exported)
+
+from pipeline.errors import WeightsUnavailable  # re-exported
 
 
 def find_backbone(model: Any) -> Any | None:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
-from pipeline.errors import BadImage  # noqa: F401 (re-exported)
+from pipeline.errors import BadImage  # re-exported
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_INFLATERS = ("isal", "pillow")
@@ -224,7 +224,7 @@ def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:
 
     try:
         raw = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for unsupported transfer syntaxes
         text = str(exc).lower()
         missing = any(k in text for k in ("handler", "missing dependencies", "no plugins", "not supported"))
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)

@@ -14,7 +14,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from pipeline.errors import VersioningError  # noqa: F401 (re-exported)
+
+from pipeline.errors import VersioningError  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
             )
         try:
             stages = repo.add(str(path))
-        except Exception as exc:  # DVC raises its own error types; say what to do
+        except Exception as exc:  # noqa: BLE001 - DVC raises its own error types; say what to do
             raise VersioningError(f"`dvc add {rel}` failed: {exc}") from None
         out = stages[0].outs[0]
         md5 = str(out.hash_info.value)
@@ -108,7 +109,7 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
         with Repo(str(root)) as repo:
             try:
                 repo.push(targets=[str(path)], remote=REMOTE_NAME)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - DVC's push errors vary by remote; say which push failed
                 raise VersioningError(f"`dvc push` of {rel} to {remote_url} failed: {exc}") from None
         pushed = True
     head = git_head(root)
@@ -147,14 +148,14 @@ def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str 
         info = fs.info(path)
     except FileNotFoundError:
         raise VersioningError(f"{path} does not exist in {repo} at rev {rev or 'workspace'}") from None
-    except Exception as exc:  # dvc/scmrepo raise many types for bad revs/repos
+    except Exception as exc:  # noqa: BLE001 - dvc/scmrepo raise many types for bad revs/repos
         raise VersioningError(f"cannot open {repo} at rev {rev!r}: {exc}") from None
     md5 = str(info.get("md5") or (info.get("dvc_info") or {}).get("md5") or "")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         fs.get(path, str(tmp), recursive=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any fetch failure: remove the partial copy, say what to do
         shutil.rmtree(tmp, ignore_errors=True)
         raise VersioningError(
             f"cannot fetch {path}@{rev}: {exc}. Is the data pushed? (`dvc push`, remote: {remote_url})"
@@ -175,5 +176,5 @@ def _resolve_commit(fs: Any, rev: str | None) -> str | None:
         return rev
     try:
         return str(scm.resolve_rev(rev)) if rev else str(scm.get_rev())
-    except Exception:  # scmrepo raises its own types for unknown revs; the fetch already succeeded
+    except Exception:  # noqa: BLE001 - scmrepo raises its own types for unknown revs; the fetch already succeeded
         return rev

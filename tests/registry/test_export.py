@@ -52,8 +52,8 @@ def test_registration_logs_exports_and_parity_tag(make_settings, tmp_path: Path)
     import mlflow
 
     from pipeline.registry.export import ONNX_ARTIFACT, PARITY_TAG, SAVED_MODEL_ARTIFACT, log_exports
-    from pipeline.training.models import build_model
     from pipeline.tracking import configure_mlflow, ensure_experiment
+    from pipeline.training.models import build_model
 
     settings = make_settings()
     client = configure_mlflow(settings)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from pipeline.errors import GradCamError  # noqa: F401 (re-exported)
+from pipeline.evaluation.metrics import confusion_cells
 
 logger = logging.getLogger(__name__)
 
@@ -300,9 +301,8 @@ def select_examples(y: np.ndarray, proba: np.ndarray, threshold: float | None, p
     y = np.asarray(y, int)
     proba = np.asarray(proba, float)
     if proba.ndim == 1:
-        pred = (proba >= (0.5 if threshold is None else threshold)).astype(int)
-        masks = {"TP": (y == 1) & (pred == 1), "FP": (y == 0) & (pred == 1),
-                 "TN": (y == 0) & (pred == 0), "FN": (y == 1) & (pred == 0)}
+        cells = confusion_cells(y, (proba >= (0.5 if threshold is None else threshold)).astype(int))
+        masks = {cell: cells[cell.lower()] for cell in CELLS}
         order = {"TP": -proba, "FP": -proba, "TN": proba, "FN": proba}
     else:
         pred, top = proba.argmax(1), proba.max(1)

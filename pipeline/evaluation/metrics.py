@@ -37,14 +37,29 @@ def _pr_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
     return float(average_precision_score(y[mask], p[mask], sample_weight=w[mask]))
 
 
+def confusion_cells(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks of the four binary confusion cells (``tp``, ``fn``, ``tn``, ``fp``)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    return {"tp": (y == 1) & (pred == 1), "fn": (y == 1) & (pred == 0),
+            "tn": (y == 0) & (pred == 0), "fp": (y == 0) & (pred == 1)}
+
+
 def confusion(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> dict[str, float]:
+    """(Weighted) counts of the binary confusion cells."""
     w = np.ones_like(y, dtype=float) if w is None else w
-    return {
-        "tp": float(w[(y == 1) & (pred == 1)].sum()),
-        "fn": float(w[(y == 1) & (pred == 0)].sum()),
-        "tn": float(w[(y == 0) & (pred == 0)].sum()),
-        "fp": float(w[(y == 0) & (pred == 1)].sum()),
-    }
+    return {cell: float(w[mask].sum()) for cell, mask in confusion_cells(y, pred).items()}
+
+
+def confusion_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
+    """Unweighted binary confusion counts as integers."""
+    return {cell: int(v) for cell, v in confusion(y, pred).items()}
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> list[list[int]]:
+    """``k × k`` counts, rows = true class, columns = predicted class."""
+    m = np.zeros((k, k), int)
+    np.add.at(m, (np.asarray(y).astype(int), np.asarray(pred).astype(int)), 1)
+    return m.tolist()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -172,27 +187,50 @@ def bootstrap_ci(stat: Callable[[np.ndarray], dict[str, float]], weights: np.nda
     for w in weights:
         for k, v in stat(w).items():
             samples.setdefault(k, []).append(v)
+    return {k: percentile_interval(vals, level) for k, vals in samples.items()}
+
+
+def percentile_interval(samples: Any, level: float) -> list[float]:
+    """Central percentile interval (numpy's default linear quantiles) of the finite ``samples``;
+    ``[nan, nan]`` when none is finite."""
+    arr = np.asarray(samples, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    if not len(arr):
+        return [float("nan"), float("nan")]
     alpha = (1 - level) / 2
-    out = {}
-    for k, vals in samples.items():
-        arr = np.asarray(vals, dtype=float)
-        arr = arr[np.isfinite(arr)]
-        out[k] = ([float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))] if len(arr)
-                  else [float("nan"), float("nan")])
-    return out
+    return [float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
+
+
+def paired_delta(metric: Metric, name: str, y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray,
+                 patients: np.ndarray, *, n_resamples: int, seed: int, level: float) -> dict[str, Any]:
+    """``metric`` new − old on the same images, with a paired patient-level bootstrap CI.
+
+    Returns ``{"delta_<name>": point estimate, "ci": [lo, hi], "resamples": finite resamples used}``.
+    """
+    w_all = patient_weights(patients, n_resamples, seed)
+    y = np.asarray(y, dtype=int)
+    deltas = np.array([metric(y, p_new, w) - metric(y, p_old, w) for w in w_all])
+    deltas = deltas[np.isfinite(deltas)]
+    ones = np.ones(len(y), dtype=float)
+    return {
+        f"delta_{name}": metric(y, p_new, ones) - metric(y, p_old, ones),
+        "ci": percentile_interval(deltas, level),
+        "resamples": int(len(deltas)),
+    }
+
+
+def _top1_accuracy(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> float:
+    return float(w @ (np.asarray(proba).argmax(1) == y).astype(float)) / float(w.sum())
 
 
 def paired_delta_auc(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, patients: np.ndarray, *,
                      n_resamples: int, seed: int, level: float) -> dict[str, Any]:
     """ΔAUC (new − old) on the same images with a paired patient-level bootstrap CI."""
-    w_all = patient_weights(patients, n_resamples, seed)
-    y = np.asarray(y, dtype=int)
-    deltas = np.array([_auc(y, p_new, w) - _auc(y, p_old, w) for w in w_all])
-    deltas = deltas[np.isfinite(deltas)]
-    alpha = (1 - level) / 2
-    ones = np.ones_like(p_new, dtype=float)
-    return {
-        "delta_auc": _auc(y, p_new, ones) - _auc(y, p_old, ones),
-        "ci": [float(np.quantile(deltas, alpha)), float(np.quantile(deltas, 1 - alpha))],
-        "resamples": int(len(deltas)),
-    }
+    return paired_delta(_auc, "auc", y, p_new, p_old, patients, n_resamples=n_resamples, seed=seed, level=level)
+
+
+def paired_delta_accuracy(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, patients: np.ndarray, *,
+                          n_resamples: int, seed: int, level: float) -> dict[str, Any]:
+    """Δaccuracy (arg-max; new − old) on the same images with a paired patient-level bootstrap CI."""
+    return paired_delta(_top1_accuracy, "accuracy", y, p_new, p_old, patients, n_resamples=n_resamples,
+                        seed=seed, level=level)

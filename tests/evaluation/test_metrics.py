@@ -10,9 +10,14 @@ from pipeline.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    confusion,
+    confusion_counts,
+    confusion_matrix,
     multiclass_metrics,
+    paired_delta_accuracy,
     paired_delta_auc,
     patient_weights,
+    percentile_interval,
 )
 
 
@@ -101,3 +106,32 @@ def test_paired_delta_auc_is_zero_for_identical_and_positive_for_better() -> Non
     noise = np.random.default_rng(0).random(len(y))
     better = paired_delta_auc(y, p, noise, patients, n_resamples=100, seed=0, level=0.95)
     assert better["ci"][0] > 0
+
+
+def test_paired_delta_accuracy_matches_the_weighted_hit_difference() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 90)
+    patients = np.repeat(np.arange(30), 3)
+    p_new, p_old = rng.random((90, 3)), rng.random((90, 3))
+    p_new[np.arange(90)[:60], y[:60]] += 1  # the new model gets two thirds right for sure
+    out = paired_delta_accuracy(y, p_new, p_old, patients, n_resamples=200, seed=7, level=0.9)
+    hits = (p_new.argmax(1) == y).astype(float) - (p_old.argmax(1) == y).astype(float)
+    w = patient_weights(patients, 200, 7)
+    deltas = (w @ hits) / w.sum(axis=1)
+    assert out["delta_accuracy"] == pytest.approx(hits.mean(), abs=1e-12)
+    assert out["ci"] == pytest.approx([np.quantile(deltas, 0.05), np.quantile(deltas, 0.95)], abs=1e-12)
+    assert out["resamples"] == 200 and out["ci"][0] > 0
+
+
+def test_percentile_interval_drops_non_finite_samples_and_is_nan_when_none_is_left() -> None:
+    assert percentile_interval([1.0, 2.0, 3.0, float("nan"), float("inf")], 0.5) == [1.5, 2.5]
+    lo, hi = percentile_interval([float("nan")], 0.95)
+    assert lo != lo and hi != hi
+    assert percentile_interval([], 0.95)[0] != percentile_interval([], 0.95)[0]
+
+
+def test_confusion_counts_and_matrix() -> None:
+    y, pred = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
+    assert confusion_counts(y, pred) == {"tp": 2, "fn": 1, "tn": 1, "fp": 1}
+    assert confusion(y, pred, np.array([2.0, 1, 1, 1, 0])) == {"tp": 2.0, "fn": 1.0, "tn": 1.0, "fp": 1.0}
+    assert confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]), 3) == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pipeline.errors import GradCamError  # noqa: F401 (re-exported)
+
+from pipeline.errors import GradCamError  # re-exported
 from pipeline.evaluation.metrics import confusion_cells
 
 logger = logging.getLogger(__name__)

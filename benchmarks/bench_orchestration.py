@@ -66,7 +66,8 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.data.ingest import prepare_raw, run_ingest, version_raw
     from pipeline.job import log_reference_profile, run_summary, simulate_and_report
-    from pipeline.registry.versions import gate, move_champion, record_decision, register_version
+    from pipeline.registry.promote import conclude, judge_challenger
+    from pipeline.registry.write import register_version
     from pipeline.data.split import run_split
     from pipeline.training.train import run_train
     from pipeline.data.validate import run_validation
@@ -91,11 +92,8 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     evaluation = timed("evaluate", run_evaluate, settings, trained)
     timed("evaluate", log_reference_profile, settings, trained, evaluation)
     mv = timed("register", register_version, settings, trained, evaluation)
-    decision = timed("gate", gate, settings, mv, evaluation)
-    timed("gate", record_decision, settings, mv, decision, trained.run_id)
-    promotion = {"promoted": False}
-    if decision.promote:
-        promotion = {"promoted": True, **timed("promote", move_champion, settings, mv.version, reason=decision.reason)}
+    decision = timed("gate", judge_challenger, settings, mv, evaluation, trained.run_id)
+    promotion = timed("promote", conclude, settings, mv, decision)
     drift = timed("simulate + drift", simulate_and_report, settings)
     timed("summary", run_summary, settings, started=started, ingest=ingested, validation=validation,
           certificate=certificate, trained=trained, evaluation=evaluation, version=mv, decision=decision,

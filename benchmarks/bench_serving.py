@@ -101,7 +101,7 @@ def register(settings: Any, name: str, size: int, out_dir: Path) -> tuple[Path, 
     from pipeline.training.models import build_model
     from pipeline.monitoring.drift import log_reference, reference_profile
     from pipeline.serving.predictor import fit_pca, score_with_embeddings
-    from pipeline.registry.versions import CHAMPION
+    from pipeline.registry.contract import CHAMPION, PARITY_TAG, GateTags, VersionTags
     from pipeline.tracking import configure_mlflow, ensure_experiment, pip_requirements
 
     model = build_model(name, image_size=size, num_classes=2, **({"weights": "none"} if "net" in name else {}))
@@ -125,10 +125,11 @@ def register(settings: Any, name: str, size: int, out_dir: Path) -> tuple[Path, 
                                                                pca.transform(emb)), pca)
     t0 = time.perf_counter()
     tags = log_exports(model, run.info.run_id, sample[:4], onnx=True)
-    print(f"  {name}: ONNX export + parity {time.perf_counter() - t0:.1f} s ({tags.get('onnx_parity_max_abs_diff')})",
+    print(f"  {name}: ONNX export + parity {time.perf_counter() - t0:.1f} s ({tags.get(PARITY_TAG)})",
           flush=True)
-    tags.update(input_size=str(size), input_channels=str(channels), classes='["NORMAL", "PNEUMONIA"]',
-                positive_class="PNEUMONIA", operating_threshold="0.5", gate_verdict="pass", model_arch=name)
+    tags.update(VersionTags(input_size=size, input_channels=channels, classes=["NORMAL", "PNEUMONIA"],
+                            positive_class="PNEUMONIA", operating_threshold=0.5, model_arch=name).to_tags())
+    tags.update(GateTags(GateTags.PASS).to_tags())
     mv = client.create_model_version(settings.registered_model, source=uri, run_id=run.info.run_id, tags=tags)
     client.set_registered_model_alias(settings.registered_model, CHAMPION, mv.version)
     return keras_path, channels

@@ -37,7 +37,8 @@ def request_approval(settings: Settings, version: Any, decision: Any) -> dict[st
         ``{"approved", "status" (approved | rejected | timeout), "reviewer", "comment", "decided_at",
         "version"}`` — also stored on the version as ``approval_*`` tags and a JSON artifact.
     """
-    from pipeline.registry.versions import record_approval
+    from pipeline.registry.contract import ApprovalRecord
+    from pipeline.registry.write import record_approval
 
     logger = get_run_logger()
     description = approval_markdown(settings, version, decision)
@@ -50,12 +51,13 @@ def request_approval(settings: Settings, version: Any, decision: Any) -> dict[st
                                 poll_interval=settings.promote.approval_poll_s)
     except FlowPauseTimeout:
         _continue_after_timeout()
-        record = {"approved": False, "status": "timeout", "reviewer": None, "comment": "no reviewer answered within "
-                  f"{settings.promote.approval_timeout_s} s; champion unchanged"}
+        approved, status, reviewer = False, ApprovalRecord.TIMEOUT, None
+        comment = f"no reviewer answered within {settings.promote.approval_timeout_s} s; champion unchanged"
     else:
-        record = {"approved": bool(answer.approve), "status": "approved" if answer.approve else "rejected",
-                  "reviewer": answer.reviewer, "comment": answer.comment}
-    record.update(decided_at=datetime.now(UTC).isoformat(timespec="seconds"), version=str(version.version))
+        approved, reviewer, comment = bool(answer.approve), answer.reviewer, answer.comment
+        status = ApprovalRecord.APPROVED if approved else ApprovalRecord.REJECTED
+    record = ApprovalRecord(approved, status, reviewer, comment, datetime.now(UTC).isoformat(timespec="seconds"),
+                            str(version.version)).to_dict()
     record_approval(settings, version, record)
     logger.info("approval of v%s: %s by %s", version.version, record["status"], record["reviewer"] or "-")
     return record
@@ -80,10 +82,10 @@ def _continue_after_timeout() -> None:
 
 def approval_markdown(settings: Settings, version: Any, decision: Any) -> str:
     """What the reviewer sees above the form: the gate table and where the model card is."""
-    from pipeline.registry.modelcard import card_path
+    from pipeline.registry.contract import MODEL_CARD_DIR, card_path
 
     return (f"## Approve {settings.registered_model} v{version.version} as champion?\n\n"
             f"{decision.to_markdown()}\n"
             f"Model card: `{card_path(settings, str(version.version))}` (also in the MLflow run artifacts, "
-            f"`model_card/`).\n\nTick **approve** to move `champion` to v{version.version}; leave it unticked to "
+            f"`{MODEL_CARD_DIR}/`).\n\nTick **approve** to move `champion` to v{version.version}; leave it unticked to "
             "reject. Either way your name, comment and the time are recorded on the version.")

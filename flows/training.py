@@ -128,8 +128,8 @@ def evaluate(settings: Settings, trained: Any) -> Any:
 @task(name="register", cache_policy=NO_CACHE)  # retries/timeout from orchestrate.* (io_options)
 def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
     """Registry version + SavedModel/ONNX export (parity-checked) + model card."""
-    from pipeline.registry.modelcard import card_path
-    from pipeline.registry.versions import register_version
+    from pipeline.registry.contract import card_path
+    from pipeline.registry.write import register_version
 
     mv = register_version(settings, trained, evaluation)
     card = card_path(settings, str(mv.version))
@@ -140,31 +140,22 @@ def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any:
-    from pipeline.registry.versions import gate as run_gate
-    from pipeline.registry.versions import record_decision
+    from pipeline.registry.promote import judge_challenger
 
-    decision = run_gate(settings, version, evaluation)
-    record_decision(settings, version, decision, trained.run_id)
+    decision = judge_challenger(settings, version, evaluation, trained.run_id)
     create_markdown_artifact(decision.to_markdown(), key="promotion-gate", description="Promotion gate decision")
     return decision
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(settings: Settings, version: Any, decision: Any) -> dict[str, Any]:
-    from pipeline.registry.versions import move_champion
+    """Move ``champion`` when the gate passed (after a reviewer's approval in the UI when required)."""
+    from flows.approval import request_approval
+    from pipeline.registry.promote import conclude
 
     if not decision.promote:
         get_run_logger().warning("challenger v%s not promoted: %s", version.version, decision.reason)
-        return {"promoted": False}
-    if settings.promote.require_approval:
-        from flows.approval import request_approval
-
-        approval = request_approval(settings, version, decision)
-        if not approval["approved"]:
-            return {"promoted": False, "approval": approval}
-        return {"promoted": True, "approval": approval, **move_champion(settings, version.version,
-                                                                        reason=f"approved by {approval['reviewer']}")}
-    return {"promoted": True, **move_champion(settings, version.version, reason=decision.reason)}
+    return conclude(settings, version, decision, approval=request_approval)
 
 
 @task(name="simulate-and-monitor", cache_policy=NO_CACHE)
@@ -203,6 +194,7 @@ def training_flow(params: TrainingParameters = TrainingParameters()) -> dict[str
     certificate = split(settings)
     trained = train(settings, version)
     evaluation = evaluate(settings, trained)
+    # the steps of pipeline.registry.promote.promote_challenger, one task each
     mv = register.with_options(**io_options(settings))(settings, trained, evaluation)
     decision = gate(settings, mv, evaluation, trained)
     promotion = promote(settings, mv, decision)

@@ -254,19 +254,14 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Register the last evaluated model and promote it through the gate."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry.versions import gate as run_gate
-        from pipeline.registry.versions import move_champion, record_decision, register_version
+        from pipeline.registry.promote import promote_challenger
 
         trained, evaluation = _reload_evaluation(settings)
-        mv = register_version(settings, trained, evaluation)
-        decision = run_gate(settings, mv, evaluation)
-        record_decision(settings, mv, decision, trained.run_id)
-        if decision.promote and not settings.promote.require_approval:
-            move_champion(settings, mv.version, reason=decision.reason)
-        elif decision.promote:
-            typer.echo(f"gate passed; approval required: `xrayops registry approve {mv.version} --reviewer NAME` "
-                       "(or reject with --reject)", err=True)
-        _dump(decision.to_dict())
+        result = promote_challenger(settings, trained, evaluation)
+        if result.awaiting_approval:
+            typer.echo(f"gate passed; approval required: `xrayops registry approve {result.version.version} "
+                       "--reviewer NAME` (or reject with --reject)", err=True)
+        _dump(result.decision.to_dict())
 
 
 def _reload_evaluation(settings: Any) -> tuple[Any, Any]:
@@ -525,7 +520,8 @@ def registry_show(
     """List the versions of the registered model with aliases, AUC (CI), threshold, gate and approval."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry.versions import overview
+        from pipeline.registry.contract import GateTags
+        from pipeline.registry.read import overview
 
         rows = overview(settings)
         if as_json:
@@ -540,7 +536,7 @@ def registry_show(
         for r in rows:
             typer.echo(f"{r['version']:>4}  {','.join(r['aliases']) or '-':<34} {r['model'] or '-':<16} "
                        f"{r['auc'] or '-':<28} {(r['threshold'] or '-')[:8]:<9} {r['gate']:<5} {r['approval']:<9} "
-                       f"{r['gradcam']:<8} {r['failed'] if r['gate'] == 'fail' else ''}"
+                       f"{r['gradcam']:<8} {r['failed'] if r['gate'] == GateTags.FAIL else ''}"
                        f"{'  rolled back ' + r['rolled_back'] if r['rolled_back'] else ''}")
 
 
@@ -556,7 +552,7 @@ def registry_rollback(
 
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry.versions import rollback
+        from pipeline.registry.write import rollback
 
         _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
 
@@ -573,7 +569,7 @@ def registry_approve(
     """Record a reviewer's decision on a gate-passing VERSION; approval moves `champion` to it."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.registry.versions import approve_version
+        from pipeline.registry.promote import approve_version
 
         _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
 

@@ -54,7 +54,8 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
     from pipeline.data.manifest import read_manifest
     from pipeline.monitoring.drift import monitor_champion
     from pipeline.serving.predictor import load_predictor
-    from pipeline.registry.versions import CHAMPION, get_alias
+    from pipeline.registry.contract import CHAMPION
+    from pipeline.registry.read import get_alias
     from pipeline.monitoring.simulate import simulate_requests
     from pipeline.data.split import read_split
 
@@ -77,7 +78,7 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
                 certificate: dict[str, Any], trained: Any, evaluation: Any, version: Any, decision: Any,
                 promotion: dict[str, Any], drift: dict[str, Any] | None) -> dict[str, Any]:
     """The end-of-run summary (stable keys; documented in README.md)."""
-    from pipeline.registry.versions import aliases
+    from pipeline.registry.read import aliases
 
     finished = datetime.now(UTC)
     dvc = ingest.get("dvc") or {}

@@ -115,7 +115,7 @@ def train_champion(root: Path, overrides: list[str] | None = None) -> Settings:
     from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.data.ingest import prepare_raw, run_ingest
     from pipeline.job import log_reference_profile
-    from pipeline.registry.versions import gate, move_champion, record_decision, register_version
+    from pipeline.registry.promote import promote_challenger
     from pipeline.data.split import run_split
     from pipeline.training.train import run_train
     from pipeline.data.validate import run_validation
@@ -129,10 +129,8 @@ def train_champion(root: Path, overrides: list[str] | None = None) -> Settings:
     trained = run_train(settings)
     evaluation = run_evaluate(settings, trained)
     log_reference_profile(settings, trained, evaluation)
-    version = register_version(settings, trained, evaluation)
-    decision = gate(settings, version, evaluation)
-    record_decision(settings, version, decision, trained.run_id)
-    move_champion(settings, version.version, reason="test fixture")
+    result = promote_challenger(settings, trained, evaluation)
+    assert result.promoted, (result.decision.reason, result.promotion)
     return settings
 
 

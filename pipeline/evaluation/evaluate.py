@@ -22,10 +22,13 @@ from pipeline.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    confusion_counts,
+    confusion_matrix,
     multiclass_metrics,
     patient_weights,
 )
 from pipeline.data.split import read_split
+from pipeline.registry.contract import EVALUATION_ARTIFACT, OPERATING_POINT_ARTIFACT, plot_artifact
 from pipeline.training.train import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ def evaluate_scores(settings: Settings, val: Scored, test: Scored, num_classes: 
         thr = op["threshold"]
         metrics = binary_metrics(test.y, test.proba, thr, bins=cfg.calibration_bins)
         pred = (test.proba >= thr).astype(int)
-        metrics["confusion"] = {k: int(v) for k, v in _confusion_counts(test.y, pred).items()}
+        metrics["confusion"] = confusion_counts(test.y, pred)
         ci = bootstrap_ci(lambda w: binary_metrics(test.y, test.proba, thr, bins=cfg.calibration_bins, w=w),
                           weights, cfg.ci_level)
         slices = _slices(test, lambda f, y, p: binary_metrics(y, p, thr, bins=cfg.calibration_bins))
@@ -93,23 +96,12 @@ def evaluate_scores(settings: Settings, val: Scored, test: Scored, num_classes: 
     else:
         op = None
         metrics = multiclass_metrics(test.y, test.proba)
-        metrics["confusion"] = _confusion_matrix(test.y, test.proba.argmax(1), num_classes)
+        metrics["confusion"] = confusion_matrix(test.y, test.proba.argmax(1), num_classes)
         ci = bootstrap_ci(lambda w: multiclass_metrics(test.y, test.proba, w), weights, cfg.ci_level)
         slices = _slices(test, lambda f, y, p: multiclass_metrics(y, p))
         task = "multiclass"
     return EvalResult(task, _round(metrics), {k: [round(a, 4), round(b, 4)] for k, (a, b) in ci.items()},
                       op, slices, int(len(test.y)), test)
-
-
-def _confusion_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
-    return {"tp": int(((y == 1) & (pred == 1)).sum()), "fn": int(((y == 1) & (pred == 0)).sum()),
-            "tn": int(((y == 0) & (pred == 0)).sum()), "fp": int(((y == 0) & (pred == 1)).sum())}
-
-
-def _confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> list[list[int]]:
-    m = np.zeros((k, k), int)
-    np.add.at(m, (y.astype(int), pred.astype(int)), 1)
-    return m.tolist()
 
 
 def _slices(scored: Scored, fn: Any) -> list[dict[str, Any]]:
@@ -195,9 +187,9 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             flat[f"test_{k}_ci_low"], flat[f"test_{k}_ci_high"] = lo, hi
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(flat)
-        mlflow.log_dict(result.to_json(), "evaluation/metrics.json")
+        mlflow.log_dict(result.to_json(), EVALUATION_ARTIFACT)
         if result.operating_point:
-            mlflow.log_dict(result.operating_point, "evaluation/operating_point.json")
+            mlflow.log_dict(result.operating_point, OPERATING_POINT_ARTIFACT)
             mlflow.set_tag("operating_threshold", f"{result.operating_point['threshold']:.6f}")
         if result.slices:
             mlflow.log_table(pd.DataFrame(result.slices), "evaluation/slices.json")
@@ -209,4 +201,4 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.set_tag("gradcam_sanity", result.explain["status"])
         assert result.test is not None
         for name, fig in {**evaluation_figures(result, val), **result.figures}.items():
-            mlflow.log_figure(fig, f"plots/{name}.png")
+            mlflow.log_figure(fig, plot_artifact(name))

@@ -26,7 +26,8 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.features import IMAGE_FEATURES
-from pipeline.serving.predictor import EMB_PREFIX, PCA_ARTIFACT, EmbeddingPCA
+from pipeline.registry.contract import PCA_ARTIFACT, REFERENCE_ARTIFACT
+from pipeline.serving.predictor import EMB_PREFIX, EmbeddingPCA
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 DRIFT_FEATURES = [f for f in IMAGE_FEATURES if f not in ("bit_depth",)]
 UNIT_RANGE = ["mean", "std", "p05", "p50", "p95", "contrast", "probability"]
 PREDICTION_COLUMNS = ["probability", "predicted_positive"]
-REFERENCE_ARTIFACT = "reference/profile.parquet"
 
 
 def input_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
@@ -324,7 +324,7 @@ def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Pat
 def monitor_champion(settings: Settings, *, hours: float | None = None, last_k: int | None = None,
                      alias: str | None = None) -> dict[str, Any]:
     """Drift of the production window against the reference of the version holding ``alias``."""
-    from pipeline.registry.versions import get_alias
+    from pipeline.registry.read import get_alias
 
     alias = alias or settings.serve.model_alias
     version = get_alias(settings, alias)

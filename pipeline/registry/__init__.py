@@ -1,1 +1,10 @@
-"""Stages `register` + `promote`: registry contract, versions, the promotion gate, model cards, exports."""
+"""Stages `register` + `promote`.
+
+- ``contract``: alias names, version tag keys and run artifact paths as typed objects; the champion rule;
+- ``read``: aliases, versions, records, gate decisions, models (no writes);
+- ``write``: registration, gate/approval records, alias moves, rollback;
+- ``decision``: the promotion decision, a pure function of the evidence;
+- ``gate``: gathering that evidence (champion re-scoring, certificate, validation) + the decision;
+- ``promote``: the one promotion path (register → gate → record → move, approval when required);
+- ``modelcard``, ``export``: model card per version; SavedModel + ONNX export with a parity check.
+"""

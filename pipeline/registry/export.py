@@ -23,16 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pipeline.errors import ExportError  # noqa: F401 (re-exported)
+
+from pipeline.errors import ExportError
+from pipeline.registry.contract import ONNX_ARTIFACT, PARITY_TAG, SAVED_MODEL_ARTIFACT, ExportTags  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "probability"
 PARITY_TOLERANCE = 1e-4
-SAVED_MODEL_ARTIFACT = "export/saved_model"
-ONNX_ARTIFACT = "export/model.onnx"
-PARITY_TAG = "onnx_parity_max_abs_diff"
 
 
 def _input_hwc(model: Any, input_shape: tuple[int, ...] | None = None) -> tuple[int, int, int]:
@@ -135,29 +134,26 @@ def log_exports(model: Any, run_id: str, sample: np.ndarray, *, onnx: bool, opse
 
     client = MlflowClient()
     input_shape = tuple(np.asarray(sample).shape[1:])
-    tags: dict[str, str] = {"export_saved_model": SAVED_MODEL_ARTIFACT}
     with tempfile.TemporaryDirectory(prefix="xrayops-export-") as tmp:
         saved = export_saved_model(model, Path(tmp) / "saved_model", input_shape)
         client.log_artifacts(run_id, str(saved), SAVED_MODEL_ARTIFACT)
         if not onnx:
-            return {**tags, "onnx_export": "disabled"}
+            return ExportTags(SAVED_MODEL_ARTIFACT, ExportTags.DISABLED).to_tags()
         try:
             onnx_path = saved_model_to_onnx(saved, Path(tmp) / "model.onnx", opset)
             diff = onnx_parity(model, onnx_path, sample)
-        except Exception as exc:  # a converter gap must not lose the registration; serving falls back to tf
+        except Exception as exc:  # noqa: BLE001 - a converter gap must not lose the registration; serving uses tf
             logger.warning("ONNX export failed (%s: %s); serve this version with engine=tf",
                            type(exc).__name__, exc)
-            return {**tags, "onnx_export": "failed", "onnx_export_error": f"{type(exc).__name__}: {exc}"[:250]}
-        tags[PARITY_TAG] = f"{diff:.3g}"
+            return ExportTags(SAVED_MODEL_ARTIFACT, ExportTags.FAILED, f"{type(exc).__name__}: {exc}").to_tags()
         if diff <= tolerance:
             client.log_artifact(run_id, str(onnx_path), Path(ONNX_ARTIFACT).parent.as_posix())
-            tags.update(onnx_export=ONNX_ARTIFACT, onnx_opset=str(opset))
             logger.info("exported ONNX (opset %d); parity max |Δp| = %.3g", opset, diff)
-        else:
-            tags["onnx_export"] = "parity_failed"
-            logger.warning("ONNX export differs from Keras by %.3g (> %.0e): not logged; serve with engine=tf",
-                           diff, tolerance)
-    return tags
+            return ExportTags(SAVED_MODEL_ARTIFACT, ONNX_ARTIFACT, onnx_parity=f"{diff:.3g}",
+                              onnx_opset=opset).to_tags()
+        logger.warning("ONNX export differs from Keras by %.3g (> %.0e): not logged; serve with engine=tf",
+                       diff, tolerance)
+        return ExportTags(SAVED_MODEL_ARTIFACT, ExportTags.PARITY_FAILED, onnx_parity=f"{diff:.3g}").to_tags()
 
 
 def download_onnx(run_id: str, dst_dir: str | Path) -> Path:

@@ -17,10 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.errors import RegistryError
+from pipeline.registry.contract import (
+    CARD_DIR,  # noqa: F401 (re-exported)
+    GRADCAM_ARTIFACT,
+    OPERATING_POINT_ARTIFACT,
+    RELIABILITY_ARTIFACT,
+    ExportTags,
+    VersionRecord,
+    card_path,
+    model_card_artifact,
+    run_uri,
+)
 
 logger = logging.getLogger(__name__)
 
-CARD_DIR = "model_cards"
 CARD_MARKER = "Model card:"
 HEADLINE = ("auc", "pr_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "macro_f1", "brier", "ece")
 
@@ -31,7 +42,7 @@ class CardInputs:
 
     model: str
     version: str
-    tags: dict[str, str]
+    record: VersionRecord
     aliases: list[str]
     evaluation: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
@@ -52,19 +63,20 @@ def render(c: CardInputs) -> str:
 
 
 def _header(c: CardInputs) -> str:
-    t = c.tags
+    t = c.record.lineage
+    classes = json.dumps(t.classes) if t.classes is not None else None
     return (f"# Model card — {c.model} v{c.version}\n\n"
-            f"| | |\n|---|---|\n| architecture | `{t.get('model_arch')}` ({t.get('input_size')}×{t.get('input_size')}"
-            f"×{t.get('input_channels')}) |\n| task | {t.get('task')}: classes {t.get('classes')}, positive "
-            f"`{t.get('positive_class')}` |\n| aliases when written | {', '.join(c.aliases) or 'none'} |\n"
-            f"| code | git `{t.get('git_commit', '?')[:12]}` (dirty: {t.get('git_dirty')}), uv.lock "
-            f"`{t.get('lock_sha256')}`, seed {t.get('seed')} |")
+            f"| | |\n|---|---|\n| architecture | `{t.model_arch}` ({t.input_size}×{t.input_size}"
+            f"×{t.input_channels}) |\n| task | {t.task}: classes {classes}, positive "
+            f"`{t.positive_class}` |\n| aliases when written | {', '.join(c.aliases) or 'none'} |\n"
+            f"| code | git `{(t.git_commit or '?')[:12]}` (dirty: {t.git_dirty}), uv.lock "
+            f"`{t.lock_sha256}`, seed {t.seed} |")
 
 
 def _intended_use(c: CardInputs) -> str:
     synthetic = c.data_source == "synthetic" or c.summary.get("source") == "synthetic"
-    if c.tags.get("task") == "binary" and not synthetic:
-        use = (f"Decision support: flags frontal chest X-rays likely to show `{c.tags.get('positive_class')}` so a "
+    if c.record.lineage.task == "binary" and not synthetic:
+        use = (f"Decision support: flags frontal chest X-rays likely to show `{c.record.lineage.positive_class}` so a "
                "radiologist reads them first. It does not diagnose and must not be used without a clinician's "
                "review; it was not validated prospectively, on children, or on lateral views unless the data "
                "below says so.")
@@ -77,11 +89,11 @@ def _intended_use(c: CardInputs) -> str:
 
 
 def _data(c: CardInputs) -> str:
-    s, t = c.summary, c.tags
+    s, t = c.summary, c.record.lineage
     counts = s.get("label_counts") or {}
     prevalence = (c.certificate.get("prevalence") or {})
-    rows = [f"| source | `{s.get('source', c.data_source)}` (dataset `{t.get('dataset')}`) |",
-            f"| version | DVC md5 `{t.get('dvc_md5')}`, rev `{t.get('dvc_rev')}` |",
+    rows = [f"| source | `{s.get('source', c.data_source)}` (dataset `{t.dataset}`) |",
+            f"| version | DVC md5 `{t.dvc_md5}`, rev `{t.dvc_rev}` |",
             f"| images | {s.get('ingested', '?')} ingested, {s.get('quarantined', '?')} quarantined "
             f"({_fmt_dict(s.get('quarantine_reasons'))}) |",
             f"| patients | {s.get('patients', '?')} (pseudonymised) |",
@@ -93,7 +105,7 @@ def _data(c: CardInputs) -> str:
 def _split(c: CardInputs) -> str:
     cert = c.certificate
     if not cert:
-        return f"## Split\n\nCertificate `{c.tags.get('split_certificate')}` (file not available here)."
+        return f"## Split\n\nCertificate `{c.record.lineage.split_certificate}` (file not available here)."
     return ("## Split\n\n"
             f"{cert.get('method')}, fractions {cert.get('fractions')}, seed {cert.get('seed')}.\n\n"
             f"| | train | val | test |\n|---|---|---|---|\n"
@@ -101,7 +113,8 @@ def _split(c: CardInputs) -> str:
             f"Patient overlap between splits: **{cert.get('patient_overlap')}**; exact duplicates across splits: "
             f"{len(cert.get('exact_duplicates_across_splits') or [])}; near-duplicates across splits: "
             f"{len(cert.get('near_duplicates_across_splits') or [])} (action: {cert.get('near_duplicate_action')}).\n"
-            f"Certificate sha256 `{cert.get('certificate_sha256')}` (version tag `{c.tags.get('split_certificate')}`).")
+            f"Certificate sha256 `{cert.get('certificate_sha256')}` "
+            f"(version tag `{c.record.lineage.split_certificate}`).")
 
 
 def _performance(c: CardInputs) -> str:
@@ -135,7 +148,7 @@ def _operating_point(c: CardInputs) -> str:
     return ("## Operating point\n\n"
             f"Threshold **{op['threshold']:.4f}** (policy `{op['policy']}`: {op['reason']}), chosen on the validation "
             f"split (sensitivity {_num(op.get('val_sensitivity'))}, specificity {_num(op.get('val_specificity'))}) "
-            "and locked into the version (tag `operating_threshold`, artifact `evaluation/operating_point.json`); "
+            f"and locked into the version (tag `operating_threshold`, artifact `{OPERATING_POINT_ARTIFACT}`); "
             "serving uses the same value.")
 
 
@@ -144,7 +157,7 @@ def _calibration(c: CardInputs) -> str:
     if m.get("ece") is None:
         return ""
     return (f"## Calibration\n\nExpected calibration error {m['ece']:.3f} ({_ci(ci.get('ece'))}), Brier score "
-            f"{_num(m.get('brier'))}. Reliability diagram: run artifact `plots/reliability.png`.")
+            f"{_num(m.get('brier'))}. Reliability diagram: run artifact `{RELIABILITY_ARTIFACT}`.")
 
 
 def _explainability(c: CardInputs) -> str:
@@ -155,7 +168,7 @@ def _explainability(c: CardInputs) -> str:
     image = f"\n\n![Grad-CAM examples]({c.gradcam_image})" if c.gradcam_image else ""
     return ("## Explainability\n\n"
             f"Grad-CAM on layer `{sanity.get('layer')}` (last convolution `{sanity.get('conv_path')}`), examples per "
-            f"confusion cell {_fmt_dict(ex.get('examples'))} (run artifact `plots/gradcam_grid.png`).\n\n"
+            f"confusion cell {_fmt_dict(ex.get('examples'))} (run artifact `{GRADCAM_ARTIFACT}`).\n\n"
             f"Sanity check (model-parameter randomisation): mean |rank correlation| trained vs randomised weights "
             f"**{sanity.get('rank_corr')}** (must be ≤ {sanity.get('threshold')}) → "
             f"**{'pass' if sanity.get('passed') else 'FAIL: heatmaps barely depend on the learned weights'}**."
@@ -163,7 +176,7 @@ def _explainability(c: CardInputs) -> str:
 
 
 def _promotion(c: CardInputs) -> str:
-    t, d = c.tags, c.decision
+    d, approval, rolled = c.decision, c.record.approval, c.record.rollback
     lines = ["## Promotion"]
     if d:
         rows = "\n".join(f"| {k['name']} | {k['value']} | {k['threshold']} | {'pass' if k['passed'] else 'FAIL'} |"
@@ -173,11 +186,11 @@ def _promotion(c: CardInputs) -> str:
                      f"| criterion | value | threshold | result |\n|---|---|---|---|\n{rows}")
     else:
         lines.append("Not yet gated.")
-    if t.get("approval_status"):
-        lines.append(f"Human approval: **{t['approval_status']}** by {t.get('approval_reviewer') or '-'} at "
-                     f"{t.get('approval_decided_at')}: {t.get('approval_comment') or ''}")
-    if t.get("rolled_back_at"):
-        lines.append(f"Rolled back at {t['rolled_back_at']}: {t.get('rolled_back_reason', '')}")
+    if approval is not None:
+        lines.append(f"Human approval: **{approval.status}** by {approval.reviewer or '-'} at "
+                     f"{approval.decided_at}: {approval.comment or ''}")
+    if rolled is not None:
+        lines.append(f"Rolled back at {rolled.at}: {rolled.reason}")
     return "\n\n".join(lines)
 
 
@@ -192,7 +205,7 @@ def _limitations(c: CardInputs) -> str:
         items.append("Slices with fewer than 30 test images are unreliable: " + ", ".join(small[:8]) + ".")
     if (c.evaluation.get("explain") or {}).get("status") == "fail":
         items.append("Grad-CAM failed its randomisation sanity check: do not read the heatmaps as explanations.")
-    if c.tags.get("onnx_export") == "parity_failed":
+    if c.record.export.onnx == ExportTags.PARITY_FAILED:
         items.append("The ONNX export did not match Keras within 1e-4; serve it with the TensorFlow engine.")
     if c.data_source == "synthetic" or c.summary.get("source") == "synthetic":
         items.append("Synthetic data: no real anatomy, pathology or scanner variation.")
@@ -228,33 +241,29 @@ def _by_split(d: Any) -> str:
 
 
 def gather(settings: Settings, version: Any, dataset_dir: Path | None = None) -> CardInputs:
-    """Read everything the card needs from the registry, the run and the dataset folder."""
-    import mlflow
+    """Read everything the card needs from the registry, the run and the dataset folder.
 
-    from pipeline.registry.versions import aliases, load_decision
-    from pipeline.tracking import configure_mlflow
+    Raises:
+        RegistryError: the version, or its run's evaluation, is missing (a card without its numbers would mislead).
+    """
+    from pipeline.data.manifest import SUMMARY_FILE
+    from pipeline.data.split import CERTIFICATE_FILE
+    from pipeline.registry.read import aliases, get_version, load_decision, load_evaluation
 
     dataset_dir = dataset_dir or settings.dataset_dir
-    client = configure_mlflow(settings)
-    mv = client.get_model_version(settings.registered_model, str(version))
-    try:
-        evaluation = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/evaluation/metrics.json")
-    except Exception:  # an evaluation that was never logged: the card says so
-        evaluation = {}
+    mv = get_version(settings, version)
+    record = VersionRecord.from_version(mv)
     return CardInputs(
-        model=settings.registered_model, version=str(mv.version), tags=dict(mv.tags),
-        aliases=sorted(a for a, v in aliases(settings).items() if v == str(mv.version)),
-        evaluation=evaluation, summary=_read_json(dataset_dir / "ingest_summary.json"),
-        certificate=_read_json(dataset_dir / "split_certificate.json"),
+        model=settings.registered_model, version=record.version, record=record,
+        aliases=sorted(a for a, v in aliases(settings).items() if v == record.version),
+        evaluation=load_evaluation(settings, mv), summary=_read_json(dataset_dir / SUMMARY_FILE),
+        certificate=_read_json(dataset_dir / CERTIFICATE_FILE),
         decision=load_decision(settings, mv), data_source=settings.data.source)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A dataset-folder file, or {} when this machine does not have it (the card says so)."""
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def card_path(settings: Settings, version: str) -> Path:
-    return settings.reports_dir / CARD_DIR / f"{settings.registered_model}-v{version}.md"
 
 
 def publish_model_card(settings: Settings, version: Any, dataset_dir: Path | None = None) -> Path:
@@ -265,31 +274,34 @@ def publish_model_card(settings: Settings, version: Any, dataset_dir: Path | Non
     inputs = gather(settings, version, dataset_dir)
     path = card_path(settings, inputs.version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs.gradcam_image = _copy_gradcam(client, inputs, path)
+    inputs.gradcam_image = _copy_gradcam(settings, client, inputs, path)
     text = render(inputs)
     path.write_text(text)
-    run_id = client.get_model_version(settings.registered_model, inputs.version).run_id
-    artifact = f"model_card/model_card-v{inputs.version}.md"
+    run_id = inputs.record.run_id
+    if run_id is None:
+        raise RegistryError(f"{settings.registered_model} v{inputs.version} has no training run to log its card to")
+    artifact = model_card_artifact(inputs.version)
     client.log_text(run_id, text, artifact)
     _link_in_description(client, settings, inputs.version, run_id, artifact, path)
     logger.info("model card of %s v%s: %s", settings.registered_model, inputs.version, path)
     return path
 
 
-def _copy_gradcam(client: Any, inputs: CardInputs, card: Path) -> str | None:
-    """Copy the run's Grad-CAM grid next to the card; returns its relative file name."""
+def _copy_gradcam(settings: Settings, client: Any, inputs: CardInputs, card: Path) -> str | None:
+    """Copy the run's Grad-CAM grid next to the card; returns its relative file name (None: the run has none)."""
     import shutil
     import tempfile
 
-    run_id = client.get_model_version(inputs.model, inputs.version).run_id
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, "plots/gradcam_grid.png", tmp)
-            target = card.with_name(card.stem + "-gradcam.png")
-            shutil.copyfile(local, target)
-            return target.name
-    except Exception:  # no Grad-CAM grid for this run
+    from pipeline.registry.read import artifact_exists
+
+    run_id = inputs.record.run_id
+    if run_id is None or not artifact_exists(settings, run_id, GRADCAM_ARTIFACT):
         return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, GRADCAM_ARTIFACT, tmp)
+        target = card.with_name(card.stem + "-gradcam.png")
+        shutil.copyfile(local, target)
+        return target.name
 
 
 def _link_in_description(client: Any, settings: Settings, version: str, run_id: str, artifact: str,
@@ -297,7 +309,7 @@ def _link_in_description(client: Any, settings: Settings, version: str, run_id: 
     mv = client.get_model_version(settings.registered_model, version)
     exp_id = client.get_run(run_id).info.experiment_id
     kept = [line for line in (mv.description or "").splitlines() if not line.startswith(CARD_MARKER)]
-    link = (f"{CARD_MARKER} [model_card-v{version}.md](#/experiments/{exp_id}/runs/{run_id}/artifacts) "
-            f"(`runs:/{run_id}/{artifact}`; file `{path}`)")
+    link = (f"{CARD_MARKER} [{Path(artifact).name}](#/experiments/{exp_id}/runs/{run_id}/artifacts) "
+            f"(`{run_uri(run_id, artifact)}`; file `{path}`)")
     client.update_model_version(settings.registered_model, version,
                                 description="\n".join([*[k for k in kept if k.strip()], "", link]).strip())

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import functools
 import hmac
-import json
 import logging
 import os
 import uuid
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
 from pipeline.config import ConfigError, Settings
+from pipeline.registry.contract import VersionTags
 from pipeline.serving.production_log import LogWriter
 from pipeline.serving.admission import REASONS, Rejected
 from pipeline.serving.schemas import (
@@ -166,17 +166,14 @@ def api_key_from_env(settings: Settings) -> str | None:
 
 def model_info(store: ModelStore) -> ModelInfo:
     p = store.require()
+    lineage = VersionTags.from_tags(p.tags)
     metrics: dict[str, MetricOut] = {}
-    for key, text in p.tags.items():
-        if key.startswith("test_"):
-            value, _, ci = text.partition(" ")
-            try:
-                bounds = json.loads(ci.replace("None", "null")) if ci else None
-                metrics[key.removeprefix("test_")] = MetricOut(value=float(value), ci=bounds)
-            except ValueError:
-                continue
+    for name, metric in lineage.test_metrics.items():
+        if metric.ci is not None and any(b is not None and b != b for b in metric.ci):
+            continue  # a NaN interval cannot travel as JSON
+        metrics[name] = MetricOut(value=metric.value, ci=list(metric.ci) if metric.ci is not None else None)
     return ModelInfo(name=p.model_name, version=p.version, alias=store.alias, threshold=p.threshold,
-                     threshold_policy=p.tags.get("threshold_policy"), classes=p.classes,
+                     threshold_policy=lineage.threshold_policy, classes=p.classes,
                      positive_class=p.positive_class, input_size=p.spec.image_size, input_channels=p.spec.channels,
                      engine=getattr(p.engine, "name", "?"), embedding_components=len(p.pca.components) if p.pca else 0,
                      metrics=metrics, run_id=p.run_id, loaded_at=store.loaded_at)

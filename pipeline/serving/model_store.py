@@ -53,7 +53,7 @@ class ModelStore:
 
     def refresh(self) -> bool:
         """Check the alias now; load and swap in a moved version. Returns True when the model changed."""
-        from pipeline.registry.versions import get_alias
+        from pipeline.registry.read import get_alias
 
         with self._load_lock:
             self.last_check = time.time()

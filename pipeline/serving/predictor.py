@@ -13,7 +13,6 @@ carry the same ``emb_pc*`` columns.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -26,13 +25,13 @@ import pandas as pd
 
 from pipeline.data.imaging import DecodedImage
 from pipeline.data.features import image_features
+from pipeline.registry.contract import PCA_ARTIFACT, VersionTags
 from pipeline.training.inputs import InputSpec
 from pipeline.training.preprocess import preprocess_decoded
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_LAYER = "embedding"
-PCA_ARTIFACT = "reference/embedding_pca.npz"
 EMB_PREFIX = "emb_pc"
 
 
@@ -231,12 +230,10 @@ class Predictor:
                      pca: EmbeddingPCA | None = None, alias: str | None = None) -> Predictor:
         """Build from a registry ``ModelVersion`` (its tags hold the input spec and threshold)."""
         tags = dict(version.tags)
-        classes = json.loads(tags["classes"])
-        thr = tags.get("operating_threshold")
-        positive = tags.get("positive_class")
-        return cls(model, InputSpec(int(tags["input_size"]), int(tags["input_channels"]), len(classes)),
-                   float(thr) if thr else None, model_name, str(version.version), classes,
-                   positive if positive not in (None, "None") else None, pca, engine,
+        lineage = VersionTags.from_tags(tags)
+        size, channels, classes = lineage.input_shape(f"{model_name} v{version.version}")
+        return cls(model, InputSpec(size, channels, len(classes)), lineage.operating_threshold, model_name,
+                   str(version.version), classes, lineage.positive_class, pca, engine,
                    getattr(version, "run_id", None), alias, tags)
 
     @property
@@ -359,11 +356,12 @@ def onnx_model_path(settings: Any, version: Any, model: Any, spec: InputSpec) ->
 
 def load_predictor(settings: Any, version: Any, *, alias: str | None = None, engine: str | None = None) -> Predictor:
     """Load a registry version for serving: Keras model (explanations), compiled engine, embedding PCA."""
-    from pipeline.registry.versions import load_version_model
+    from pipeline.registry.read import load_version_model
 
     model = load_version_model(settings, version)
-    tags = dict(version.tags)
-    spec = InputSpec(int(tags["input_size"]), int(tags["input_channels"]), len(json.loads(tags["classes"])))
+    size, channels, classes = VersionTags.from_version(version).input_shape(
+        f"{settings.registered_model} v{version.version}")
+    spec = InputSpec(size, channels, len(classes))
     kind = engine or settings.serve.engine
     runner: Any
     if kind == "onnx":

@@ -36,7 +36,7 @@ def test_training_flow_end_to_end_and_rerun(prefect_harness: None, dvc_project: 
 
     # registry: first model passes the (lenient) floors and becomes champion
     client = MlflowClient(tracking_uri=settings.tracking_uri)
-    from pipeline.registry.versions import aliases
+    from pipeline.registry.read import aliases
 
     assert aliases(settings) == {"champion": "1", "challenger": "1"} == summary["registry"]["aliases"]
     version = client.get_model_version(settings.registered_model, "1")

@@ -102,12 +102,10 @@ def gate_project(tmp_path_factory: pytest.TempPathFactory) -> GateProject:
 @pytest.fixture
 def register_and_gate() -> Callable[..., tuple[Any, Any]]:
     """``register_and_gate(settings, candidate)`` → (version, decision), recorded like the flow does."""
-    from pipeline.registry.versions import gate, record_decision, register_version
+    from pipeline.registry.promote import promote_challenger
 
     def run(settings: Settings, candidate: Candidate) -> tuple[Any, Any]:
-        mv = register_version(settings, candidate.trained, candidate.evaluation)
-        decision = gate(settings, mv, candidate.evaluation)
-        record_decision(settings, mv, decision, candidate.trained.run_id)
-        return mv, decision
+        result = promote_challenger(settings, candidate.trained, candidate.evaluation, move_aliases=False)
+        return result.version, result.decision
 
     return run

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.registry.versions import aliases, move_champion
+from pipeline.registry.read import aliases
+from pipeline.registry.write import move_champion
 from tests.registry.conftest import GateProject
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.registry.versions import PromotionError, aliases, get_alias, move_champion, rollback
+from pipeline.errors import PromotionError
+from pipeline.registry.read import aliases, get_alias
+from pipeline.registry.write import move_champion, rollback
 from tests.registry.conftest import GateProject
 
 pytestmark = pytest.mark.slow

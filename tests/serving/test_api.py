@@ -67,7 +67,7 @@ def test_probes_auth_and_model_info(api: tuple[str, Settings]) -> None:
     assert wrong.status_code == 401 and wrong.json()["error"]["reason"] == "invalid_api_key"
     assert post(url, png(1), key=None).status_code == 401
     info = httpx.get(f"{url}/v1/model", headers={"X-API-Key": KEY}).json()
-    from pipeline.registry.versions import get_alias
+    from pipeline.registry.read import get_alias
 
     champion = get_alias(settings, "champion")
     assert (info["name"], info["version"], info["alias"]) == (settings.registered_model, "1", "champion")
@@ -79,7 +79,7 @@ def test_probes_auth_and_model_info(api: tuple[str, Settings]) -> None:
 def test_predictions_match_the_model_and_the_locked_threshold(api: tuple[str, Settings]) -> None:
     url, settings = api
     from pipeline.serving.predictor import Predictor
-    from pipeline.registry.versions import get_alias, load_version_model
+    from pipeline.registry.read import get_alias, load_version_model
 
     champion = get_alias(settings, "champion")
     reference = Predictor.from_version(load_version_model(settings, champion), champion, settings.registered_model)
@@ -165,7 +165,8 @@ def test_explain_returns_a_grad_cam_overlay_or_a_clear_501(api: tuple[str, Setti
 
 def test_alias_move_is_picked_up_without_restart(api: tuple[str, Settings]) -> None:
     url, settings = api
-    from pipeline.registry.versions import get_alias, move_champion
+    from pipeline.registry.read import get_alias
+    from pipeline.registry.write import move_champion
     from pipeline.tracking import configure_mlflow
 
     client = configure_mlflow(settings)
@@ -211,7 +212,8 @@ def test_chunked_upload_over_the_limit_is_refused_before_parsing(api: tuple[str,
 def test_store_polls_the_alias_and_keeps_serving_when_a_load_fails(champion_project: Settings) -> None:
     from types import SimpleNamespace
 
-    from pipeline.registry.versions import get_alias, move_champion
+    from pipeline.registry.read import get_alias
+    from pipeline.registry.write import move_champion
     from pipeline.serving.model_store import ModelStore
     from pipeline.tracking import configure_mlflow
 

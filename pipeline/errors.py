@@ -11,6 +11,8 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     XrayopsError
     ├── ConfigError (ValueError)             params.yaml / --set / environment
     ├── ServiceUnavailable                   MLflow, Prefect or DVC cannot be reached or answered with an error
+    │   ├── TrackingUnavailable              the MLflow tracking/registry server does not answer
+    │   └── OrchestratorUnavailable          the Prefect server (PREFECT_API_URL) does not answer
     ├── DataError                            the data → split path
     │   ├── SourceError (ValueError)         raw dataset not where or how the source expects it
     │   ├── VersioningError                  DVC could not version or fetch a dataset
@@ -37,13 +39,19 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class XrayopsError(Exception):
-    """Base of every error xrayops raises on purpose. ``hint`` is the fix, when one is known."""
+    """Base of every error xrayops raises on purpose. ``hint`` is the fix, when one is known.
 
-    hint: ClassVar[str | None] = None
+    A subclass may set ``hint`` on the class (a standard fix) or pass ``hint=`` per error.
+    """
+
+    hint: str | None = None
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        if hint is not None:
+            self.hint = hint
 
 
 class ConfigError(XrayopsError, ValueError):
@@ -52,6 +60,14 @@ class ConfigError(XrayopsError, ValueError):
 
 class ServiceUnavailable(XrayopsError):
     """MLflow, Prefect or DVC could not be reached (or failed); the message names the service and the fix."""
+
+
+class TrackingUnavailable(ServiceUnavailable):
+    """The MLflow tracking/registry server does not answer (a password in its URI is masked)."""
+
+
+class OrchestratorUnavailable(ServiceUnavailable):
+    """The Prefect server named by ``PREFECT_API_URL`` does not answer."""
 
 
 # --------------------------------------------------------------------------- data

@@ -1,16 +1,29 @@
-"""MLflow access from configuration: URIs are always set explicitly, never taken from the cwd."""
+"""MLflow access from configuration: URIs are always set explicitly, never taken from the cwd.
+
+An http(s) tracking or registry server that does not answer fails fast (one request, a few
+seconds, no retries) with :class:`~pipeline.errors.TrackingUnavailable` naming the fix, instead of
+MLflow's minutes of retries; a password in a URI is masked (``user:***@``) wherever it is shown.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.config import Settings
+from pipeline.errors import TrackingUnavailable, XrayopsError
 
 logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0  # connect (and read) timeout of the reachability check of an http(s) server
+_ANSWERED: set[str] = set()  # http(s) servers that answered in this process (checked once)
 
 
 def configure_mlflow(settings: Settings) -> Any:
@@ -35,7 +48,129 @@ def mlflow_client(settings: Settings) -> Any:
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_server(uri, "paths.mlflow_tracking_uri")
+    if settings.registry_uri != uri:
+        check_server(settings.registry_uri, "paths.mlflow_registry_uri")
     return MlflowClient(tracking_uri=uri, registry_uri=settings.registry_uri)
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password of a ``user:password@`` part replaced by ``***`` (for messages and logs)."""
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return re.sub(r"(://[^/@:]*):[^@]*@", r"\1:***@", uri, count=1)
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    return uri.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+
+
+def check_server(uri: str, setting: str = "paths.mlflow_tracking_uri") -> None:
+    """Fail fast when the http(s) MLflow server ``uri`` cannot be connected to (other URIs: nothing to check).
+
+    One ``GET /health`` with :data:`HEALTH_TIMEOUT_S`, no retries. Any HTTP answer counts as
+    reachable, and so do a TLS failure and a slow answer: authentication, certificates and API
+    errors stay MLflow's to report. A server that answered once in this process is not asked again.
+
+    Raises:
+        TrackingUnavailable: the connection was refused, the host name does not resolve, or no
+            connection within :data:`HEALTH_TIMEOUT_S`.
+    """
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
+    except (requests.exceptions.SSLError, requests.exceptions.ReadTimeout):
+        pass  # something is listening
+    except requests.exceptions.ConnectionError as exc:  # refused, unresolvable, connect timeout, proxy refused
+        raise unreachable(uri, _reason(exc), setting) from None
+    _ANSWERED.add(uri)
+
+
+def unreachable(uri: str, reason: str, setting: str = "paths.mlflow_tracking_uri") -> TrackingUnavailable:
+    """The error for an MLflow server at ``uri`` that does not answer, with how to start it or point elsewhere."""
+    role = "registry" if setting.endswith("registry_uri") else "tracking"
+    parts = urlsplit(uri)
+    if parts.hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        start = (f"start it with `uv run mlflow server --host 127.0.0.1 --port "
+                 f"{parts.port or (443 if parts.scheme == 'https' else 80)}`")
+    else:
+        start = "start it (`docker compose up -d mlflow` in infra/, see docs/operations.md)"
+    return TrackingUnavailable(
+        f"MLflow {role} server at {mask_uri(uri)} is not reachable ({reason})",
+        hint=f"is it running? {start}, or set {setting} to a server that is (null = a local SQLite store "
+             "under paths.home)")
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, in words (the deepest OS error of the chain, else the exception type)."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"no connection within {HEALTH_TIMEOUT_S:g} s"
+    deepest: OSError | None = None
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.strerror:
+            deepest = link
+    if deepest is None:
+        return type(exc).__name__
+    return "host name not resolved" if deepest.errno in (-2, -3, -5, 8, 11001) else str(deepest.strerror).lower()
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps (cause, context, a urllib3 ``reason``, exception arguments)."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        link = stack.pop()
+        if not isinstance(link, BaseException) or id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        stack += [*(a for a in link.args if isinstance(a, BaseException)), getattr(link, "reason", None),
+                  link.__context__, link.__cause__]
+
+
+@contextmanager
+def tracking_errors(settings: Settings) -> Iterator[None]:
+    """Turn MLflow's "server not there" failures (after its own retries) into :class:`TrackingUnavailable`.
+
+    Other errors pass unchanged.
+    """
+    try:
+        yield
+    except XrayopsError:
+        raise
+    except Exception as exc:
+        failed = _connection_failure(exc)
+        if failed is None:
+            raise
+        registry = settings.registry_uri
+        on_registry = registry != settings.tracking_uri and _same_server(failed, registry)
+        raise unreachable(registry if on_registry else settings.tracking_uri, _reason(failed),
+                          "paths.mlflow_registry_uri" if on_registry else "paths.mlflow_tracking_uri") from None
+
+
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The requests connection error (not a TLS failure) somewhere in ``exc``'s chain, or None."""
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - MLflow depends on requests
+        return None
+    for link in _chain(exc):
+        if (isinstance(link, requests.exceptions.ConnectionError)
+                and not isinstance(link, requests.exceptions.SSLError)):
+            return link
+    return None
+
+
+def _same_server(exc: BaseException, uri: str) -> bool:
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None)
+    return bool(url) and urlsplit(str(url)).netloc == urlsplit(uri).netloc
 
 
 def ensure_experiment(settings: Settings, name: str | None = None) -> str:
@@ -44,18 +179,21 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
 
     client = configure_mlflow(settings)
     name = name or settings.experiment_name
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        root = settings.artifact_root
-        location = f"{root.rstrip('/')}/{name.replace('/', '_')}" if root else None  # None: the server decides
-        try:
-            exp_id = client.create_experiment(name, artifact_location=location)
-        except mlflow.exceptions.MlflowException:  # created concurrently
-            exp_id = client.get_experiment_by_name(name).experiment_id
-        return str(exp_id)
-    if exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return str(exp.experiment_id)
+    with tracking_errors(settings):
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            root = settings.artifact_root
+            location = f"{root.rstrip('/')}/{name.replace('/', '_')}" if root else None  # None: the server decides
+            try:
+                exp_id = client.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:  # created concurrently
+                if _connection_failure(exc) is not None:
+                    raise
+                exp_id = client.get_experiment_by_name(name).experiment_id
+            return str(exp_id)
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
 
 
 def code_version(root: Path) -> dict[str, str]:

@@ -57,11 +57,19 @@ def trigger(target: str, pairs: list[str] | None = None, sets: list[str] | None 
     """Create a flow run of a deployment (optionally wait for it); returns its id, state and UI link."""
     from prefect import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_UI_URL
+
+    from pipeline.errors import DeployError
 
     name = deployment_name(target)
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(name)
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise DeployError(f"the Prefect server has no deployment {name!r}",
+                              hint="apply the deployments with `xrayops deploy` (`prefect deployment ls` lists "
+                                   "what is there)") from None
     parameters = build_parameters(deployment.parameter_openapi_schema or {}, pairs or [], sets or [])
     run = run_deployment(name=name, parameters=parameters, timeout=0, tags=["manual"])
     deadline = time.monotonic() + timeout_s

@@ -167,7 +167,11 @@ def _build(model: Any) -> GradCam:
                 chosen = tf.where(class_index < 0, tf.argmax(out, axis=-1, output_type=tf.int32),
                                   tf.fill([tf.shape(out)[0]], class_index))
                 score = tf.gather(out, chosen, axis=1, batch_dims=1)
-        grads = tf.cast(tape.gradient(score, feats), tf.float32)
+        grads = tape.gradient(score, feats)
+        if grads is None:  # raised while tracing, i.e. on the first call
+            raise GradCamError(f"the output of {model.name!r} does not depend differentiably on {target.name!r}: "
+                               "no gradient for Grad-CAM")
+        grads = tf.cast(grads, tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2))
         cam = tf.einsum("nhwc,nc->nhw", tf.cast(feats, tf.float32), weights)
         return cam, out
@@ -247,8 +251,12 @@ def randomised_copy(model: Any, seed: int) -> Any:
     """
     import keras
 
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+    except (ValueError, TypeError, NotImplementedError) as exc:  # e.g. a custom layer without get_config()
+        raise GradCamError(f"cannot copy {model.name!r} for the Grad-CAM sanity check "
+                           f"({type(exc).__name__}: {exc})") from None
     rng = np.random.default_rng(seed)
     for var in clone.trainable_weights:
         if len(var.shape) < 2:

@@ -78,12 +78,28 @@ def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedIm
     return append(feedback_dir / RECORDS_DIR, pd.DataFrame([row]), time_column="submitted_at")[0]
 
 
+def feedback_files(feedback_dir: Path) -> list[Path]:
+    """The record files under ``feedback_dir`` (empty when no feedback was given yet)."""
+    return sorted((feedback_dir / RECORDS_DIR).glob("date=*/part-*.parquet"))
+
+
 def read_feedback(feedback_dir: Path) -> pd.DataFrame:
-    """All feedback records, oldest first (empty frame when there are none)."""
-    files = sorted((feedback_dir / RECORDS_DIR).glob("date=*/part-*.parquet"))
+    """All feedback records, oldest first (empty frame when there are none).
+
+    Raises:
+        FeedbackError: a record file cannot be read (named, with the fix).
+    """
+    files = feedback_files(feedback_dir)
     if not files:
         return pd.DataFrame(columns=[f.name for f in FeedbackRecord.__dataclass_fields__.values()])
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid (a ValueError) / OSError on damaged files
+            raise FeedbackError(f"feedback record file {f} cannot be read ({type(exc).__name__}: {exc})",
+                                hint="move the damaged file out of the feedback folder and ingest again") from None
+    df = pd.concat(frames, ignore_index=True)
     return df.sort_values("submitted_at", kind="stable").reset_index(drop=True)
 
 
@@ -115,7 +131,11 @@ def read_adjudications(feedback_dir: Path) -> pd.DataFrame | None:
     path = feedback_dir / ADJUDICATIONS_FILE
     if not path.is_file():
         return None
-    df = pd.read_csv(path, dtype=str)
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FeedbackError(f"{path} is not a readable CSV ({type(exc).__name__}: {exc})",
+                            hint="write it as a CSV with the header request_id,label") from None
     if not {"request_id", "label"} <= set(df.columns):
         raise FeedbackError(f"{path} must have the columns request_id,label (found {list(df.columns)})")
     return df

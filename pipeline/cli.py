@@ -56,6 +56,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+@contextmanager
+def tracking_errors(settings: Any) -> Iterator[None]:
+    """MLflow "server not there" failures (after MLflow's retries) → one line naming the server and the fix."""
+    from pipeline.tracking import tracking_errors as wrap
+
+    with wrap(settings):
+        yield
+
+
 def settings_for(params: Path | None, sets: list[str] | None, extra: list[str] | None = None) -> Any:
     """Load settings, apply overrides, switch telemetry off and configure logging."""
     from pipeline.config import load_settings
@@ -229,7 +238,8 @@ def train(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         settings = settings_for(params, sets)
         from pipeline.training.train import run_train
 
-        result = run_train(settings)
+        with tracking_errors(settings):
+            result = run_train(settings)
         _dump({"run_id": result.run_id, "model_uri": result.model_uri, "epochs": result.epochs_run,
                "seconds": result.seconds, "final": {k: v[-1] for k, v in result.history.items()}})
 
@@ -244,8 +254,9 @@ def evaluate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         from pipeline.training.train import load_trained
 
         trained = load_trained(settings)
-        result = run_evaluate(settings, trained)
-        log_reference_profile(settings, trained, result)
+        with tracking_errors(settings):
+            result = run_evaluate(settings, trained)
+            log_reference_profile(settings, trained, result)
         _dump(result.to_json()["metrics"])
 
 
@@ -325,11 +336,23 @@ def quarantine_locate(
     with friendly_errors():
         settings = settings_for(params, None)
         from pipeline.data.deid import load_salt
-        from pipeline.data.quarantine import locate, read_quarantine
+        from pipeline.data.quarantine import QUARANTINE_FILE, locate, read_quarantine
 
+        if not (dataset_dir / QUARANTINE_FILE).is_file():
+            raise FileNotFoundError(f"{dataset_dir / QUARANTINE_FILE} not found: run `xrayops ingest --out "
+                                    f"{dataset_dir}` first")
+        if not input.is_dir():
+            raise NotADirectoryError(f"--input {input} is not a folder: pass the raw dataset folder that was ingested")
         found = locate(dataset_dir, input, load_salt(settings.data.ingest.salt_env, settings.home))
-        for entry in read_quarantine(dataset_dir):
+        entries = read_quarantine(dataset_dir)
+        for entry in entries:
             typer.echo(f"{entry.reason:<20} {found.get(entry.path, '<not found>')}")
+        if entries and not found:
+            from pipeline.errors import DataError
+
+            raise DataError(f"none of the {len(entries)} quarantined files was found under {input}",
+                            hint=f"pass the raw folder that was ingested into {dataset_dir}, with the pseudonymisation "
+                                 f"salt of that ingest (${settings.data.ingest.salt_env})")
 
 
 # --------------------------------------------------------------------------- serving, UI, monitoring, feedback
@@ -397,7 +420,11 @@ def monitor(
         summary = run_flow(MonitoringParameters(window_hours=window_hours, last_k=last_k, retrain_on_drift=retrain,
                                                 overrides=list(sets or []),
                                                 params_path=str(params) if params else None))
-        typer.echo(summary_markdown(summary) if summary.get("status") != "no_model" else summary["message"])
+        if summary.get("status") == "no_model":  # the flow run completes (nothing to watch); the command did not
+            from pipeline.errors import RegistryError
+
+            raise RegistryError(summary["message"])
+        typer.echo(summary_markdown(summary))
 
 
 @feedback_app.command("ingest")
@@ -405,8 +432,14 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Adjudicated feedback → a DVC-versioned folder dataset; prints accuracy per model version (Prefect flow)."""
     with friendly_errors():
         settings = settings_for(params, sets)
+        from pipeline.errors import FeedbackError
+        from pipeline.monitoring.feedback import feedback_files
         from pipeline.runtime import configure_prefect
 
+        if not feedback_files(settings.feedback_log):
+            raise FeedbackError(f"no clinician feedback under {settings.feedback_log}: nothing to ingest",
+                                hint="feedback is given in the clinician app (`xrayops ui`); set paths.feedback_log "
+                                     "if it is kept elsewhere")
         configure_prefect(settings)
         from flows.feedback import FeedbackParameters
         from flows.feedback import run as run_flow
@@ -420,7 +453,7 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
 
 
 def _prefect_error(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", err=True, fg="red")
+    typer.secho(f"error: {_one_line(exc)}", err=True, fg="red")
     raise typer.Exit(2) from None
 
 
@@ -439,7 +472,9 @@ def deploy(
     with friendly_errors():
         settings = settings_for(params, sets)
         from flows.deploy import deploy_all
+        from pipeline.runtime import check_prefect_api
 
+        check_prefect_api(required=True)
         deployed = deploy_all(settings, project_dir=project_dir, pool=pool, params_file=params, paused=paused)
         pool_name = pool or settings.orchestrate.work_pool
         for d in deployed:
@@ -464,9 +499,9 @@ def worker(
 
     with friendly_errors():
         settings = settings_for(params, None)
-        if not os.environ.get("PREFECT_API_URL"):
-            _prefect_error(RuntimeError("PREFECT_API_URL is not set: point it at the Prefect server "
-                                        "(e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api)"))
+        from pipeline.runtime import check_prefect_api
+
+        check_prefect_api(required=True)  # at start only: once running, the worker rides out server restarts
         if params:
             os.environ["XRAYOPS_PARAMS"] = str(params.resolve())
         prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
@@ -494,9 +529,13 @@ def trigger(
         quiet_tools()
         configure_logging()
         from flows.trigger import trigger as start_run
+        from pipeline.runtime import check_prefect_api
 
+        check_prefect_api(required=True)  # without a server Prefect would start a temporary one with no deployments
         try:
             result = start_run(target, param or [], sets or [], wait=wait, timeout_s=timeout)
+        except XrayopsError:
+            raise
         except (ValueError, RuntimeError) as exc:
             _prefect_error(exc)
         _dump(result)
@@ -523,7 +562,8 @@ def registry_show(
         from pipeline.registry.contract import GateTags
         from pipeline.registry.read import overview
 
-        rows = overview(settings)
+        with tracking_errors(settings):
+            rows = overview(settings)
         if as_json:
             _dump({"model": settings.registered_model, "versions": rows})
             return
@@ -554,7 +594,8 @@ def registry_rollback(
         settings = settings_for(params, sets)
         from pipeline.registry.write import rollback
 
-        _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
+        with tracking_errors(settings):
+            _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
 
 
 @registry_app.command("approve")
@@ -571,7 +612,8 @@ def registry_approve(
         settings = settings_for(params, sets)
         from pipeline.registry.promote import approve_version
 
-        _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
+        with tracking_errors(settings):
+            _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
 
 
 @registry_app.command("card")
@@ -585,7 +627,8 @@ def registry_card(
         settings = settings_for(params, sets)
         from pipeline.registry.modelcard import publish_model_card
 
-        path = publish_model_card(settings, version)
+        with tracking_errors(settings):
+            path = publish_model_card(settings, version)
         typer.echo(path.read_text())
         typer.echo(f"model card: {path}", err=True)
 

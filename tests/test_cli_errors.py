@@ -190,3 +190,15 @@ def test_monitor_without_a_champion_fails(project: Path) -> None:
     assert out.returncode == 2, output
     assert "Traceback" not in output, output
     assert "holds alias 'champion'" in error_lines(output)[0]
+
+
+def test_data_generate_in_a_dvc_folder_without_git(project: Path, restore_environment: None) -> None:
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("")
+    result = CliRunner().invoke(app, ["data", "generate", "--set", "data.synthetic.n_patients=4",
+                                      "--params", str(project / "params.yaml")])
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code == 2, result.output
+    error, hint = error_lines(result.output)
+    assert f"cannot open the DVC repository {project}" in error and "not a git repository" in error
+    assert hint is not None and "git init" in hint

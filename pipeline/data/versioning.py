@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,16 +70,56 @@ def git_head(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def ensure_remote(root: Path, url: str) -> None:
-    """Point the local-config remote ``xrayops`` at ``url`` and make it the default."""
+@contextmanager
+def open_repo(root: Path) -> Iterator[Any]:
+    """The DVC ``Repo`` at ``root``, closed after use.
+
+    Raises:
+        VersioningError: DVC cannot open it (no git repository around it, a broken ``.dvc/config``).
+    """
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
+    from dvc.scm import SCMError
+
+    try:
+        repo = Repo(str(root))
+    except SCMError as exc:
+        raise VersioningError(f"cannot open the DVC repository {root}: {exc}",
+                              hint="DVC records dataset versions in git: run `git init` there (or `dvc config "
+                                   "core.no_scm true` to use DVC without git), or set data.version_with_dvc=false"
+                              ) from None
+    except DvcException as exc:
+        raise VersioningError(f"cannot open the DVC repository {root}: {exc}",
+                              hint="fix or remove the offending setting in .dvc/config(.local)") from None
+    with repo:
+        yield repo
+
+
+def ensure_remote(root: Path, url: str) -> None:
+    """Point the local-config remote ``xrayops`` at ``url`` and make it the default.
+
+    Raises:
+        VersioningError: the remote folder cannot be created or the config not written.
+    """
+    from dvc.exceptions import DvcException
+
+    from pipeline.tracking import mask_uri
 
     if "://" not in url:
-        Path(url).mkdir(parents=True, exist_ok=True)
-    with Repo(str(root)) as repo:
-        with repo.config.edit(level="local") as conf:
-            conf["remote"][REMOTE_NAME] = {"url": url}
-            conf["core"]["remote"] = REMOTE_NAME
+        try:
+            Path(url).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VersioningError(f"cannot create the DVC remote folder {url}: {exc.strerror or exc}",
+                                  hint="set paths.dvc_remote to a writable folder or a remote URL (s3://…), "
+                                       "or set data.dvc_push=false") from None
+    with open_repo(root) as repo:
+        try:
+            with repo.config.edit(level="local") as conf:
+                conf["remote"][REMOTE_NAME] = {"url": url}
+                conf["core"]["remote"] = REMOTE_NAME
+        except DvcException as exc:
+            raise VersioningError(f"cannot set the DVC remote {REMOTE_NAME} to {mask_uri(url)} in {root}: {exc}",
+                                  hint="check paths.dvc_remote") from None
 
 
 def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
@@ -85,12 +127,18 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
 
     Re-running on unchanged data is cheap and gives the same hash.
     """
-    from dvc.repo import Repo
+    from dvc.exceptions import DvcException
+
+    from pipeline.tracking import mask_uri
 
     root = find_repo_root(path)
     rel = path.resolve().relative_to(root).as_posix()
-    with Repo(str(root)) as repo:
-        owner = _stage_owning(repo, path)
+    with open_repo(root) as repo:
+        try:
+            owner = _stage_owning(repo, path)
+        except DvcException as exc:  # a dvc.yaml DVC cannot read
+            raise VersioningError(f"cannot read the DVC stages of {root}: {exc}",
+                                  hint="fix dvc.yaml (`dvc status` shows the problem)") from None
         if owner:
             raise VersioningError(
                 f"{rel} is an output of dvc.yaml stage '{owner}'; version it with `dvc repro`/`dvc commit`, "
@@ -106,11 +154,13 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
     pushed = False
     if push and remote_url:
         ensure_remote(root, remote_url)
-        with Repo(str(root)) as repo:
+        with open_repo(root) as repo:
             try:
                 repo.push(targets=[str(path)], remote=REMOTE_NAME)
             except Exception as exc:  # noqa: BLE001 - DVC's push errors vary by remote; say which push failed
-                raise VersioningError(f"`dvc push` of {rel} to {remote_url} failed: {exc}") from None
+                raise VersioningError(f"`dvc push` of {rel} to {mask_uri(remote_url)} failed: {exc}",
+                                      hint="check paths.dvc_remote and its credentials, or set data.dvc_push=false "
+                                           "to version without pushing") from None
         pushed = True
     head = git_head(root)
     version = DatasetVersion(repo=str(root), path=rel, rev=head, dvc_md5=md5, nfiles=nfiles, pushed=pushed,
@@ -157,9 +207,13 @@ def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str 
         fs.get(path, str(tmp), recursive=True)
     except Exception as exc:  # noqa: BLE001 - any fetch failure: remove the partial copy, say what to do
         shutil.rmtree(tmp, ignore_errors=True)
+        from pipeline.tracking import mask_uri
+
         raise VersioningError(
-            f"cannot fetch {path}@{rev}: {exc}. Is the data pushed? (`dvc push`, remote: {remote_url})"
-        ) from None
+            f"cannot fetch {path}@{rev}: {exc}. Is the data pushed? (`dvc push`, remote: "
+            f"{mask_uri(remote_url) if remote_url else 'the repository default'})",
+            hint="push it from the machine that versioned it (`dvc push`), or point paths.dvc_remote (or the "
+                 "repository's default remote) at where it was pushed") from None
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     commit = _resolve_commit(fs, rev)

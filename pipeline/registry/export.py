@@ -59,7 +59,11 @@ def export_saved_model(model: Any, out_dir: str | Path, input_shape: tuple[int, 
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     spec = keras.InputSpec(shape=(None, h, w, c), dtype="float32")
-    model.export(str(out_dir), format="tf_saved_model", input_signature=[spec], verbose=False)
+    try:
+        model.export(str(out_dir), format="tf_saved_model", input_signature=[spec], verbose=False)
+    except Exception as exc:  # Keras/TensorFlow raise many types: say which model and step failed
+        raise ExportError(f"SavedModel export of {model.name!r} to {out_dir} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
     return out_dir
 
 

@@ -63,14 +63,14 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     from datetime import UTC, datetime
 
     from pipeline.config import load_settings
-    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.data.ingest import prepare_raw, run_ingest, version_raw
+    from pipeline.data.split import run_split
+    from pipeline.data.validate import run_validation
+    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.job import log_reference_profile, run_summary, simulate_and_report
     from pipeline.registry.promote import conclude, judge_challenger
     from pipeline.registry.write import register_version
-    from pipeline.data.split import run_split
     from pipeline.training.train import run_train
-    from pipeline.data.validate import run_validation
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -159,8 +159,9 @@ def main() -> None:
     os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt-not-secret")
     os.environ["PREFECT_HOME"] = str(work / "prefect-home")
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    from flows.environment import configure_prefect
     from pipeline.config import load_settings
-    from pipeline.runtime import configure_logging, configure_prefect
+    from pipeline.runtime import configure_logging
 
     configure_logging("WARNING")
     overrides = tiny_overrides(args.patients, args.epochs)

@@ -97,12 +97,12 @@ def register(settings: Any, name: str, size: int, out_dir: Path) -> tuple[Path, 
     import mlflow
     from mlflow.models import infer_signature
 
-    from pipeline.registry.export import log_exports
-    from pipeline.training.models import build_model
     from pipeline.monitoring.drift import log_reference, reference_profile
-    from pipeline.serving.predictor import fit_pca, score_with_embeddings
     from pipeline.registry.contract import CHAMPION, PARITY_TAG, GateTags, VersionTags
+    from pipeline.registry.export import log_exports
+    from pipeline.serving.predictor import fit_pca, score_with_embeddings
     from pipeline.tracking import configure_mlflow, ensure_experiment, pip_requirements
+    from pipeline.training.models import build_model
 
     model = build_model(name, image_size=size, num_classes=2, **({"weights": "none"} if "net" in name else {}))
     channels = int(model.inputs[0].shape[-1])

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
-from pipeline.config import ConfigError, Settings
-from pipeline.errors import DeployError  # re-exported
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, DeployError
 
 logger = logging.getLogger(__name__)
 

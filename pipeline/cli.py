@@ -106,7 +106,7 @@ def run(
     """Run the whole training flow (Prefect; temporary local server unless PREFECT_API_URL is set)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.runtime import configure_prefect
+        from flows.environment import configure_prefect
 
         configure_prefect(settings)
         from flows.training import TrainingParameters
@@ -410,7 +410,7 @@ def monitor(
     """Drift report of production inputs vs the champion's reference (Prefect flow; HTML + JSON + MLflow)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.runtime import configure_prefect
+        from flows.environment import configure_prefect
 
         configure_prefect(settings)
         from flows.monitoring import MonitoringParameters
@@ -432,9 +432,9 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Adjudicated feedback → a DVC-versioned folder dataset; prints accuracy per model version (Prefect flow)."""
     with friendly_errors():
         settings = settings_for(params, sets)
+        from flows.environment import configure_prefect
         from pipeline.errors import FeedbackError
         from pipeline.monitoring.feedback import feedback_files
-        from pipeline.runtime import configure_prefect
 
         if not feedback_files(settings.feedback_log):
             raise FeedbackError(f"no clinician feedback under {settings.feedback_log}: nothing to ingest",
@@ -472,7 +472,7 @@ def deploy(
     with friendly_errors():
         settings = settings_for(params, sets)
         from flows.deploy import deploy_all
-        from pipeline.runtime import check_prefect_api
+        from flows.environment import check_prefect_api
 
         check_prefect_api(required=True)
         deployed = deploy_all(settings, project_dir=project_dir, pool=pool, params_file=params, paused=paused)
@@ -499,7 +499,7 @@ def worker(
 
     with friendly_errors():
         settings = settings_for(params, None)
-        from pipeline.runtime import check_prefect_api
+        from flows.environment import check_prefect_api
 
         check_prefect_api(required=True)  # at start only: once running, the worker rides out server restarts
         if params:
@@ -528,8 +528,8 @@ def trigger(
 
         quiet_tools()
         configure_logging()
+        from flows.environment import check_prefect_api
         from flows.trigger import trigger as start_run
-        from pipeline.runtime import check_prefect_api
 
         check_prefect_api(required=True)  # without a server Prefect would start a temporary one with no deployments
         try:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError  # re-exported
+from pipeline.errors import ConfigError
 
 PARAMS_ENV = "XRAYOPS_PARAMS"
 OVERRIDES_ENV = "XRAYOPS_SET"  # "section.field=value;…" applied before --set (containers, k8s pods)

@@ -27,10 +27,10 @@ def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> 
     reference and the production log carry the same ``emb_pc*`` columns.
     """
     from pipeline.data.manifest import read_manifest
-    from pipeline.training.inputs import InputSpec, check_files, load_images
+    from pipeline.data.split import read_split
     from pipeline.monitoring.drift import log_reference, reference_profile
     from pipeline.serving.predictor import fit_pca, score_with_embeddings
-    from pipeline.data.split import read_split
+    from pipeline.training.inputs import InputSpec, check_files, load_images
 
     dataset_dir = settings.dataset_dir
     manifest, split = read_manifest(dataset_dir), read_split(dataset_dir)
@@ -50,14 +50,14 @@ def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> 
 
 def simulate_and_report(settings: Settings) -> dict[str, Any]:
     """Simulate a shifted production batch against the champion, log it, and report drift."""
-    from pipeline.serving import production_log
     from pipeline.data.manifest import read_manifest
+    from pipeline.data.split import read_split
     from pipeline.monitoring.drift import monitor_champion
-    from pipeline.serving.predictor import load_predictor
+    from pipeline.monitoring.simulate import simulate_requests
     from pipeline.registry.contract import CHAMPION
     from pipeline.registry.read import get_alias
-    from pipeline.monitoring.simulate import simulate_requests
-    from pipeline.data.split import read_split
+    from pipeline.serving import production_log
+    from pipeline.serving.predictor import load_predictor
 
     champion = get_alias(settings, CHAMPION)
     if champion is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Settings
+from pipeline.connections import connection_reason, exception_chain, mask_uri
 from pipeline.errors import TrackingUnavailable, XrayopsError
 
 logger = logging.getLogger(__name__)
@@ -52,18 +52,6 @@ def mlflow_client(settings: Settings) -> Any:
     if settings.registry_uri != uri:
         check_server(settings.registry_uri, "paths.mlflow_registry_uri")
     return MlflowClient(tracking_uri=uri, registry_uri=settings.registry_uri)
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with the password of a ``user:password@`` part replaced by ``***`` (for messages and logs)."""
-    try:
-        netloc = urlsplit(uri).netloc
-    except ValueError:
-        return re.sub(r"(://[^/@:]*):[^@]*@", r"\1:***@", uri, count=1)
-    userinfo, at, host = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return uri
-    return uri.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
 
 
 def check_server(uri: str, setting: str = "paths.mlflow_tracking_uri") -> None:
@@ -106,32 +94,12 @@ def unreachable(uri: str, reason: str, setting: str = "paths.mlflow_tracking_uri
 
 
 def _reason(exc: BaseException) -> str:
-    """Why a connection failed, in words (the deepest OS error of the chain, else the exception type)."""
+    """Why a connection failed, in words (see :func:`pipeline.connections.connection_reason`)."""
     import requests
 
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return f"no connection within {HEALTH_TIMEOUT_S:g} s"
-    deepest: OSError | None = None
-    for link in _chain(exc):
-        if isinstance(link, OSError) and link.strerror:
-            deepest = link
-    if deepest is None:
-        return type(exc).__name__
-    return "host name not resolved" if deepest.errno in (-2, -3, -5, 8, 11001) else str(deepest.strerror).lower()
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it wraps (cause, context, a urllib3 ``reason``, exception arguments)."""
-    seen: set[int] = set()
-    stack: list[Any] = [exc]
-    while stack:
-        link = stack.pop()
-        if not isinstance(link, BaseException) or id(link) in seen:
-            continue
-        seen.add(id(link))
-        yield link
-        stack += [*(a for a in link.args if isinstance(a, BaseException)), getattr(link, "reason", None),
-                  link.__context__, link.__cause__]
+    return connection_reason(exc)
 
 
 @contextmanager
@@ -160,7 +128,7 @@ def _connection_failure(exc: BaseException) -> BaseException | None:
         import requests
     except ImportError:  # pragma: no cover - MLflow depends on requests
         return None
-    for link in _chain(exc):
+    for link in exception_chain(exc):
         if (isinstance(link, requests.exceptions.ConnectionError)
                 and not isinstance(link, requests.exceptions.SSLError)):
             return link

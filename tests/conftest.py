@@ -112,13 +112,13 @@ def train_champion(root: Path, overrides: list[str] | None = None) -> Settings:
     """A tiny project under ``root`` with a trained model registered as ``champion`` (real path: ingest → validate →
     split → train → evaluate → reference profile with embedding PCA → register with ONNX export → lenient gate →
     alias)."""
-    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.data.ingest import prepare_raw, run_ingest
+    from pipeline.data.split import run_split
+    from pipeline.data.validate import run_validation
+    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.job import log_reference_profile
     from pipeline.registry.promote import promote_challenger
-    from pipeline.data.split import run_split
     from pipeline.training.train import run_train
-    from pipeline.data.validate import run_validation
 
     lenient = ["promote.min_auc=0", "promote.sensitivity_ci_floor=0", "promote.max_ece=1"]
     settings = load_settings(write_params(root, [*TINY, "data.version_with_dvc=false", *lenient, *(overrides or [])]))

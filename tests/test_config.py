@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Settings, apply_overrides, load_settings, with_overrides
+from pipeline.config import Settings, apply_overrides, load_settings, with_overrides
+from pipeline.errors import ConfigError
 from tests.conftest import REPO
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
-from pipeline.errors import BadImage  # re-exported
+from pipeline.errors import BadImage
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_INFLATERS = ("isal", "pillow")

@@ -15,8 +15,9 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.data.deid import load_salt
 from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
-from pipeline.data.sources import Source, SourceError, get_source
+from pipeline.data.sources import Source, get_source
 from pipeline.data.versioning import DatasetVersion, fetch, track
+from pipeline.errors import SourceError
 
 logger = logging.getLogger(__name__)
 

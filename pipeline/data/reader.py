@@ -17,9 +17,10 @@ from typing import Any
 from pipeline.data.deid import age_band, pseudonymise
 from pipeline.data.features import IMAGE_FEATURES, describe
 from pipeline.data.image_store import store_image
-from pipeline.data.imaging import PNG_INFLATERS, BadImage, DecodedImage, decode_bytes
+from pipeline.data.imaging import PNG_INFLATERS, DecodedImage, decode_bytes
 from pipeline.data.quarantine import QuarantineEntry, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
+from pipeline.errors import BadImage
 
 FEATURE_COLUMNS = [f for f in IMAGE_FEATURES if f not in ("width", "height", "bit_depth")]
 

@@ -28,7 +28,7 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.features import hamming_distance, hashes_to_bytes
 from pipeline.data.manifest import read_links, read_manifest, read_summary
-from pipeline.errors import LeakageError, SplitError  # re-exported
+from pipeline.errors import LeakageError, SplitError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest, read_summary
-from pipeline.errors import ValidationFailed  # re-exported
+from pipeline.errors import ValidationFailed
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import VersioningError  # re-exported
+from pipeline.errors import VersioningError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def ensure_remote(root: Path, url: str) -> None:
     """
     from dvc.exceptions import DvcException
 
-    from pipeline.tracking import mask_uri
+    from pipeline.connections import mask_uri
 
     if "://" not in url:
         try:
@@ -129,7 +129,7 @@ def track(path: Path, *, remote_url: str | None, push: bool) -> DatasetVersion:
     """
     from dvc.exceptions import DvcException
 
-    from pipeline.tracking import mask_uri
+    from pipeline.connections import mask_uri
 
     root = find_repo_root(path)
     rel = path.resolve().relative_to(root).as_posix()
@@ -207,7 +207,7 @@ def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str 
         fs.get(path, str(tmp), recursive=True)
     except Exception as exc:  # noqa: BLE001 - any fetch failure: remove the partial copy, say what to do
         shutil.rmtree(tmp, ignore_errors=True)
-        from pipeline.tracking import mask_uri
+        from pipeline.connections import mask_uri
 
         raise VersioningError(
             f"cannot fetch {path}@{rev}: {exc}. Is the data pushed? (`dvc push`, remote: "

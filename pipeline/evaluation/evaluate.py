@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest
-from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
+from pipeline.data.split import read_split
 from pipeline.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -27,8 +27,8 @@ from pipeline.evaluation.metrics import (
     multiclass_metrics,
     patient_weights,
 )
-from pipeline.data.split import read_split
 from pipeline.registry.contract import EVALUATION_ARTIFACT, OPERATING_POINT_ARTIFACT, plot_artifact
+from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
 from pipeline.training.train import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def run_evaluate(settings: Settings, trained: TrainResult, dataset_dir: Path | N
 
 def explain_result(settings: Settings, model: Any, result: EvalResult, dataset_dir: Path, ispec: InputSpec) -> None:
     """Grad-CAM grid of TP/FP/TN/FN test examples + the randomisation sanity check (sets ``result.explain``)."""
-    from pipeline.evaluation.explain import GradCamError, explain_examples
+    from pipeline.errors import GradCamError
+    from pipeline.evaluation.explain import explain_examples
     from pipeline.evaluation.plots import gradcam_grid_figure
 
     cfg, test = settings.evaluate, result.test

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import GradCamError  # re-exported
+from pipeline.errors import GradCamError
 from pipeline.evaluation.metrics import confusion_cells
 
 logger = logging.getLogger(__name__)

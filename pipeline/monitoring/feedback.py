@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage, encode_png
-from pipeline.errors import FeedbackError  # re-exported
+from pipeline.errors import FeedbackError
 from pipeline.serving.production_log import append
 
 logger = logging.getLogger(__name__)

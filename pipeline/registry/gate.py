@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.data.split import LeakageError, verify_certificate
+from pipeline.data.split import verify_certificate
 from pipeline.data.validate import read_validation
+from pipeline.errors import LeakageError
 from pipeline.evaluation.evaluate import EvalResult, Scored, predict_proba
 from pipeline.evaluation.metrics import binary_metrics, paired_delta_accuracy, paired_delta_auc
 from pipeline.registry.contract import CHAMPION, VersionTags
@@ -97,7 +98,8 @@ def _versus_champion(settings: Settings, champion: Any, evaluation: EvalResult, 
 
 def data_checks(dataset_dir: Path, trained_on: str | None) -> DataChecks:
     """(d) the split certificate verifies, shows zero patient overlap and is the one the model was trained on;
-    (e) data validation passed."""
+    (e) data validation passed. A version that does not record its training split fails the match
+    (fail closed: an unknown split cannot be shown to be the evaluated one)."""
     try:
         cert = verify_certificate(dataset_dir)
         overlap, cert_ok, sha = cert["patient_overlap"], True, cert["certificate_sha256"]
@@ -105,5 +107,5 @@ def data_checks(dataset_dir: Path, trained_on: str | None) -> DataChecks:
         overlap, cert_ok, sha = None, False, None
     validation = read_validation(dataset_dir) or {}
     return DataChecks(certificate_ok=cert_ok, patient_overlap=overlap,
-                      split_matches=trained_on is None or trained_on == sha,
+                      split_matches=trained_on is not None and trained_on == sha,
                       validation_ok=bool(validation) and not validation.get("critical_failures"))

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pipeline.config import ServeSection
 from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
-from pipeline.errors import REJECTION_REASONS as REASONS  # noqa: F401 (re-exported)
-from pipeline.errors import Rejected  # re-exported
+from pipeline.errors import Rejected
 
 _FROM_DECODER = {
     "empty_file": "empty",

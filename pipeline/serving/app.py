@@ -25,10 +25,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 
-from pipeline.config import ConfigError, Settings
+from pipeline.config import Settings
+from pipeline.errors import REJECTION_REASONS as REASONS
+from pipeline.errors import ApiError, ConfigError, ExplainUnavailable, NotReady, Rejected
 from pipeline.registry.contract import VersionTags
+from pipeline.serving.model_store import ModelStore
 from pipeline.serving.production_log import LogWriter
-from pipeline.serving.admission import REASONS, Rejected
 from pipeline.serving.schemas import (
     ErrorOut,
     ExplanationOut,
@@ -41,9 +43,7 @@ from pipeline.serving.schemas import (
     RefreshOut,
     error_example,
 )
-from pipeline.serving.service import ExplainUnavailable, InferenceService
-from pipeline.serving.model_store import ModelStore, NotReady
-from pipeline.errors import ApiError  # noqa: F401 (re-exported)
+from pipeline.serving.service import InferenceService
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.errors import NotReady
 from pipeline.serving.predictor import Predictor
-from pipeline.errors import NotReady  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ModelStore:
             self.last_check = time.time()
             try:
                 version = get_alias(self.settings, self.alias)
-            except Exception as exc:  # registry unreachable: keep serving what we have
+            except Exception as exc:  # noqa: BLE001 - registry unreachable: keep serving what we have, say why
                 self.last_error = f"registry check failed: {type(exc).__name__}: {str(exc)[:200]}"
                 logger.warning("%s", self.last_error)
                 return False

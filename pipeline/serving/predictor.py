@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.data.imaging import DecodedImage
 from pipeline.data.features import image_features
+from pipeline.data.imaging import DecodedImage
 from pipeline.registry.contract import PCA_ARTIFACT, VersionTags
 from pipeline.training.inputs import InputSpec
 from pipeline.training.preprocess import preprocess_decoded
@@ -328,7 +328,7 @@ def load_pca(settings: Any, run_id: str) -> EmbeddingPCA | None:
     configure_mlflow(settings)
     try:
         return EmbeddingPCA.from_file(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PCA_ARTIFACT))
-    except Exception as exc:  # MLflow raises several types for a missing artifact
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a missing artifact
         logger.warning("run %s has no %s (%s): production rows will carry no embedding components",
                        run_id, PCA_ARTIFACT, type(exc).__name__)
         return None
@@ -346,7 +346,7 @@ def onnx_model_path(settings: Any, version: Any, model: Any, spec: InputSpec) ->
     configure_mlflow(settings)
     try:
         return download_onnx(version.run_id, cache)
-    except Exception as exc:  # artifact missing (export disabled, parity failed, older version)
+    except Exception as exc:  # noqa: BLE001 - artifact missing (export disabled, parity failed, older version)
         logger.warning("version %s has no ONNX export (%s): converting on load", version.version, type(exc).__name__)
     tmp = cache / f".model-{uuid.uuid4().hex[:8]}.onnx"
     export_onnx(model, (spec.image_size, spec.image_size, spec.channels), tmp)
@@ -367,7 +367,7 @@ def load_predictor(settings: Any, version: Any, *, alias: str | None = None, eng
     if kind == "onnx":
         try:
             runner = OnnxEngine(onnx_model_path(settings, version, model, spec))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any ONNX failure: the tf.function engine serves the same model
             logger.warning("ONNX engine unavailable for version %s (%s: %s); using the tf.function engine",
                            version.version, type(exc).__name__, str(exc)[:200])
             runner = TFEngine(model, spec)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.serving.admission import REASONS
+from pipeline.errors import REJECTION_REASONS as REASONS
 
 
 class ModelRef(BaseModel):

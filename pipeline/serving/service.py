@@ -20,8 +20,8 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage
-from pipeline.errors import ExplainUnavailable  # re-exported
-from pipeline.serving.admission import Rejected, admit
+from pipeline.errors import ExplainUnavailable, Rejected
+from pipeline.serving.admission import admit
 from pipeline.serving.model_store import ModelStore
 from pipeline.serving.production_log import LogWriter
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import AugmentSection
-from pipeline.errors import InputError  # re-exported
+from pipeline.errors import InputError
 from pipeline.training.preprocess import decode_file, to_model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -32,8 +32,7 @@ def get_service(params_env: str, sets_env: str) -> Any:
 
 def score(service: Any, data: bytes) -> Any:
     """Score an upload once per distinct file; the result lives in the session."""
-    from pipeline.serving.admission import Rejected
-    from pipeline.serving.model_store import NotReady
+    from pipeline.errors import NotReady, Rejected
 
     digest = hashlib.sha256(data).hexdigest()
     if st.session_state.get("digest") == digest:
@@ -62,7 +61,8 @@ def show_result(result: Any) -> None:
 
 
 def show_images(result: Any) -> None:
-    from pipeline.serving.service import ExplainUnavailable, explain_image
+    from pipeline.errors import ExplainUnavailable
+    from pipeline.serving.service import explain_image
 
     gray = display_gray(result.image)
     left, right = st.columns(2)
@@ -84,7 +84,8 @@ def show_images(result: Any) -> None:
 
 
 def feedback_form(service: Any, result: Any) -> None:
-    from pipeline.monitoring.feedback import FeedbackError, FeedbackRecord, record_feedback
+    from pipeline.errors import FeedbackError
+    from pipeline.monitoring.feedback import FeedbackRecord, record_feedback
 
     st.subheader("Your assessment")
     with st.form("feedback"):

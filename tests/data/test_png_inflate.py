@@ -12,8 +12,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from pipeline.data import imaging, png_inflate
-from pipeline.data.imaging import BadImage, decode_bytes
+from pipeline.data.imaging import decode_bytes
 from pipeline.data.png_inflate import with_stored_pixels
+from pipeline.errors import BadImage
 
 MAX = 10**8
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.sources.base import LabelMap, SourceError
+from pipeline.data.sources.base import LabelMap
 from pipeline.data.sources.dicom_folder import DicomFolderSource
 from pipeline.data.sources.kaggle_pneumonia import KagglePneumoniaSource, find_dataset_root, patient_from_name
 from pipeline.data.sources.keras_datasets import DATASETS, KerasDatasetSource, load_arrays
 from pipeline.data.sources.nih_cxr14 import NihCxr14Source
 from pipeline.data.sources.rsna_pneumonia import RsnaPneumoniaSource, image_targets
+from pipeline.errors import SourceError
 from tests.data.helpers import write_dicom, write_jpeg, write_png
 
 NIH_MAP = {"Pneumonia": "PNEUMONIA", "No Finding": "NORMAL"}

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Settings, with_overrides
-from pipeline.data.split import LeakageError, near_duplicate_pairs, run_split, split_by_patient, verify_certificate
+from pipeline.data.split import near_duplicate_pairs, run_split, split_by_patient, verify_certificate
+from pipeline.errors import LeakageError
 
 
 def test_no_patient_in_two_splits_and_certificate_holds(cohort: Settings) -> None:
@@ -194,7 +195,7 @@ def test_near_duplicates_need_matching_statistics_and_a_plausible_group(make_set
 
 
 def test_too_few_patients_is_a_clear_error(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    from pipeline.data.split import SplitError
+    from pipeline.errors import SplitError
 
     ds = _manifest_dir(tmp_path, n_patients=2, pairs=0)
     with pytest.raises(SplitError, match="cannot split 2 patient group"):

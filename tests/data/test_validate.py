@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import Settings, with_overrides
-from pipeline.data.validate import ValidationFailed, run_validation
+from pipeline.data.validate import run_validation
+from pipeline.errors import ValidationFailed
 
 
 def test_good_manifest_passes_and_writes_docs(cohort: Settings) -> None:

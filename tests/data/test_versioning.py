@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.data.ingest import prepare_raw
-from pipeline.data.versioning import VersioningError, track
+from pipeline.data.versioning import track
+from pipeline.errors import VersioningError
 
 
 def test_track_is_stable_and_pushes(dvc_project: Callable[..., Settings]) -> None:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.evaluation.explain import (
-    GradCamError,
-    find_target_layer,
-    grad_cam_for,
-    gradcam,
-    sanity_check,
-    select_examples,
-)
+from pipeline.errors import GradCamError
+from pipeline.evaluation.explain import find_target_layer, grad_cam_for, gradcam, sanity_check, select_examples
 
 RNG = np.random.default_rng(0)
 

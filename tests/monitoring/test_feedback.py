@@ -11,9 +11,9 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.data.imaging import decode_bytes
+from pipeline.errors import FeedbackError
 from pipeline.monitoring.feedback import (
     ADJUDICATIONS_FILE,
-    FeedbackError,
     FeedbackRecord,
     accuracy_by_version,
     adjudicate,

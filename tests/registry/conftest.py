@@ -63,8 +63,8 @@ def untrained_candidate(settings: Settings, like: Any) -> Candidate:
     from mlflow.models import infer_signature
 
     from pipeline.evaluation.evaluate import run_evaluate
-    from pipeline.training.models import build_model
     from pipeline.tracking import configure_mlflow, ensure_experiment, pip_requirements
+    from pipeline.training.models import build_model
 
     client = configure_mlflow(settings)
     model = build_model(like.model_name, image_size=like.input["image_size"], channels=like.input["channels"],
@@ -81,11 +81,11 @@ def untrained_candidate(settings: Settings, like: Any) -> Candidate:
 
 @pytest.fixture(scope="session")
 def gate_project(tmp_path_factory: pytest.TempPathFactory) -> GateProject:
-    from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.data.ingest import prepare_raw, run_ingest
     from pipeline.data.split import run_split
-    from pipeline.training.train import run_train
     from pipeline.data.validate import run_validation
+    from pipeline.evaluation.evaluate import run_evaluate
+    from pipeline.training.train import run_train
 
     root: Path = tmp_path_factory.mktemp("gate-project")
     settings = load_settings(write_params(root, LEARNABLE))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import Settings
-from pipeline.serving.admission import REASONS, Rejected, admit
+from pipeline.errors import Rejected
+from pipeline.serving.admission import REASONS, admit
 from tests.data.helpers import PHI, dicom_bytes
 from tests.serving.helpers import colour_png, encode, png, xray01
 

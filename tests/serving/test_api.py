@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.serving import production_log
 from pipeline.config import Settings, with_overrides
+from pipeline.serving import production_log
 from tests.data.helpers import PHI, dicom_bytes
 from tests.serving.helpers import colour_png, encode, png, running_server, xray01
 
@@ -78,8 +78,8 @@ def test_probes_auth_and_model_info(api: tuple[str, Settings]) -> None:
 
 def test_predictions_match_the_model_and_the_locked_threshold(api: tuple[str, Settings]) -> None:
     url, settings = api
-    from pipeline.serving.predictor import Predictor
     from pipeline.registry.read import get_alias, load_version_model
+    from pipeline.serving.predictor import Predictor
 
     champion = get_alias(settings, "champion")
     reference = Predictor.from_version(load_version_model(settings, champion), champion, settings.registered_model)

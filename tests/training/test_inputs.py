@@ -9,14 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import AugmentSection
-from pipeline.training.inputs import (
-    InputError,
-    InputSpec,
-    directory_dataset,
-    directory_files,
-    load_images,
-    make_dataset,
-)
+from pipeline.errors import InputError
+from pipeline.training.inputs import InputSpec, directory_dataset, directory_files, load_images, make_dataset
 
 NO_AUG = {"rotation_deg": 0, "translate": 0, "zoom": 0, "contrast": 0, "brightness": 0, "horizontal_flip": False,
           "shear_deg": 0, "fill_mode": "constant"}

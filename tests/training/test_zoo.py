@@ -81,7 +81,8 @@ def test_transfer_model_preprocesses_inside_and_fine_tunes_top_layers_with_froze
 
 @pytest.mark.slow
 def test_transfer_weights_from_a_local_file(tmp_path: Path) -> None:
-    from pipeline.training.models.transfer import WeightsUnavailable, find_backbone
+    from pipeline.errors import WeightsUnavailable
+    from pipeline.training.models.transfer import find_backbone
 
     source = build_model("efficientnet_b0", image_size=32, weights="none")
     path = tmp_path / "backbone.weights.h5"
@@ -99,7 +100,7 @@ def test_imagenet_weights_offline_name_the_file_to_place(monkeypatch: pytest.Mon
     from keras.src.backend import config
     from keras.src.utils import file_utils
 
-    from pipeline.training.models.transfer import WeightsUnavailable
+    from pipeline.errors import WeightsUnavailable
 
     def offline(*args: object, **kwargs: object) -> None:  # the network edge: no internet here
         raise urllib.error.URLError("offline")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.config import Settings
-from pipeline.data.sources.base import LabelMap, RawRecord, Source, SourceError, SourceNotes, SourceProfile
+from pipeline.data.sources.base import LabelMap, RawRecord, Source, SourceNotes, SourceProfile
+from pipeline.errors import SourceError
 
 __all__ = ["LabelMap", "RawRecord", "Source", "SourceError", "SourceNotes", "SourceProfile", "SOURCES", "get_source"]
 

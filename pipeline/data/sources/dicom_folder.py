@@ -18,13 +18,8 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import (
-    MappedXraySource,
-    RawRecord,
-    SourceError,
-    list_files,
-    require_dir,
-)
+from pipeline.data.sources.base import MappedXraySource, RawRecord, list_files, require_dir
+from pipeline.errors import SourceError
 
 LAYOUT = "ROOT/**/<any name> DICOM files plus a label CSV (SOPInstanceUID or file, label)"
 UID_COLUMNS = ("SOPInstanceUID", "sop_instance_uid", "sopinstanceuid")

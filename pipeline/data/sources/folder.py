@@ -13,13 +13,13 @@ from pathlib import Path
 from pipeline.data.sources.base import (
     XRAY_PROFILE,
     RawRecord,
-    SourceError,
     SourceNotes,
     SourceProfile,
     list_files,
     read_csv,
     require_dir,
 )
+from pipeline.errors import SourceError
 
 LAYOUT = "ROOT/<label>/<image>.png|jpg|jpeg, one sub-folder per class (e.g. ROOT/NORMAL, ROOT/PNEUMONIA)"
 

@@ -20,13 +20,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import (
-    MappedXraySource,
-    RawRecord,
-    SourceError,
-    list_files,
-    require_dir,
-)
+from pipeline.data.sources.base import MappedXraySource, RawRecord, list_files, require_dir
+from pipeline.errors import SourceError
 
 LAYOUT = "chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (pass chest_xray/ or the folder holding it)"
 SPLITS = ("train", "val", "test")

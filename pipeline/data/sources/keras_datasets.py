@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.sources.base import RawRecord, SourceError, SourceNotes, SourceProfile, list_files, require_dir
+from pipeline.data.sources.base import RawRecord, SourceNotes, SourceProfile, list_files, require_dir
+from pipeline.errors import SourceError
 
 logger = logging.getLogger(__name__)
 

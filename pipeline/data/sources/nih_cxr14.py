@@ -23,11 +23,11 @@ from pipeline.data.sources.base import (
     IMAGE_SUFFIXES,
     MappedXraySource,
     RawRecord,
-    SourceError,
     list_files,
     read_csv,
     require_dir,
 )
+from pipeline.errors import SourceError
 
 LAYOUT = "ROOT/**/<Image Index>.png plus ROOT/Data_Entry_2017.csv (or --labels CSV)"
 COLUMNS = ("Image Index", "Finding Labels", "Patient ID")

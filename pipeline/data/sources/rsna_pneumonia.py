@@ -14,14 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.data.sources.base import (
-    MappedXraySource,
-    RawRecord,
-    SourceError,
-    list_files,
-    read_csv,
-    require_dir,
-)
+from pipeline.data.sources.base import MappedXraySource, RawRecord, list_files, read_csv, require_dir
+from pipeline.errors import SourceError
 
 LAYOUT = "ROOT/stage_2_train_images/<patientId>.dcm plus ROOT/stage_2_train_labels.csv (or --labels CSV)"
 COLUMNS = ("patientId", "Target")

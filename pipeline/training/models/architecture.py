@@ -297,7 +297,8 @@ def architecture_report(model: Any) -> ArchitectureReport:
 
 
 def _notes(report: ArchitectureReport) -> list[str]:
-    from pipeline.training.models.zoo import UnknownModel, get_spec
+    from pipeline.errors import UnknownModel
+    from pipeline.training.models.zoo import get_spec
 
     notes = []
     for name in report.flatten_features():

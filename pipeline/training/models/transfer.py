@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import WeightsUnavailable  # re-exported
+from pipeline.errors import WeightsUnavailable
 
 
 def find_backbone(model: Any) -> Any | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 # Importing the catalogue registers every spec (no Keras import happens there).
 import pipeline.training.models.catalogue  # noqa: F401
-from pipeline.errors import UnknownModel  # re-exported
+from pipeline.errors import UnknownModel
 from pipeline.training.models.spec import REGISTRY as _ZOO
 from pipeline.training.models.spec import Builder, ModelSpec, register  # noqa: F401 (re-exported)
 

@@ -27,7 +27,7 @@ def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8) -> Decode
     """Decode and check one upload.
 
     Raises:
-        Rejected: with a reason code from :data:`REASONS`.
+        Rejected: with a reason code from :data:`pipeline.errors.REJECTION_REASONS`.
     """
     if len(data) > cfg.max_upload_bytes:
         raise Rejected("too_large", f"{len(data)} bytes > serve.max_upload_bytes={cfg.max_upload_bytes}")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import Settings
+from pipeline.errors import REJECTION_REASONS as REASONS
 from pipeline.errors import Rejected
-from pipeline.serving.admission import REASONS, admit
+from pipeline.serving.admission import admit
 from tests.data.helpers import PHI, dicom_bytes
 from tests.serving.helpers import colour_png, encode, png, xray01
 

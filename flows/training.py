@@ -26,7 +26,7 @@ from flows.caching import (
     write_stamp,
 )
 from flows.options import io_options
-from pipeline.config import Settings, load_settings, with_overrides
+from pipeline.config import Settings, load_settings, with_overrides, with_values
 
 
 class TrainingParameters(BaseModel):
@@ -49,11 +49,13 @@ class TrainingParameters(BaseModel):
     params_path: str | None = Field(None, title="params.yaml path", description="Empty = the project's params.yaml.")
 
     def settings(self) -> Settings:
+        """params.yaml, then the form fields as the typed values they are (a folder ``/data/cxr #2`` or rev
+        ``1.10`` stays that string), then ``overrides`` (``section.field=value``, read as YAML like ``--set``)."""
         mapped = {"data.source": self.source, "data.input": self.input, "data.rev": self.rev,
                   "train.model": self.model, "train.epochs": self.epochs,
                   "promote.require_approval": self.require_approval}
-        sets = [f"{k}={v}" for k, v in mapped.items() if v is not None]
-        return with_overrides(load_settings(self.params_path), [*sets, *self.overrides])
+        typed = with_values(load_settings(self.params_path), {k: v for k, v in mapped.items() if v is not None})
+        return with_overrides(typed, self.overrides)
 
 
 # --------------------------------------------------------------------------- tasks

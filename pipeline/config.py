@@ -5,6 +5,8 @@ ranges and documentation but no values, so a field missing from the file is an
 error that names the field, not a silently different default.  Overrides come
 as ``section.field=value`` strings (``--set`` on the CLI, ``overrides`` in a
 flow run, ``-S`` in ``dvc exp run``) and are validated by the same models.
+Values that are already typed (UI form fields) go through :func:`with_values`,
+which sets them as they are, never re-read as YAML.
 
 Nothing here touches the file system at import time.
 """
@@ -12,6 +14,7 @@ Nothing here touches the file system at import time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,18 +408,37 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
     result = copy.deepcopy(params)
     for text in overrides:
         keys, value = parse_override(text)
-        node = result
-        for depth, k in enumerate(keys[:-1]):
-            if not isinstance(node.get(k), dict):
-                where = ".".join(keys[: depth + 1])
-                known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
-                raise ConfigError(f"override {text!r}: unknown section '{where}' (known: {known})")
-            node = node[k]
-        if keys[-1] not in node:
-            known = ", ".join(sorted(node))
-            raise ConfigError(f"override {text!r}: unknown field '{'.'.join(keys)}' (known here: {known})")
-        node[keys[-1]] = value
+        _set_field(result, keys, value, f"override {text!r}")
     return result
+
+
+def apply_values(params: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Set typed values by ``section.field`` key on a params dict, as given: no YAML parsing of strings
+    (a new dict is returned)."""
+    import copy
+
+    result = copy.deepcopy(params)
+    for key, value in values.items():
+        keys = str(key).strip().split(".")
+        if any(not part for part in keys):
+            raise ConfigError(f"setting {key!r} is not of the form section.field (e.g. data.input)")
+        _set_field(result, keys, copy.deepcopy(value), f"setting {key!r}")
+    return result
+
+
+def _set_field(params: dict[str, Any], keys: list[str], value: Any, label: str) -> None:
+    """Set ``params[k1][k2]…`` to ``value``; an unknown section or field is a ConfigError naming ``label``."""
+    node = params
+    for depth, k in enumerate(keys[:-1]):
+        if not isinstance(node.get(k), dict):
+            where = ".".join(keys[: depth + 1])
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else ""
+            raise ConfigError(f"{label}: unknown section '{where}' (known: {known})")
+        node = node[k]
+    if keys[-1] not in node:
+        known = ", ".join(sorted(node))
+        raise ConfigError(f"{label}: unknown field '{'.'.join(keys)}' (known here: {known})")
+    node[keys[-1]] = value
 
 
 def _explain(exc: ValidationError, origin: str) -> ConfigError:
@@ -475,3 +497,22 @@ def with_overrides(settings: Settings, overrides: list[str]) -> Settings:
     if not overrides:
         return settings
     return settings_from_dict(settings.to_params(), overrides, root=settings.root, origin="overrides")
+
+
+def with_values(settings: Settings, values: Mapping[str, Any]) -> Settings:
+    """Return a copy of ``settings`` with typed values set by ``section.field`` key and validated.
+
+    For values that are already typed (Prefect UI form fields, API payloads): a string stays the
+    string it is (``/data/cxr #2``, ``1.10``), unlike ``section.field=value`` overrides, whose value
+    is read as YAML. The pydantic models still validate every value.
+
+    Raises:
+        ConfigError: an unknown section or field, or a value the models reject.
+    """
+    if not values:
+        return settings
+    params = apply_values(settings.to_params(), values)
+    try:
+        return Settings.model_validate({**params, "root": settings.root})
+    except ValidationError as exc:
+        raise _explain(exc, "settings") from None

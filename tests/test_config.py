@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import Settings, apply_overrides, load_settings, with_overrides
+from pipeline.config import Settings, apply_overrides, load_settings, with_overrides, with_values
 from pipeline.errors import ConfigError
 from tests.conftest import REPO
 
@@ -87,3 +87,34 @@ def test_flat_params_cover_all_sections() -> None:
     flat = load_settings(REPO / "params.yaml").flat_params()
     assert flat["train.epochs"] == load_settings(REPO / "params.yaml").train.epochs
     assert "data.synthetic.n_patients" in flat and "validate.min_rows" in flat
+
+
+def test_typed_values_are_set_as_they_are_not_reread_as_yaml() -> None:
+    base = load_settings(REPO / "params.yaml")
+    settings = with_values(base, {"data.input": "/data/cxr #2", "data.rev": "1.10", "train.epochs": 3,
+                                  "train.model": "yes", "data.synthetic.images_per_patient": [2, 5]})
+    assert settings.data.input == "/data/cxr #2"  # YAML would cut at the comment
+    assert settings.data.rev == "1.10"  # YAML would read the float 1.1
+    assert settings.train.model == "yes"  # YAML would read True
+    assert settings.train.epochs == 3 and isinstance(settings.train.epochs, int)
+    assert settings.data.synthetic.images_per_patient == (2, 5)
+    assert with_values(base, {}) is base
+    # the same strings through --set keep today's YAML meaning
+    assert with_overrides(base, ["train.epochs=3"]).train.epochs == 3
+    assert with_overrides(base, ["data.input=/data/cxr #2"]).data.input == "/data/cxr"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"train.epochs": 0}, "train.epochs: Input should be greater than or equal to 1"),
+        ({"train.epochs": "three"}, "train.epochs"),
+        ({"data.rev": 1.1}, "data.rev: Input should be a valid string"),
+        ({"train.epoch": 3}, "setting 'train.epoch': unknown field 'train.epoch'"),
+        ({"trian.epochs": 3}, "unknown section 'trian'"),
+        ({"train.": 3}, "section.field"),
+    ],
+)
+def test_bad_typed_values_name_the_field(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        with_values(load_settings(REPO / "params.yaml"), values)

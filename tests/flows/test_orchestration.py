@@ -45,6 +45,25 @@ def test_trigger_parameters_go_into_the_settings_model() -> None:
     assert deployment_name("a/b") == "a/b"
 
 
+def test_form_values_reach_the_settings_typed(make_settings: Callable[..., Settings]) -> None:
+    """UI form fields are typed values: a '#' in a folder or a rev like 1.10 is not re-read as YAML."""
+    from flows.training import TrainingParameters
+
+    path = str(make_settings().root / "params.yaml")
+    settings = TrainingParameters(input="/data/cxr #2", rev="1.10", model="yes", epochs=3,
+                                  require_approval=True, params_path=path).settings()
+    assert settings.data.input == "/data/cxr #2" and settings.data.rev == "1.10"
+    assert settings.train.model == "yes" and settings.train.epochs == 3 and settings.promote.require_approval
+    # free-form overrides keep the --set meaning (YAML) and still win over the form fields
+    settings = TrainingParameters(epochs=3, overrides=["train.epochs=5", "train.batch_size=16"],
+                                  params_path=path).settings()
+    assert settings.train.epochs == 5 and settings.train.batch_size == 16
+    with pytest.raises(ConfigError, match="train.model: Input should be a valid string"):
+        TrainingParameters(params_path=path, overrides=["train.model=yes"]).settings()
+    with pytest.raises(ConfigError, match="train.epochs: Input should be greater than or equal to 1"):
+        TrainingParameters.model_construct(epochs=0, params_path=path, overrides=[]).settings()
+
+
 def test_bad_schedule_is_a_config_error_naming_the_setting() -> None:
     from flows.deploy import check_schedule
 

@@ -1,9 +1,18 @@
 """Append-only prediction log: partitioned Parquet (``date=YYYY-MM-DD/part-*.parquet``).
 
-Each append writes new files atomically (temporary name, then rename), so readers never
-see half-written data and concurrent writers never collide. No PHI and no pixels: rows
-hold request metadata, image features, embedding components and outputs. Rejected
-requests go to ``rejected/date=…/`` with their reason only.
+Each append writes new files atomically and durably (a unique hidden temporary name,
+flushed and fsynced, renamed, then the folder fsynced), so readers never see half-written
+data, concurrent writers never collide and a power cut cannot leave a renamed but empty
+part. A part that is unreadable anyway (a damaged disk, a file copied in by hand) is
+skipped, counted (:attr:`LogWindow.skipped_parts`) and named in one warning line; the
+rest of the log stays readable. No PHI and no pixels: rows hold request metadata, image
+features, embedding components and outputs. Rejected requests go to
+``rejected/date=…/`` with their reason only.
+
+Every row carries its ``source``: ``api``, ``ui`` or ``pacs`` for real traffic.
+Simulated traffic (``source=simulation``, the main job's drift demo) has its own log
+(``paths.simulation_log``); :class:`LogWriter` — the writer of the API and the UI —
+refuses simulated rows.
 
 The API does not write one file per request: :class:`LogWriter` buffers rows and a
 background thread flushes them every ``serve.log_flush_s`` seconds (one atomic file per
@@ -18,6 +27,8 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,14 +36,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import ServingError
+
 logger = logging.getLogger(__name__)
 
 REJECTED_DIR = "rejected"
 MAX_BUFFER_ROWS = 200_000
+REAL_SOURCES = ("api", "ui", "pacs")
+SIMULATION = "simulation"
+PART_GLOB = "date=*/part-*.parquet"
+
+
+@dataclass
+class LogWindow:
+    """Rows read from a log, and the part files that could not be read (skipped, not fatal)."""
+
+    rows: pd.DataFrame
+    skipped_parts: list[str] = field(default_factory=list)
+    excluded_rows: int = 0  # rows of the files read that ``exclude`` left out
 
 
 def append(log_dir: Path, rows: pd.DataFrame, time_column: str = "request_time") -> list[Path]:
-    """Append ``rows`` (with a UTC time column) as one new Parquet file per day."""
+    """Append ``rows`` (with a UTC time column) as one new Parquet file per day, atomically and durably."""
     if rows.empty:
         return []
     rows = rows.assign(**{time_column: pd.to_datetime(rows[time_column], utc=True)})
@@ -40,17 +65,45 @@ def append(log_dir: Path, rows: pd.DataFrame, time_column: str = "request_time")
     written = []
     for day, part in rows.groupby(days, sort=True):
         part_dir = log_dir / f"date={day}"
-        part_dir.mkdir(parents=True, exist_ok=True)
+        if not part_dir.is_dir():
+            part_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(part_dir.parent)
         name = f"part-{datetime.now(UTC).strftime('%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = part_dir / f".{name}.tmp"
-        part.reset_index(drop=True).to_parquet(tmp, index=False)
-        os.replace(tmp, part_dir / name)
-        written.append(part_dir / name)
+        written.append(_write_part(part.reset_index(drop=True), part_dir / name))
     return written
 
 
+def _write_part(frame: pd.DataFrame, target: Path) -> Path:
+    """Write to a unique hidden temporary file, flush + fsync it, rename it, fsync the folder."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            frame.to_parquet(fh, index=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def part_files(log_dir: Path) -> list[Path]:
+    """The log's part files, oldest first (names sort by day, then time of writing)."""
+    return sorted(log_dir.glob(PART_GLOB))
+
+
 def _files(log_dir: Path, hours: float | None) -> tuple[list[Path], datetime | None]:
-    files = sorted(log_dir.glob("date=*/part-*.parquet"))
+    files = part_files(log_dir)
     since = None
     if hours is not None:
         since = datetime.now(UTC) - timedelta(hours=hours)
@@ -58,56 +111,102 @@ def _files(log_dir: Path, hours: float | None) -> tuple[list[Path], datetime | N
     return files, since
 
 
-def _load(path: Path, where: dict[str, Any] | None) -> pd.DataFrame:
-    df = pd.read_parquet(path)
-    if not where:
-        return df
+def read_part(path: Path, time_column: str = "request_time") -> pd.DataFrame | None:
+    """One part file, or None when it cannot be read (damaged, not Parquet, or without ``time_column``)."""
+    import pyarrow as pa
+
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException):  # truncated / garbage / unreadable file
+        return None
+    return df if time_column in df.columns else None
+
+
+def warn_skipped(log_dir: Path, skipped: list[str]) -> None:
+    """One warning line naming the unreadable parts (never a traceback)."""
+    if skipped:
+        names = ", ".join(Path(p).relative_to(log_dir).as_posix() for p in skipped[:3])
+        logger.warning("%s: skipped %d unreadable part file(s) (%s%s); the rest of the log was read — move "
+                       "damaged files out of the folder", log_dir, len(skipped), names,
+                       ", …" if len(skipped) > 3 else "")
+
+
+def _filter(df: pd.DataFrame, where: dict[str, Any] | None,
+            exclude: dict[str, Collection[Any]] | None) -> tuple[pd.DataFrame, int]:
+    """Rows equal to every ``where`` value and to none of the ``exclude`` values; and how many ``exclude`` dropped."""
     keep = np.ones(len(df), bool)
-    for col, value in where.items():
+    for col, value in (where or {}).items():
         if col not in df:
-            return df.iloc[0:0]
+            return df.iloc[0:0], 0
         column = df[col]
         same = column == value if column.dtype == object else column.astype(str) == str(value)
         keep &= same.to_numpy()
-    return df[keep]
+    dropped = 0
+    for col, values in (exclude or {}).items():
+        if col in df:
+            hit = df[col].astype(str).isin([str(v) for v in values]).to_numpy() & keep
+            dropped += int(hit.sum())
+            keep &= ~hit
+    return df[keep], dropped
 
 
-def read(log_dir: Path, *, last_k: int | None = None, hours: float | None = None,
-         where: dict[str, Any] | None = None) -> pd.DataFrame:
+def read_window(log_dir: Path, *, last_k: int | None = None, hours: float | None = None,
+                where: dict[str, Any] | None = None,
+                exclude: dict[str, Collection[Any]] | None = None) -> LogWindow:
     """Rows of the current window: the last ``hours`` hours, else the last ``last_k`` rows (else all).
 
-    ``where`` keeps rows whose columns equal the given values (e.g. one model version).
-    With ``last_k`` only the newest files needed are read.
+    ``where`` keeps rows whose columns equal the given values (e.g. one model version);
+    ``exclude`` drops rows whose column holds one of the given values (e.g. simulated traffic).
+    With ``last_k`` only the newest files needed are read. Unreadable parts are skipped and
+    listed in the result (one warning line), never fatal.
     """
     files, since = _files(log_dir, hours)
     frames: list[pd.DataFrame] = []
-    if last_k and hours is None:
-        count = 0
-        for path in reversed(files):  # names sort by date, then time of writing
-            frame = _load(path, where)
-            frames.append(frame)
-            count += len(frame)
-            if count >= last_k:
-                break
-        frames.reverse()
-    else:
-        frames = [_load(f, where) for f in files]
-    frames = [f for f in frames if not f.empty]
+    skipped: list[str] = []
+    excluded = 0
+    for path in reversed(files):  # newest first
+        raw = read_part(path)
+        if raw is None:
+            skipped.append(str(path))
+            continue
+        frame, dropped = _filter(raw, where, exclude)
+        frames.append(frame)
+        excluded += dropped
+        if last_k and hours is None and sum(len(f) for f in frames) >= last_k:
+            break
+    warn_skipped(log_dir, skipped)
+    frames = [f for f in reversed(frames) if not f.empty]
     if not frames:
-        return pd.DataFrame()
+        return LogWindow(pd.DataFrame(), skipped[::-1], excluded)
     df = pd.concat(frames, ignore_index=True)
     df["request_time"] = pd.to_datetime(df["request_time"], utc=True)
     df = df.sort_values("request_time", kind="stable").reset_index(drop=True)
     if since is not None:
-        return df[df["request_time"] >= pd.Timestamp(since)].reset_index(drop=True)
-    return df.tail(last_k).reset_index(drop=True) if last_k else df
+        df = df[df["request_time"] >= pd.Timestamp(since)].reset_index(drop=True)
+    elif last_k:
+        df = df.tail(last_k).reset_index(drop=True)
+    return LogWindow(df, skipped[::-1], excluded)
+
+
+def read(log_dir: Path, *, last_k: int | None = None, hours: float | None = None,
+         where: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The rows of :func:`read_window` (unreadable parts skipped with a warning)."""
+    return read_window(log_dir, last_k=last_k, hours=hours, where=where).rows
 
 
 def count_rows(log_dir: Path) -> int:
-    """Rows in the log (reads only Parquet footers)."""
+    """Rows in the log (reads only Parquet footers; unreadable parts count 0, with a warning)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in log_dir.glob("date=*/part-*.parquet"))
+    total, skipped = 0, []
+    for f in part_files(log_dir):
+        try:
+            total += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, ValueError, pa.ArrowException):
+            skipped.append(str(f))
+    warn_skipped(log_dir, skipped)
+    return total
 
 
 class LogWriter:
@@ -124,6 +223,14 @@ class LogWriter:
         self._thread: threading.Thread | None = None
 
     def add(self, row: dict[str, Any]) -> None:
+        """Buffer one prediction row of real traffic.
+
+        Raises:
+            ServingError: the row is simulated traffic (it belongs in ``paths.simulation_log``).
+        """
+        if row.get("source") == SIMULATION:
+            raise ServingError(f"simulated rows never go to the production log {self.log_dir}: write them to "
+                               "paths.simulation_log (pipeline.monitoring.simulate)")
         self._add(self._rows, row)
 
     def add_rejection(self, row: dict[str, Any]) -> None:

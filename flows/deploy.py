@@ -11,6 +11,9 @@
 - schedules: training ``orchestrate.training_cron`` (weekly), monitoring
   ``orchestrate.monitoring_cron`` (daily), both in ``orchestrate.timezone``; the
   feedback flow, when present, is deployed without a schedule (manual/automation trigger).
+- a concurrency limit per deployment, ``orchestrate.concurrency_limit`` (default 1): a run that
+  would exceed it waits in the queue until one ends (two trainings never write the same
+  dataset, checkpoints and registry at once).
 
 The training flow is always deployed; monitoring and feedback are deployed when
 ``flows/monitoring.py`` / ``flows/feedback.py`` exist and define a flow. Schedules only
@@ -146,25 +149,48 @@ async def ensure_work_pool(name: str, pool_type: str = POOL_TYPE) -> bool:
     return False
 
 
-def deploy_flow(spec: FlowSpec, attr: str, settings: Settings, *, project_dir: Path, pool: str,
-                job_variables: dict[str, Any], paused: bool) -> Deployed:
-    """Apply one deployment with the flow code loaded from ``project_dir``."""
+def concurrency_limit(settings: Settings) -> Any:
+    """``orchestrate.concurrency_limit`` as Prefect's deployment limit: runs beyond it wait in the queue
+    (``ENQUEUE``), none is dropped; None = no limit."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = settings.orchestrate.concurrency_limit
+    if limit is None:
+        return None
+    return ConcurrencyLimitConfig(limit=limit, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
+def build_deployment(spec: FlowSpec, attr: str, settings: Settings, *, project_dir: Path,
+                     job_variables: dict[str, Any], paused: bool) -> Any:
+    """The deployment of one flow (a ``RunnerDeployment``, nothing sent to a server yet), with the flow code
+    loaded from ``project_dir``, its schedule and its concurrency limit."""
     from prefect import Flow
     from prefect.schedules import Cron
 
-    entrypoint = f"{spec.path}:{attr}"
-    tz = settings.orchestrate.timezone
     cron = spec.cron(settings)
-    schedules = [Cron(cron, timezone=tz)] if cron else []
-    remote = Flow.from_source(source=str(project_dir), entrypoint=entrypoint)
-    deployment_id = remote.deploy(
-        name=spec.deployment_name, work_pool_name=pool, build=False, push=False, schedules=schedules, paused=paused,
-        job_variables=job_variables, tags=TAGS, description=(remote.description or "").strip() or None,
-        print_next_steps=False, ignore_warnings=True,
+    schedules = [Cron(cron, timezone=settings.orchestrate.timezone)] if cron else []
+    remote = Flow.from_source(source=str(project_dir), entrypoint=f"{spec.path}:{attr}")
+    return remote.to_deployment(
+        name=spec.deployment_name, schedules=schedules, paused=paused, job_variables=job_variables, tags=TAGS,
+        description=(remote.description or "").strip() or None, concurrency_limit=concurrency_limit(settings),
     )
-    name = f"{remote.name}/{spec.deployment_name}"
-    logger.info("deployment %s → pool %s, schedule %s", name, pool, cron or "none")
-    return Deployed(name, entrypoint, cron, tz if cron else None, str(deployment_id))
+
+
+def deploy_flow(spec: FlowSpec, attr: str, settings: Settings, *, project_dir: Path, pool: str,
+                job_variables: dict[str, Any], paused: bool) -> Deployed:
+    """Apply one deployment (see :func:`build_deployment`) to the work pool ``pool``."""
+    from prefect import deploy
+
+    deployment = build_deployment(spec, attr, settings, project_dir=project_dir, job_variables=job_variables,
+                                  paused=paused)
+    ids = deploy(deployment, work_pool_name=pool, build=False, push=False, print_next_steps_message=False,
+                 ignore_warnings=True)
+    cron = spec.cron(settings)
+    tz = settings.orchestrate.timezone
+    name = f"{deployment.flow_name}/{spec.deployment_name}"
+    logger.info("deployment %s → pool %s, schedule %s, at most %s run(s) at a time", name, pool, cron or "none",
+                settings.orchestrate.concurrency_limit or "unlimited")
+    return Deployed(name, f"{spec.path}:{attr}", cron, tz if cron else None, str(ids[0]))
 
 
 def deploy_all(settings: Settings, *, project_dir: Path | None = None, pool: str | None = None,

@@ -234,6 +234,9 @@ class OrchestrateSection(_Section):
     training_cron: str = Field(description="Cron schedule of the training deployment.")
     monitoring_cron: str = Field(description="Cron schedule of the monitoring deployment.")
     work_pool: str = Field(description="Prefect work pool the deployments run on.")
+    concurrency_limit: int | None = Field(
+        ge=1, description="Most runs of one deployment at a time (each flow applied by `xrayops deploy`); a run "
+        "beyond it waits in the queue until one ends. null = no limit.")
     task_retries: int = Field(ge=0, description="Retries of I/O tasks.")
     task_retry_delay_s: float = Field(ge=0, description="First retry delay (doubles each retry).")
     task_timeout_s: float = Field(gt=0,

@@ -1,0 +1,67 @@
+"""Deployments applied by ``xrayops deploy`` carry a concurrency limit per flow (``orchestrate.concurrency_limit``):
+two runs of the same deployment never overlap; the one beyond the limit waits in the queue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from pipeline.config import Settings
+
+
+def built(settings: Settings) -> dict[str, object]:
+    """Each deployment deploy would apply, by deployment name (nothing is sent to a server)."""
+    from flows.deploy import PROJECT_DIR, SPECS, build_deployment, find_flow
+
+    out = {}
+    for spec in SPECS:
+        found = find_flow(spec, PROJECT_DIR)
+        if found:
+            out[spec.deployment] = build_deployment(spec, found[0], settings, project_dir=PROJECT_DIR,
+                                                    job_variables={}, paused=False)
+    return out
+
+
+def test_every_deployment_gets_the_configured_concurrency_limit(make_settings: Callable[..., Settings]) -> None:
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from flows import TRAINING_DEPLOYMENT
+
+    deployments = built(make_settings())
+    assert TRAINING_DEPLOYMENT in deployments
+    for name, deployment in deployments.items():
+        assert deployment.concurrency_limit == 1, name  # params.yaml default
+        assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE, name
+    assert {d.concurrency_limit for d in built(make_settings("orchestrate.concurrency_limit=3")).values()} == {3}
+    unlimited = built(make_settings("orchestrate.concurrency_limit=null")).values()
+    assert {(d.concurrency_limit, d.concurrency_options) for d in unlimited} == {(None, None)}
+
+
+def test_a_limit_below_one_is_a_config_error(make_settings: Callable[..., Settings]) -> None:
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="orchestrate.concurrency_limit"):
+        make_settings("orchestrate.concurrency_limit=0")
+
+
+@pytest.mark.slow
+def test_the_server_stores_the_limit(prefect_harness: None, make_settings: Callable[..., Settings]) -> None:
+    """Applied to a (temporary) Prefect server, the training deployment holds the limit there."""
+    from prefect import get_client
+
+    from flows.deploy import PROJECT_DIR, SPECS, deploy_flow, ensure_work_pool, find_flow
+
+    settings = make_settings("orchestrate.concurrency_limit=2")
+    spec = SPECS[0]
+    asyncio.run(ensure_work_pool("xrayops-test-pool"))
+    attr, _ = find_flow(spec, PROJECT_DIR)
+    deployed = deploy_flow(spec, attr, settings, project_dir=PROJECT_DIR, pool="xrayops-test-pool",
+                           job_variables={}, paused=True)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployed.name)
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 2
+    assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert deployment.entrypoint == "flows/training.py:training_flow"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 
@@ -20,13 +20,22 @@ def _experiment_id(tracking_uri: str, run_id: str) -> str | None:
         return None
 
 
-def mlflow_links(tracking_uri: str, run_id: str | None, model_name: str | None, version: str | None) -> list[str]:
-    """Markdown bullets linking the MLflow run and registry version (HTTP tracking servers only)."""
+def _without_credentials(uri: str) -> str:
+    """``uri`` without a ``user[:password]@`` part: links never carry credentials (the browser asks)."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else uri
+
+
+def mlflow_links(tracking_uri: str, run_id: str | None, model_name: str | None, version: str | None,
+                 experiment_id: str | None = None) -> list[str]:
+    """Markdown bullets linking the MLflow run and registry version (HTTP tracking servers only).
+
+    ``experiment_id`` saves a lookup (and is needed when ``tracking_uri`` has its password masked)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return []
-    base = tracking_uri.rstrip("/")
+    base = _without_credentials(tracking_uri).rstrip("/")
     lines = []
-    exp = _experiment_id(tracking_uri, run_id) if run_id else None
+    exp = experiment_id or (_experiment_id(tracking_uri, run_id) if run_id else None)
     if exp and run_id:
         lines.append(f"- [MLflow run]({base}/#/experiments/{exp}/runs/{run_id})")
     if model_name and version:
@@ -45,8 +54,9 @@ def file_link(label: str, path: str | None) -> str | None:
 def summary_links(summary: dict[str, Any]) -> list[str]:
     """All links of a training-run summary."""
     reg, reports = summary.get("registry") or {}, summary.get("reports") or {}
-    lines = mlflow_links(summary.get("tracking_uri", ""), (summary.get("train") or {}).get("run_id"),
-                         reg.get("model_name"), reg.get("version"))
+    train = summary.get("train") or {}
+    lines = mlflow_links(summary.get("tracking_uri", ""), train.get("run_id"), reg.get("model_name"),
+                         reg.get("version"), train.get("experiment_id"))
     if not lines and summary.get("mlflow_ui"):
         lines.append(f"- MLflow UI: `{summary['mlflow_ui']}`")
     for label, key in (("Drift report", "drift_html"), ("Data Docs (GX)", "data_docs"),

@@ -4,7 +4,9 @@ Tasks are thin wrappers of :mod:`pipeline.monitoring.drift`. When the drift shar
 ``monitor.drift_share_threshold`` the flow emits the Prefect event ``xrayops.drift.detected``
 (automations can react to it), ends in a ``Completed`` state named ``Drift detected``, and —
 when ``monitor.retrain_on_drift`` is set — starts the training deployment
-(``monitor.training_deployment``) with ``run_deployment``.
+(``monitor.training_deployment``) with ``run_deployment``. The window is real traffic only
+unless ``monitor.include_simulation`` is set, and drift in a window holding simulated rows never
+starts a retraining.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from pipeline.config import Settings, load_settings, with_overrides
+from pipeline.serving.production_log import SIMULATION
 
 DRIFT_EVENT = "xrayops.drift.detected"
 
@@ -56,6 +59,9 @@ def publish(summary: dict[str, Any]) -> None:
     if summary["status"] == "no_model":
         create_markdown_artifact(f"## Drift report\n\n{summary['message']}\n", key="drift-report")
         return
+    if summary.get("skipped_parts"):
+        get_run_logger().warning("skipped %d unreadable log part file(s): %s", summary["skipped_parts"],
+                                 ", ".join(summary.get("skipped_files", [])[:3]))
     create_markdown_artifact(summary_markdown(summary), key="drift-report",
                              description=f"Drift of {summary.get('model_name')} v{summary.get('model_version')}")
     if summary.get("report_html"):
@@ -106,7 +112,13 @@ def monitoring_flow(params: MonitoringParameters | None = None) -> Any:
     if not summary.get("drift_detected"):
         return summary
     summary["alert"] = alert(summary)
-    if settings.monitor.retrain_on_drift:
+    simulated = (summary.get("rows_by_source") or {}).get(SIMULATION, 0)
+    if settings.monitor.retrain_on_drift and simulated:
+        get_run_logger().warning("not retraining: the drift window holds %d simulated rows "
+                                 "(monitor.include_simulation); only drift on real traffic starts training", simulated)
+        summary["retraining"] = {"triggered": False, "deployment": settings.monitor.training_deployment,
+                                 "reason": "the window holds simulated traffic"}
+    elif settings.monitor.retrain_on_drift:
         summary["retraining"] = trigger_retraining(settings, summary)
     return Completed(data=summary, name="Drift detected",
                      message=f"drift share {summary['drift_share']:.2f} > {summary['share_threshold']:.2f}")

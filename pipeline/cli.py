@@ -404,10 +404,17 @@ def monitor(
     last_k: Annotated[int | None, typer.Option(help="Compare the last K predictions.")] = None,
     retrain: Annotated[bool | None, typer.Option("--retrain/--no-retrain",
                                                  help="Start the training deployment on drift.")] = None,
+    summary_path: Annotated[Path | None, typer.Option("--summary", help="Also write the monitoring summary JSON "
+                                                      "here (status, current_rows, rows_by_source, "
+                                                      "skipped_parts, …).")] = None,
     sets: SetOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Drift report of production inputs vs the champion's reference (Prefect flow; HTML + JSON + MLflow)."""
+    """Drift report of production inputs vs the champion's reference (Prefect flow; HTML + JSON + MLflow).
+
+    Real traffic only (api, ui, pacs) unless monitor.include_simulation is set; no rows yet is
+    status no_data and exit 0.
+    """
     with friendly_errors():
         settings = settings_for(params, sets)
         from flows.environment import configure_prefect
@@ -424,6 +431,13 @@ def monitor(
             from pipeline.errors import RegistryError
 
             raise RegistryError(summary["message"])
+        if summary_path:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        if summary.get("skipped_parts"):
+            typer.secho(f"warning: skipped {summary['skipped_parts']} unreadable log part file(s) "
+                        f"(e.g. {summary['skipped_files'][0]}): move damaged files out of the log folder",
+                        err=True, fg="yellow")
         typer.echo(summary_markdown(summary))
 
 
@@ -446,6 +460,10 @@ def feedback_ingest(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         from pipeline.monitoring.feedback import summary_markdown
 
         summary = run_flow(FeedbackParameters(overrides=list(sets or []), params_path=str(params) if params else None))
+        if summary.get("skipped_parts"):
+            typer.secho(f"warning: skipped {summary['skipped_parts']} unreadable feedback record file(s) "
+                        f"(e.g. {summary['skipped_files'][0]}): move damaged files out of the feedback folder",
+                        err=True, fg="yellow")
         typer.echo(summary_markdown(summary))
 
 

@@ -53,6 +53,8 @@ class PathsSection(_Section):
     dvc_remote: str | None = Field(description="DVC remote URL (path, s3://…); null = <home>/dvc-remote.")
     production_log: str | None = Field(description="Prediction log folder; null = <home>/production-log.")
     feedback_log: str | None = Field(description="Clinician feedback folder; null = <home>/feedback.")
+    simulation_log: str | None = Field(description="Simulated-traffic log of the main job's drift demo, kept apart "
+                                       "from the production log; null = <home>/simulation-log.")
 
 
 class SyntheticSection(_Section):
@@ -205,6 +207,9 @@ class MonitorSection(_Section):
     simulate_shift: float = Field(ge=0, description="Acquisition shift of the simulated production batch.")
     simulate_shifted_fraction: float = Field(ge=0, le=1, description="Share of simulated images that are shifted.")
     retrain_on_drift: bool = Field(description="Trigger the training deployment when drift is detected.")
+    include_simulation: bool = Field(description="Also compare simulated traffic (paths.simulation_log) in "
+                                     "`xrayops monitor`; drift on it never triggers retraining. false = real "
+                                     "traffic (api, ui, pacs) only.")
     embedding_components: int = Field(ge=1, description="PCA components of the penultimate-layer embedding.")
     training_deployment: str = Field(description="Prefect deployment ('flow-name/deployment-name') run when drift "
                                      "is detected and retrain_on_drift is set.")
@@ -342,6 +347,10 @@ class Settings(_Section):
     @property
     def feedback_log(self) -> Path:
         return self.resolve(self.paths.feedback_log or self.home / "feedback")
+
+    @property
+    def simulation_log(self) -> Path:
+        return self.resolve(self.paths.simulation_log or self.home / "simulation-log")
 
     @property
     def registered_model(self) -> str:

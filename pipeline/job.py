@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import Settings
+from pipeline.connections import mask_uri
+from pipeline.tracking import mask_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,13 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
 def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any], validation: dict[str, Any],
                 certificate: dict[str, Any], trained: Any, evaluation: Any, version: Any, decision: Any,
                 promotion: dict[str, Any], drift: dict[str, Any] | None) -> dict[str, Any]:
-    """The end-of-run summary (stable keys; documented in README.md)."""
+    """The end-of-run summary (stable keys; documented in README.md); passwords in URIs are masked."""
     from pipeline.registry.read import aliases
 
     finished = datetime.now(UTC)
     dvc = ingest.get("dvc") or {}
     metrics = {k: v for k, v in evaluation.metrics.items() if k != "confusion"}
-    return {
+    return mask_secrets({
         "schema": SUMMARY_SCHEMA,
         "status": "completed",
         "started_at": started.isoformat(timespec="seconds"),
@@ -105,6 +107,7 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
                       "certificate_sha256": certificate["certificate_sha256"]},
         },
         "train": {"model": trained.model_name, "run_id": trained.run_id, "experiment": settings.experiment_name,
+                  "experiment_id": trained.experiment_id,
                   "epochs": trained.epochs_run, "seconds": trained.seconds, "hardware": trained.hardware},
         "metrics": {**metrics, "ci": evaluation.ci,
                     "operating_threshold": (evaluation.operating_point or {}).get("threshold")},
@@ -123,10 +126,11 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
             "split_certificate": str(settings.dataset_dir / "split_certificate.json"),
             "metrics": str(settings.model_dir / "metrics.json"),
         },
-        "tracking_uri": settings.tracking_uri,
+        "tracking_uri": mask_uri(settings.tracking_uri),
         "mlflow_ui": mlflow_ui_command(settings),
-    }
+    })
 
 
 def mlflow_ui_command(settings: Settings) -> str:
-    return f"uv run mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
+    """The command that opens the MLflow UI on the tracking store (a password in the URI masked: fill it in)."""
+    return f"uv run mlflow ui --backend-store-uri {mask_uri(settings.tracking_uri)} --port 5000"

@@ -2,7 +2,8 @@
 
 An http(s) tracking or registry server that does not answer fails fast (one request, a few
 seconds, no retries) with :class:`~pipeline.errors.TrackingUnavailable` naming the fix, instead of
-MLflow's minutes of retries; a password in a URI is masked (``user:***@``) wherever it is shown.
+MLflow's minutes of retries; a password in a URI is masked (``user:***@``) wherever it is shown,
+and in the run's params (:func:`loggable_params`) and tags.
 """
 
 from __future__ import annotations
@@ -162,6 +163,29 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return str(exp.experiment_id)
+
+
+MAX_PARAM_CHARS = 500  # longer values are cut (MLflow's limit is larger, the UI's column is not)
+
+
+def loggable_params(settings: Settings) -> dict[str, str]:
+    """``settings.flat_params()`` as MLflow params: strings, ``""`` for null, a password in any URI-valued
+    setting (tracking/registry/artifact URIs, DVC remote, data repo, Dask address, …) masked (``user:***@``)."""
+    return {k: mask_uri("" if v is None else str(v))[:MAX_PARAM_CHARS] for k, v in settings.flat_params().items()}
+
+
+def mask_secrets(value: Any) -> Any:
+    """``value`` with every string in it (nested dicts, lists, tuples) passed through :func:`mask_uri`: for
+    anything that is logged, printed or written for people (tags, summaries)."""
+    if isinstance(value, str):
+        return mask_uri(value)
+    if isinstance(value, dict):
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(mask_secrets(v) for v in value)
+    return value
 
 
 def code_version(root: Path) -> dict[str, str]:

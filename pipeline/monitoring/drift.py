@@ -3,8 +3,11 @@
 
 Reference = the profile logged with the serving model's training run (features of its
 training/validation images, their embedding PCs and the model's probabilities on them);
-current = a window of the production log for the same model version. Output:
-``reports/drift/<timestamp>/{report.html, report.json, summary.json}``.
+current = a window of the production log for the same model version — real traffic only
+(``api``, ``ui``, ``pacs``): simulated rows live in their own log and are compared only by the
+main job's drift demo (``traffic="simulation"``) or when ``monitor.include_simulation`` is set.
+No rows at all gives ``status="no_data"`` (nothing to compare, not an error, not an alert).
+Output: ``reports/drift/<timestamp>/{report.html, report.json, summary.json}``.
 
 Evidently switches its per-column test with the *reference* size (K-S p-value up to 1,000
 rows, normed Wasserstein distance above; Z-test / Jensen-Shannon for the binary positive
@@ -19,7 +22,7 @@ import logging
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -58,6 +61,14 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, 
     summary: dict[str, Any] = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                                "reference_rows": int(len(reference)), "current_rows": int(len(current)),
                                "share_threshold": share_threshold, "min_rows": min_rows, **(context or {})}
+    if current.empty:
+        what = "simulated traffic" if summary.get("traffic") == "simulation" else "production data"
+        summary.update(status="no_data", drift_detected=False, drift_share=None, drifted_columns=[],
+                       message=f"no {what} yet for this model version ({summary.get('window', 'in the window')}): "
+                               "nothing to compare, no drift verdict")
+        write_summary(out_dir, summary)
+        logger.info("drift: %s", summary["message"])
+        return summary
     if len(current) < min_rows or len(reference) < 2:
         summary.update(status="insufficient_data", drift_detected=False, drift_share=None, drifted_columns=[],
                        message=f"not enough data: {len(current)} production rows for this model version "
@@ -202,8 +213,12 @@ def report_dir(settings: Settings) -> Path:
 def summary_markdown(summary: dict[str, Any]) -> str:
     """A short human summary (Prefect artifact, CLI)."""
     head = f"## Drift report — {summary.get('model_name')} v{summary.get('model_version')}\n\n"
+    skipped = (f"\n- unreadable log parts skipped: {summary['skipped_parts']}"
+               if summary.get("skipped_parts") else "")
+    if summary["status"] == "no_data":
+        return head + f"**No data yet.** {summary.get('message', '')}\n{skipped}"
     if summary["status"] != "ok":
-        return head + f"**Not enough data.** {summary.get('message', '')}\n"
+        return head + f"**Not enough data.** {summary.get('message', '')}\n{skipped}"
     verdict = "**DRIFT DETECTED**" if summary["drift_detected"] else "no drift"
     lines = [f"- verdict: {verdict} — drift share {summary['drift_share']:.2f} "
              f"(threshold {summary['share_threshold']:.2f}) over {len(summary['columns'])} input columns",
@@ -220,6 +235,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines.append(f"- data quality: {'ok' if dq.get('ok') else 'FAILED: ' + '; '.join(dq.get('failed', []))}")
     if summary.get("rejected_share") is not None:
         lines.append(f"- rejected requests in window: {summary['rejected_share']:.1%}")
+    if summary.get("rows_by_source"):
+        lines.append("- rows by source: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["rows_by_source"].items())))
+    if skipped:
+        lines.append(skipped.strip())
     rows = "\n".join(f"| {c} | {summary['columns'][c]['method']} | {summary['columns'][c]['score']} | "
                      f"{summary['columns'][c]['threshold']} |" for c in summary.get("top_drifted", []))
     table = f"\n\n| top drifted feature | method | score | threshold |\n|---|---|---|---|\n{rows}" if rows else ""
@@ -276,9 +295,19 @@ def load_reference(settings: Settings, run_id: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------- monitoring run
 
 
-def current_window(settings: Settings, version: str, *, hours: float | None = None,
-                   last_k: int | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Production rows of model ``version`` in the configured window, plus counts for the summary."""
+Traffic = Literal["production", "simulation"]
+
+
+def current_window(settings: Settings, version: str, *, hours: float | None = None, last_k: int | None = None,
+                   traffic: Traffic = "production") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Rows of model ``version`` in the configured window, plus counts for the summary.
+
+    ``production``: the production log without simulated rows (``source=simulation`` rows an older
+    version wrote there are left out and counted), plus the simulation log when
+    ``monitor.include_simulation`` is set. ``simulation``: the simulation log only. Unreadable part
+    files are skipped and counted (``skipped_parts``).
+    """
+    from pipeline.monitoring.simulate import simulation_log_dir
     from pipeline.serving import production_log
 
     cfg = settings.monitor
@@ -286,15 +315,52 @@ def current_window(settings: Settings, version: str, *, hours: float | None = No
         hours = cfg.window_hours
     last_k = None if hours is not None else (last_k or cfg.last_k)
     where = {"model_name": settings.registered_model, "model_version": version}
-    rows = production_log.read(settings.production_log, hours=hours, last_k=last_k, where=where)
-    info: dict[str, Any] = {"window": f"last {hours} h" if hours is not None else f"last {last_k} predictions"}
-    rejected = production_log.read(settings.production_log / production_log.REJECTED_DIR, hours=hours)
+    windows = []
+    if traffic == "production":
+        windows.append(production_log.read_window(settings.production_log, hours=hours, last_k=last_k, where=where,
+                                                  exclude={"source": [production_log.SIMULATION]}))
+    if traffic == "simulation" or cfg.include_simulation:
+        windows.append(production_log.read_window(simulation_log_dir(settings), hours=hours, last_k=last_k,
+                                                  where=where))
+    rows = _merge([w.rows for w in windows], last_k if hours is None else None)
+    skipped = [p for w in windows for p in w.skipped_parts]
+    info: dict[str, Any] = {
+        "window": f"last {hours} h" if hours is not None else f"last {last_k} predictions",
+        "traffic": "production+simulation" if traffic == "production" and cfg.include_simulation else traffic,
+        "rows_by_source": _by_source(rows),
+        "excluded_simulated_rows": windows[0].excluded_rows if traffic == "production" else 0,
+        "skipped_parts": len(skipped), "skipped_files": skipped}
+    if info["excluded_simulated_rows"]:
+        logger.warning("%s: left out %d simulated rows (source=simulation) written there by an older version; "
+                       "simulated traffic now has its own log (paths.simulation_log)", settings.production_log,
+                       info["excluded_simulated_rows"])
+    if traffic == "simulation":
+        return rows, {**info, "rejected_rows": 0, "rejected_share": None}
+    rejected_window = production_log.read_window(settings.production_log / production_log.REJECTED_DIR, hours=hours)
+    rejected = rejected_window.rows
+    info["skipped_parts"] += len(rejected_window.skipped_parts)
+    info["skipped_files"] += rejected_window.skipped_parts
     if hours is None and not rejected.empty:
         since = rows["request_time"].min() if not rows.empty else None
         rejected = rejected[rejected["request_time"] >= since] if since is not None else rejected.iloc[0:0]
     total = len(rows) + len(rejected)
     info.update(rejected_rows=int(len(rejected)), rejected_share=round(len(rejected) / total, 4) if total else None)
     return rows, info
+
+
+def _merge(frames: list[pd.DataFrame], last_k: int | None) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    if len(frames) <= 1:
+        return frames[0] if frames else pd.DataFrame()
+    rows = pd.concat(frames, ignore_index=True).sort_values("request_time", kind="stable")
+    return (rows.tail(last_k) if last_k else rows).reset_index(drop=True)
+
+
+def _by_source(rows: pd.DataFrame) -> dict[str, int]:
+    if rows.empty:
+        return {}
+    source = rows["source"].fillna("unknown") if "source" in rows else pd.Series("unknown", index=rows.index)
+    return {str(k): int(v) for k, v in source.astype(str).value_counts().sort_index().items()}
 
 
 def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Path) -> str:
@@ -305,10 +371,14 @@ def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Pat
 
     configure_mlflow(settings)
     exp = ensure_experiment(settings, f"{settings.experiment_name}/monitoring")
+    traffic = str(summary.get("traffic", "production"))
     tags = {"model_name": str(summary.get("model_name")), "model_version": str(summary.get("model_version")),
-            "status": summary["status"], "drift_detected": str(bool(summary.get("drift_detected"))).lower()}
-    with mlflow.start_run(experiment_id=exp, run_name=f"drift-v{summary.get('model_version')}", tags=tags) as run:
-        metrics = {"current_rows": summary["current_rows"], "reference_rows": summary["reference_rows"]}
+            "status": summary["status"], "drift_detected": str(bool(summary.get("drift_detected"))).lower(),
+            "traffic": traffic}
+    name = f"{'simulated-' if traffic == 'simulation' else ''}drift-v{summary.get('model_version')}"
+    with mlflow.start_run(experiment_id=exp, run_name=name, tags=tags) as run:
+        metrics = {"current_rows": summary["current_rows"], "reference_rows": summary["reference_rows"],
+                   "skipped_parts": summary.get("skipped_parts", 0)}
         if summary["status"] == "ok":
             metrics.update(drift_share=summary["drift_share"], drifted_columns=len(summary["drifted_columns"]))
             rate = summary.get("prediction", {}).get("positive_rate", {}).get("current")
@@ -322,8 +392,9 @@ def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Pat
 
 
 def monitor_champion(settings: Settings, *, hours: float | None = None, last_k: int | None = None,
-                     alias: str | None = None) -> dict[str, Any]:
-    """Drift of the production window against the reference of the version holding ``alias``."""
+                     alias: str | None = None, traffic: Traffic = "production") -> dict[str, Any]:
+    """Drift of the window of ``traffic`` (see :func:`current_window`) against the reference of the version
+    holding ``alias``."""
     from pipeline.registry.read import get_alias
 
     alias = alias or settings.serve.model_alias
@@ -332,7 +403,7 @@ def monitor_champion(settings: Settings, *, hours: float | None = None, last_k: 
         return {"status": "no_model", "drift_detected": False,
                 "message": f"no version of {settings.registered_model} holds alias '{alias}': "
                            "train and promote a model first (`xrayops run`)"}
-    current, info = current_window(settings, str(version.version), hours=hours, last_k=last_k)
+    current, info = current_window(settings, str(version.version), hours=hours, last_k=last_k, traffic=traffic)
     reference = load_reference(settings, version.run_id)
     if "split" in reference.columns:
         reference = reference.drop(columns=["split"])
@@ -341,6 +412,10 @@ def monitor_champion(settings: Settings, *, hours: float | None = None, last_k: 
                **info}
     summary = drift_report(reference, current, out_dir, share_threshold=settings.monitor.drift_share_threshold,
                            min_rows=settings.monitor.min_rows, context=context)
+    if summary["status"] == "no_data" and traffic == "production":
+        summary["message"] += (f". Predictions served by `xrayops serve` / `xrayops ui` are logged to "
+                               f"{settings.production_log}; the simulated traffic of `xrayops run` is kept apart "
+                               f"in {settings.simulation_log}")
     summary["mlflow_run_id"] = log_monitoring_run(settings, summary, out_dir)
     summary["report_dir"] = str(out_dir)
     write_summary(out_dir, summary)

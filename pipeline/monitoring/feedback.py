@@ -33,7 +33,7 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage, encode_png
 from pipeline.errors import FeedbackError
-from pipeline.serving.production_log import append
+from pipeline.serving.production_log import append, read_part, warn_skipped
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +83,24 @@ def feedback_files(feedback_dir: Path) -> list[Path]:
     return sorted((feedback_dir / RECORDS_DIR).glob("date=*/part-*.parquet"))
 
 
-def read_feedback(feedback_dir: Path) -> pd.DataFrame:
+def read_feedback(feedback_dir: Path, skipped: list[str] | None = None) -> pd.DataFrame:
     """All feedback records, oldest first (empty frame when there are none).
 
-    Raises:
-        FeedbackError: a record file cannot be read (named, with the fix).
+    A record file that cannot be read (damaged, not Parquet) is skipped, appended to ``skipped``
+    and named in one warning line; the other records are still returned.
     """
-    files = feedback_files(feedback_dir)
-    if not files:
+    frames, bad = [], []
+    for f in feedback_files(feedback_dir):
+        frame = read_part(f, time_column="submitted_at")
+        if frame is None:
+            bad.append(str(f))
+        else:
+            frames.append(frame)
+    warn_skipped(feedback_dir / RECORDS_DIR, bad)
+    if skipped is not None:
+        skipped.extend(bad)
+    if not frames:
         return pd.DataFrame(columns=[f.name for f in FeedbackRecord.__dataclass_fields__.values()])
-    frames = []
-    for f in files:
-        try:
-            frames.append(pd.read_parquet(f))
-        except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid (a ValueError) / OSError on damaged files
-            raise FeedbackError(f"feedback record file {f} cannot be read ({type(exc).__name__}: {exc})",
-                                hint="move the damaged file out of the feedback folder and ingest again") from None
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values("submitted_at", kind="stable").reset_index(drop=True)
 
@@ -191,7 +193,8 @@ def ingest_feedback(settings: Settings) -> dict[str, Any]:
     from pipeline.data.versioning import track
 
     fb_dir = settings.feedback_log
-    records = read_feedback(fb_dir)
+    skipped: list[str] = []
+    records = read_feedback(fb_dir, skipped)
     cases = adjudicate(records, read_adjudications(fb_dir))
     dest = feedback_dataset_dir(settings)
     counts = write_dataset(cases, fb_dir, dest)
@@ -205,6 +208,7 @@ def ingest_feedback(settings: Settings) -> dict[str, Any]:
         "status": {str(k): int(v) for k, v in cases["status"].value_counts().items()} if len(cases) else {},
         "conflicts": cases.loc[cases["status"] == "conflict", "request_id"].tolist(),
         "dataset_dir": str(dest), "images_by_label": counts, "cases_without_image": missing, "dvc": version,
+        "skipped_parts": len(skipped), "skipped_files": skipped,
         "accuracy_by_version": accuracy_by_version(cases) if len(cases) else [],
         "train_with": f"xrayops run --set data.source=folder --set data.input={dest}",
     }
@@ -221,8 +225,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     rows = "\n".join(f"| {a['model_name']} | v{a['model_version']} | {a['cases']} | {a['accuracy']:.3f} | "
                      f"{a['ci95'][0]:.3f}–{a['ci95'][1]:.3f} |" for a in summary["accuracy_by_version"])
     dvc = summary.get("dvc") or {}
+    skipped = (f"- unreadable record files skipped: {summary['skipped_parts']}\n"
+               if summary.get("skipped_parts") else "")
     return (f"## Clinician feedback\n\n- {summary['records']} records, {summary['cases']} cases "
-            f"({summary['status']}); conflicts left out: {len(summary['conflicts'])}\n"
+            f"({summary['status']}); conflicts left out: {len(summary['conflicts'])}\n{skipped}"
             f"- dataset `{summary['dataset_dir']}`: {summary['images_by_label']} "
             f"(DVC md5 `{dvc.get('dvc_md5')}`)\n- train with: `{summary['train_with']}`\n\n"
             f"| model | version | cases | accuracy | 95% CI |\n|---|---|---|---|---|\n{rows}\n")

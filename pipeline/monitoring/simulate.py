@@ -3,7 +3,9 @@
 Held-out test images pass through an acquisition shift (exposure gain/offset, gamma,
 noise: a different scanner or protocol) and then through the same path as real
 requests: encode → :func:`~pipeline.data.imaging.decode_bytes` → :class:`Predictor` →
-production log.
+log rows with ``source=simulation``. Those rows go to their own log
+(:func:`simulation_log_dir`, ``paths.simulation_log``), never to the production log, so
+monitoring of real traffic is never fed simulated, half-shifted inputs.
 """
 
 from __future__ import annotations
@@ -16,10 +18,27 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.config import Settings
 from pipeline.data.imaging import decode_bytes
+from pipeline.errors import ConfigError
 from pipeline.serving.predictor import Predictor, rows_frame
+from pipeline.serving.production_log import SIMULATION
 
 logger = logging.getLogger(__name__)
+
+
+def simulation_log_dir(settings: Settings) -> Path:
+    """The simulated-traffic log folder.
+
+    Raises:
+        ConfigError: it is the production log, or one holds the other (real and simulated rows would mix).
+    """
+    simulated, real = settings.simulation_log, settings.production_log
+    if simulated == real or simulated in real.parents or real in simulated.parents:
+        raise ConfigError(f"paths.simulation_log ({simulated}) must be apart from paths.production_log ({real}): "
+                          "simulated traffic would be mixed into the monitoring of real traffic",
+                          hint="point paths.simulation_log at its own folder (null = <home>/simulation-log)")
+    return simulated
 
 
 def shift_pixels(gray01: np.ndarray, shift: float, rng: np.random.Generator) -> np.ndarray:
@@ -48,6 +67,6 @@ def simulate_requests(image_paths: list[Path], predictor: Predictor, *, n: int, 
         decoded.append(image)
         batch.append(predictor.preprocess(image))
     scored = predictor.score(np.stack(batch)) if batch else []
-    rows = [predictor.log_row(img, s, source="simulation") for img, s in zip(decoded, scored, strict=True)]
+    rows = [predictor.log_row(img, s, source=SIMULATION) for img, s in zip(decoded, scored, strict=True)]
     logger.info("simulated %d production requests (shift %.2f)", n, shift)
     return rows_frame(rows)

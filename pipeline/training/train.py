@@ -27,7 +27,7 @@ from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest, read_summary
 from pipeline.data.split import read_split, verify_certificate
 from pipeline.data.versioning import DatasetVersion
-from pipeline.tracking import code_version, ensure_experiment, pip_requirements
+from pipeline.tracking import code_version, ensure_experiment, loggable_params, mask_secrets, pip_requirements
 from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
 
 logger = logging.getLogger(__name__)
@@ -297,16 +297,15 @@ def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataF
                     hardware: dict[str, Any], ispec: InputSpec, classes: list[str]) -> None:
     import mlflow
 
-    params = {k: ("" if v is None else v) for k, v in settings.flat_params().items()}
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-    mlflow.set_tags({"dataset": dataset["name"], "dvc_md5": str(dataset["dvc_md5"]),
-                     "dvc_rev": str(dataset["dvc_rev"]), "split_certificate": dataset["split_certificate"],
-                     "hardware": hardware["kind"], "replicas": str(hardware["replicas"]),
-                     "mixed_precision": str(hardware["mixed_precision"]).lower()})
+    mlflow.log_params(loggable_params(settings))  # passwords in URI settings masked
+    mlflow.set_tags(mask_secrets({"dataset": dataset["name"], "dvc_md5": str(dataset["dvc_md5"]),
+                                  "dvc_rev": str(dataset["dvc_rev"]), "split_certificate": dataset["split_certificate"],
+                                  "hardware": hardware["kind"], "replicas": str(hardware["replicas"]),
+                                  "mixed_precision": str(hardware["mixed_precision"]).lower()}))
     mlflow.log_params({"input.image_size": ispec.image_size, "input.channels": ispec.channels,
                        "classes": ",".join(classes), "n_train": len(train_df), "n_val": len(val_df),
                        "global_batch_size": settings.train.batch_size * int(hardware["replicas"])})
-    lineage_tags = {k: str(v) for k, v in dataset.items() if v is not None}
+    lineage_tags = mask_secrets({k: str(v) for k, v in dataset.items() if v is not None})
     for context, frame in (("training", train_df), ("validation", val_df)):
         # the digest is computed from the split's rows (one dataset entity per split); the DVC hash,
         # revision and split certificate travel as tags

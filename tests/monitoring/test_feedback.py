@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +15,18 @@ from pipeline.data.imaging import decode_bytes
 from pipeline.errors import FeedbackError
 from pipeline.monitoring.feedback import (
     ADJUDICATIONS_FILE,
+    RECORDS_DIR,
     FeedbackRecord,
     accuracy_by_version,
     adjudicate,
     ingest_feedback,
     read_feedback,
     record_feedback,
+    summary_markdown,
     wilson,
 )
 from tests.serving.helpers import png
+from tests.serving.test_production_log import corrupt
 
 
 def rec(rid: str, version: str, predicted: str, correct: str) -> FeedbackRecord:
@@ -98,3 +102,21 @@ def test_feedback_flow_in_prefect(prefect_harness: None, make_settings: Callable
     summary = feedback_flow(FeedbackParameters(params_path=str(settings.root / "params.yaml")))
     assert summary["images_by_label"] == {"PNEUMONIA": 1} and summary["dvc"] is None
     assert summary["accuracy_by_version"][0]["accuracy"] == 0.0 and Path(summary["report"]).is_file()
+
+
+def test_a_damaged_record_file_is_skipped_and_counted(make_settings: Callable[..., Settings],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings("data.version_with_dvc=false")
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    for i, rid in enumerate(ids):
+        record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
+                        image=decode_bytes(png(i), max_pixels=10**6))
+    bad = corrupt(settings.feedback_log / RECORDS_DIR)
+    skipped: list[str] = []
+    with caplog.at_level(logging.WARNING):
+        records = read_feedback(settings.feedback_log, skipped)
+    assert len(records) == 2 and sorted(skipped) == sorted(map(str, bad))
+    assert [r.exc_info for r in caplog.records if r.levelno == logging.WARNING] == [None]
+    summary = ingest_feedback(settings)
+    assert summary["records"] == 2 and summary["skipped_parts"] == 2 and summary["images_by_label"] == {"PNEUMONIA": 2}
+    assert "unreadable record files skipped: 2" in summary_markdown(summary)

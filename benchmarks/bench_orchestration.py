@@ -156,7 +156,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xrayops-bench-orch-"))
-    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt-not-secret")
+    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt-not-secret-0123456789abcdef")
     os.environ["PREFECT_HOME"] = str(work / "prefect-home")
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     from flows.environment import configure_prefect

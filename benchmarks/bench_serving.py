@@ -273,7 +273,7 @@ def main() -> None:
     from pipeline.runtime import quiet_tools
 
     quiet_tools()
-    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench")
+    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt-not-secret-0123456789abcdef")
     images = test_images()
     rows = []
     with tempfile.TemporaryDirectory(prefix="xrayops-bench-serving-") as tmp:

@@ -172,7 +172,7 @@ def main() -> None:
     from pipeline.runtime import quiet_tools
 
     quiet_tools()
-    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt")
+    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "bench-salt-not-secret-0123456789abcdef")
     folder = digits_folder(args.images)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         settings = make_project(Path(tmp), folder, args.epochs)

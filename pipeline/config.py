@@ -86,7 +86,10 @@ class IngestSection(_Section):
     max_pixels: int = Field(ge=1, description="Largest accepted width*height (decompression-bomb guard).")
     max_bytes: int = Field(ge=1, description="Largest accepted file size in bytes.")
     dicom_bit_depth: Literal[8, 16] = Field(description="Keep DICOM at 16 bits or normalise to 8 bits.")
-    salt_env: str = Field(description="Environment variable holding the pseudonymisation salt.")
+    salt_env: str = Field(description="Environment variable holding the pseudonymisation salt (at least 32 bytes; "
+                          "unset = a random salt created once under <home>/secrets/).")
+    lock_timeout_s: float = Field(gt=0, description="How long an ingest waits for another run that holds the same "
+                                  "dataset's lock (ingesting or preparing it) before it fails naming that run's pid.")
 
 
 class DataSection(_Section):

@@ -16,6 +16,8 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     ├── DataError                            the data → split path
     │   ├── SourceError (ValueError)         raw dataset not where or how the source expects it
     │   ├── VersioningError                  DVC could not version or fetch a dataset
+    │   ├── DatasetBusy (TimeoutError)       another run holds the dataset's lock (ingest) too long
+    │   ├── SaltError (ValueError)           pseudonymisation salt missing, empty or shorter than 32 bytes
     │   ├── BadImage                         one unusable image (a quarantine reason; caught per file)
     │   ├── ValidationFailed                 a critical Great Expectations check failed (CLI exit 1)
     │   ├── LeakageError                     the split certificate does not hold
@@ -83,6 +85,14 @@ class SourceError(DataError, ValueError):
 
 class VersioningError(DataError, RuntimeError):
     """DVC could not version or fetch a dataset; the message says how to fix it."""
+
+
+class DatasetBusy(DataError, TimeoutError):
+    """Another run holds a dataset's lock (ingesting it) longer than ``data.ingest.lock_timeout_s``."""
+
+
+class SaltError(DataError, ValueError):
+    """The pseudonymisation salt is missing, empty or too short to keep pseudonyms from being reversed."""
 
 
 class BadImage(DataError):

@@ -38,7 +38,7 @@ TINY = [
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_environment() -> None:
     quiet_tools()
-    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "test-salt-not-secret")
+    os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "test-salt-not-secret-0123456789abcdef")  # >= 32 bytes
 
 
 def write_params(root: Path, overrides: list[str] | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import uuid
 from pathlib import Path
 
 from pipeline.data.imaging import DecodedImage, encode_png
@@ -43,12 +44,15 @@ def store_image(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Pa
     if dest.exists():
         return rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{id(record)}")
-    if reencode:
-        tmp.write_bytes(encode_png(image))
-    else:
-        shutil.copyfile(record.path, tmp)
-    os.replace(tmp, dest)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")  # unique to this writer
+    try:
+        if reencode:
+            tmp.write_bytes(encode_png(image))
+        else:
+            shutil.copyfile(record.path, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return rel
 
 

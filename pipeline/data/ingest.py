@@ -6,14 +6,16 @@ with the same :class:`~pipeline.config.Settings`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings
 from pipeline.data.deid import load_salt
+from pipeline.data.locking import file_lock
 from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
 from pipeline.data.sources import Source, get_source
 from pipeline.data.versioning import DatasetVersion, fetch, track
@@ -32,22 +34,44 @@ def classes_of(settings: Settings, source: Source) -> tuple[tuple[str, ...], str
 
 
 def prepare_raw(settings: Settings) -> Path:
-    """Materialise the raw data when the source can (synthetic, sklearn/keras); returns its folder."""
+    """Materialise the raw data when the source can (synthetic, sklearn/keras); returns its folder.
+
+    Holds the raw folder's lock (see :func:`raw_lock`): a second run waits instead of writing
+    the same files at once (and then reads them whole).
+    """
     root = settings.raw_dir
-    get_source(settings).prepare(root)
+    with raw_lock(settings):
+        get_source(settings).prepare(root)
     return root
 
 
 def version_raw(settings: Settings) -> DatasetVersion | None:
     """Version the raw folder with DVC (``dvc add`` + push), or fetch ``data.rev`` from a DVC repo.
 
-    Returns None when ``data.version_with_dvc`` is off.
+    Returns None when ``data.version_with_dvc`` is off. Holds the raw folder's lock.
     """
     if settings.data.rev:
-        return fetch_rev(settings)
+        with raw_lock(settings):
+            return fetch_rev(settings)
     if not settings.data.version_with_dvc:
         return None
-    return track(settings.raw_dir, remote_url=settings.dvc_remote, push=settings.data.dvc_push)
+    with raw_lock(settings):
+        return track(settings.raw_dir, remote_url=settings.dvc_remote, push=settings.data.dvc_push)
+
+
+def raw_lock_path(settings: Settings) -> Path:
+    """The lock file of the raw folder (or ``data.rev`` checkout): under the state folder, so the raw
+    folder (what DVC hashes and sources list) holds only data."""
+    folder = checkout_dir(settings) if settings.data.rev else settings.raw_dir
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return settings.home / "locks" / f"raw-{digest}.lock"
+
+
+def raw_lock(settings: Settings) -> AbstractContextManager[None]:
+    """Exclusive lock of the raw folder for generating, versioning or checking it out (bounded wait)."""
+    folder = checkout_dir(settings) if settings.data.rev else settings.raw_dir
+    return file_lock(raw_lock_path(settings), what=f"raw data folder {folder}",
+                     timeout_s=settings.data.ingest.lock_timeout_s, setting="data.ingest.lock_timeout_s")
 
 
 def fetch_rev(settings: Settings) -> DatasetVersion:
@@ -89,8 +113,16 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
     """Ingest the configured dataset into ``settings.dataset_dir``; returns the ingest summary.
 
     ``mapper`` runs the per-file work elsewhere (e.g. Dask shards); default: local worker
-    processes or threads (``data.ingest.executor``).
+    processes or threads (``data.ingest.executor``). Holds the raw folder's lock while it
+    reads it (a run regenerating it waits) and the dataset folder's while it writes
+    (:func:`~pipeline.data.manifest.ingest_records`); each waits ``data.ingest.lock_timeout_s``.
     """
+    with raw_lock(settings):
+        return _ingest(settings, version, show_progress, mapper)
+
+
+def _ingest(settings: Settings, version: DatasetVersion | None, show_progress: bool,
+            mapper: Mapper | None) -> dict[str, Any]:
     source = get_source(settings)
     raw = checkout_dir(settings) if settings.data.rev else settings.raw_dir
     labels = settings.resolve(settings.data.labels) if settings.data.labels else None
@@ -121,7 +153,8 @@ def run_ingest(settings: Settings, version: DatasetVersion | None = None, *, sho
         logger.info("label mapping excluded %d image(s) (%s)", notes.excluded_images,
                     ", ".join(f"{k}: {v}" for k, v in notes.excluded.most_common(8)))
     with _progress(len(records), "ingest", show_progress) as advance:
-        return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance, mapper=mapper)
+        return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance, mapper=mapper,
+                              lock_timeout_s=settings.data.ingest.lock_timeout_s)
 
 
 @contextmanager

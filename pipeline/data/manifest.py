@@ -10,6 +10,7 @@ of images. Output under the dataset dir::
     quarantine.csv                     one row per unusable file (path,reason,detail)
     patient_links.csv                  pseudonymised patient pairs sharing identical bytes
     ingest_summary.json                counts; files_seen = ingested + quarantined
+    .lock                              held by the ingest writing the folder (one at a time)
 
 Accounting: ``files_seen`` counts every file the source hands to ingestion, and
 ``ingested + quarantined = files_seen`` always (checked; a mismatch raises). Files a
@@ -28,7 +29,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -39,8 +40,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.image_store import IMAGES_DIR
+from pipeline.data.locking import file_lock
 from pipeline.data.parallel import ordered_map
-from pipeline.data.quarantine import QuarantineEntry, QuarantineWriter
+from pipeline.data.quarantine import QUARANTINE_FILE, QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
 
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
 LINKS_FILE = "patient_links.csv"
+LOCK_FILE = ".lock"  # held for a whole ingest (pipeline.data.locking)
+TEMP_SUFFIX = ".tmp"
 __all__ = ["FEATURE_COLUMNS", "IngestOptions", "Mapper", "ingest_records", "read_links", "read_manifest",
            "read_summary"]
 
@@ -86,58 +90,90 @@ Mapper = Callable[[Callable[[RawRecord], Outcome], Iterable[RawRecord]], Iterabl
 def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOptions,
                    extra_summary: dict[str, Any] | None = None,
                    progress: Callable[[int], None] | None = None,
-                   mapper: Mapper | None = None) -> dict[str, Any]:
+                   mapper: Mapper | None = None, *, lock_timeout_s: float = 0.0) -> dict[str, Any]:
     """Ingest ``records`` into ``out_dir``; returns the summary (also written as JSON).
 
-    The manifest and summary are written to temporary names and moved into place at the
-    end, so a crash mid-run leaves the previous manifest intact. ``mapper(read, records)``
-    replaces the local worker pool (:func:`pipeline.data.parallel.ordered_map`, ``opts.executor``)
-    for the per-file work (read, hash, decode, features), e.g. to run it on a Dask cluster; it
-    must yield outcomes in input order.
+    One ingest of a folder at a time: the whole run holds ``out_dir/.lock``
+    (:mod:`pipeline.data.locking`); another waits up to ``lock_timeout_s`` seconds (0: not at
+    all), then raises :class:`~pipeline.errors.DatasetBusy` naming the holder. Outputs are
+    written under temporary names of this run (pid + random) and moved into place at the
+    end, the summary last, so a crash mid-run leaves the previous set intact (and no
+    temporary files). ``mapper(read, records)`` replaces the local worker pool
+    (:func:`pipeline.data.parallel.ordered_map`, ``opts.executor``) for the per-file work (read,
+    hash, decode, features), e.g. to run it on a Dask cluster; it must yield outcomes in input order.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir / LOCK_FILE, what=f"dataset folder {out_dir}", timeout_s=lock_timeout_s,
+                   setting="data.ingest.lock_timeout_s"):
+        _remove_stale_temp_files(out_dir)
+        temp = {name: temp_name(out_dir / name) for name in (MANIFEST_FILE, QUARANTINE_FILE, LINKS_FILE, SUMMARY_FILE)}
+        try:
+            summary = _ingest_locked(records, out_dir, opts, extra_summary, progress, mapper, temp)
+        finally:
+            for path in temp.values():
+                path.unlink(missing_ok=True)
+    logger.info("ingested %d of %d files (%d quarantined)", summary["ingested"], summary["files_seen"],
+                summary["quarantined"])
+    return summary
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process or thread uses: ``.<name>.<pid>.<random>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """Temporary files of ingests that died (we hold the lock: no live ingest owns any)."""
+    for path in out_dir.glob(f".*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+def _ingest_locked(records: Iterable[RawRecord], out_dir: Path, opts: IngestOptions,
+                   extra_summary: dict[str, Any] | None, progress: Callable[[int], None] | None,
+                   mapper: Mapper | None, temp: dict[str, Path]) -> dict[str, Any]:
     (out_dir / IMAGES_DIR).mkdir(exist_ok=True)
-    tmp_manifest = out_dir / f".{MANIFEST_FILE}.tmp"
-    tmp_quarantine = out_dir / ".quarantine.csv.tmp"
+    tmp_manifest = temp[MANIFEST_FILE]
     dedup = _Dedup()
     files_seen = 0
     writer = pq.ParquetWriter(tmp_manifest, SCHEMA)
     batch: list[dict[str, Any]] = []
-    with QuarantineWriter(tmp_quarantine) as quarantine:
+    with QuarantineWriter(temp[QUARANTINE_FILE]) as quarantine:
         read = functools.partial(read_one, out_dir=out_dir, opts=opts)
         outcomes = mapper(read, records) if mapper else \
             ordered_map(read, records, workers=opts.workers, executor=opts.executor)
-        for outcome in outcomes:
-            files_seen += 1
-            if progress:
-                progress(1)
-            if outcome.quarantine:
-                if outcome.quarantine.reason == "decode_error":  # the detail names the error type only
-                    logger.warning("decoder failed on one file (%s); quarantined as decode_error",
-                                   outcome.quarantine.detail)
-                quarantine.add(outcome.quarantine)
-                continue
-            row = outcome.row
-            assert row is not None
-            duplicate = dedup.check(row)
-            if duplicate:
-                quarantine.add(duplicate)
-                continue
-            batch.append(row)
-            if len(batch) >= 512:
-                _flush(writer, batch)
-        _flush(writer, batch)
-        writer.close()
+        try:
+            for outcome in outcomes:
+                files_seen += 1
+                if progress:
+                    progress(1)
+                if outcome.quarantine:
+                    if outcome.quarantine.reason == "decode_error":  # the detail names the error type only
+                        logger.warning("decoder failed on one file (%s); quarantined as decode_error",
+                                       outcome.quarantine.detail)
+                    quarantine.add(outcome.quarantine)
+                    continue
+                row = outcome.row
+                assert row is not None
+                duplicate = dedup.check(row)
+                if duplicate:
+                    quarantine.add(duplicate)
+                    continue
+                batch.append(row)
+                if len(batch) >= 512:
+                    _flush(writer, batch)
+            _flush(writer, batch)
+        finally:
+            writer.close()
         n_rows = _drop_conflicts(tmp_manifest, dedup.conflicted_refs(), quarantine)
     counts = dict(sorted(quarantine.counts.items()))
     summary = _summary(out_dir, tmp_manifest, files_seen, n_rows, counts, opts,
                        {**(extra_summary or {}), "patient_links": len(dedup.links)})
-    _write_links(out_dir / f".{LINKS_FILE}.tmp", dedup.links)
-    os.replace(out_dir / f".{LINKS_FILE}.tmp", out_dir / LINKS_FILE)
-    os.replace(tmp_quarantine, out_dir / "quarantine.csv")
-    os.replace(tmp_manifest, out_dir / MANIFEST_FILE)
-    _write_json(out_dir / SUMMARY_FILE, summary)
-    logger.info("ingested %d of %d files (%d quarantined)", n_rows, files_seen, files_seen - n_rows)
+    _write_links(temp[LINKS_FILE], dedup.links)
+    _write_json(temp[SUMMARY_FILE], summary)
+    for name in (LINKS_FILE, QUARANTINE_FILE, MANIFEST_FILE, SUMMARY_FILE):  # the summary last: it commits the set
+        _fsync(temp[name])
+        os.replace(temp[name], out_dir / name)
+    _fsync(out_dir)
     return summary
 
 
@@ -248,10 +284,17 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}")
-    with os.fdopen(fd, "w") as fh:
+    with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk, so a rename never publishes a file that is not there yet."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(dataset_dir: Path) -> pd.DataFrame:

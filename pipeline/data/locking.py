@@ -1,0 +1,87 @@
+"""Advisory file locks that keep overlapping runs of one project from mixing a dataset's files.
+
+Two runs of the training flow may overlap (a schedule and a manual run, a drift trigger).
+Each writes the same folders: the raw cohort (generation, ``dvc add``) and the dataset
+folder (images, manifest, quarantine, summary). Each such writer holds an exclusive
+``fcntl.flock`` on a lock file for the whole write; a second writer polls for it for at
+most ``timeout_s`` seconds, then fails with :class:`~pipeline.errors.DatasetBusy` naming
+the holder's pid (written into the lock file while held).
+
+``flock`` locks belong to the open file: the kernel releases them when the holder's
+process ends, however it ends (``kill -9`` included), so a crash never leaves a stale
+lock. They also exclude two threads of one process that open the file separately. On
+NFS, Linux maps ``flock`` to byte-range locks, which the server arbitrates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import DatasetBusy
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1
+
+
+@contextmanager
+def file_lock(path: Path, *, what: str, timeout_s: float, setting: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+    Args:
+        path: the lock file.
+        what: what the lock protects, in words, for messages ("dataset folder /x").
+        timeout_s: how long to wait for another holder; 0 = do not wait.
+        setting: the setting that bounds the wait (named in the error's hint).
+
+    Raises:
+        DatasetBusy: another process (or another open of the file) held it for ``timeout_s``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, path, what, timeout_s, setting)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # the holder line goes with the holder (a crash leaves it: harmless)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = holder_of(path)
+            if time.monotonic() >= deadline:
+                raise DatasetBusy(
+                    f"{what} is locked by another run ({holder}; lock file {path}); waited {timeout_s:g} s",
+                    hint=f"wait for that run to finish (or stop it), or raise {setting} to wait longer",
+                ) from None
+            if not announced:
+                logger.info("waiting up to %g s for %s: another run holds it (%s)", timeout_s, what, holder)
+                announced = True
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+
+def holder_of(path: Path) -> str:
+    """The holder line of a lock file ("pid N on HOST since ..."), or a placeholder while it is written."""
+    try:
+        line = path.read_text().strip()
+    except OSError:
+        line = ""
+    return line or "pid unknown: the holder has not written it yet"

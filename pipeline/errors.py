@@ -28,7 +28,8 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     │   ├── UnknownModel (KeyError)          a name that is not in the model zoo
     │   ├── WeightsUnavailable (FileNotFoundError)  pretrained weights not on disk (offline)
     │   ├── GradCamError (ValueError)        no convolutional feature map for Grad-CAM
-    │   └── ExportError                      SavedModel / ONNX export failed or lost parity
+    │   ├── ExportError                      SavedModel / ONNX export failed or lost parity
+    │   └── CheckpointError                  no checkpoint folder for a training run (all held by live runs)
     ├── RegistryError                        the model registry
     │   └── PromotionError                   an alias move that would break the registry's rules
     ├── DeployError                          Prefect deployments could not be applied
@@ -148,6 +149,11 @@ class GradCamError(ModelError, ValueError):
 
 class ExportError(ModelError, RuntimeError):
     """An export that could not be produced or does not match the Keras model."""
+
+
+class CheckpointError(ModelError, RuntimeError):
+    """A training run cannot hold a checkpoint folder: every one of its name is held by a live run, or the
+    file system cannot lock folders."""
 
 
 # --------------------------------------------------------------------------- registry, orchestration

@@ -3,7 +3,9 @@
 Outputs (DVC stage outs) under ``<models_dir>/<dataset>/``: ``model.keras`` and
 ``train.json`` (run id, model URI, input spec, history). A killed run resumes from its
 last finished epoch (``BackupAndRestore`` + the same MLflow run) when re-run with the
-same data and configuration.
+same data and configuration. A live run holds its checkpoint folder locked
+(:mod:`pipeline.training.checkpoints`): an identical run started meanwhile trains in a
+folder and MLflow run of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.data.manifest import read_manifest, read_summary
 from pipeline.data.split import read_split, verify_certificate
 from pipeline.data.versioning import DatasetVersion
 from pipeline.tracking import code_version, ensure_experiment, loggable_params, mask_secrets, pip_requirements
+from pipeline.training.checkpoints import OWNER_FILE, claim_checkpoint_dir
 from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
 
 logger = logging.getLogger(__name__)
@@ -206,28 +209,29 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     prepare_for_fit(model, hw, train_ds)
 
     fingerprint = run_fingerprint(settings, data["dataset"])
-    ckpt_dir = settings.home / "checkpoints" / settings.dataset_name / f"{settings.train.model}-{fingerprint}"
-    if not hw.is_chief:
-        ckpt_dir = ckpt_dir / hw.worker  # workers back up privately; only the chief's state is the record
-    tracker = _start_or_resume_run(settings, ckpt_dir, fingerprint) if hw.is_chief else None
-    started = time.perf_counter()
-    with _active_run(tracker):
-        if tracker is not None and not tracker.resumed:
-            _log_run_inputs(settings, data["train"], data["val"], data["dataset"], hw.describe(), ispec, classes)
-        weights = (class_weights(data["train"]["label_index"].to_numpy(), len(classes))
-                   if settings.train.class_weights else None)
-        hist = _fit_phases(model, _Fit(settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker, hw,
-                                       extra_callbacks))
-        model_uri = _log_model(model, ispec, settings, hist, train_ds) if tracker is not None else ""
-    seconds = time.perf_counter() - started
-    result = TrainResult(run_id=tracker.run_id if tracker else "", experiment_id=tracker.experiment_id if tracker
-                         else "", model_uri=model_uri, model_name=settings.train.model, input=asdict(ispec),
-                         classes=classes, positive_class=data["positive_class"], history=hist,
-                         epochs_run=len(next(iter(hist.values()), [])), seconds=round(seconds, 2),
-                         hardware=hw.describe(), dataset=data["dataset"], model=model)
-    if hw.is_chief:
-        _write_outputs(settings, result)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # workers back up privately (own folders); only the chief's state is the record
+    name = f"{settings.train.model}-{fingerprint}" + ("" if hw.is_chief else f"-{hw.worker}")
+    # a live identical run holds its folder: this one never adopts it (nor its MLflow run), it takes its own
+    with claim_checkpoint_dir(settings.home / "checkpoints" / settings.dataset_name, name) as claimed:
+        ckpt_dir = claimed.path
+        tracker = _start_or_resume_run(settings, ckpt_dir, fingerprint) if hw.is_chief else None
+        started = time.perf_counter()
+        with _active_run(tracker):
+            if tracker is not None and not tracker.resumed:
+                _log_run_inputs(settings, data["train"], data["val"], data["dataset"], hw.describe(), ispec, classes)
+            weights = (class_weights(data["train"]["label_index"].to_numpy(), len(classes))
+                       if settings.train.class_weights else None)
+            hist = _fit_phases(model, _Fit(settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker, hw,
+                                           extra_callbacks))
+            model_uri = _log_model(model, ispec, settings, hist, train_ds) if tracker is not None else ""
+        seconds = time.perf_counter() - started
+        result = TrainResult(run_id=tracker.run_id if tracker else "", experiment_id=tracker.experiment_id
+                             if tracker else "", model_uri=model_uri, model_name=settings.train.model,
+                             input=asdict(ispec), classes=classes, positive_class=data["positive_class"],
+                             history=hist, epochs_run=len(next(iter(hist.values()), [])), seconds=round(seconds, 2),
+                             hardware=hw.describe(), dataset=data["dataset"], model=model)
+        if hw.is_chief:
+            _write_outputs(settings, result)
     logger.info("trained %s in %.1f s (%d epochs); MLflow run %s", settings.train.model, seconds,
                 result.epochs_run, result.run_id or "(worker: not logged)")
     return result
@@ -264,7 +268,8 @@ def _system_metrics_available() -> bool:
 
 
 def _start_or_resume_run(settings: Settings, ckpt_dir: Path, fingerprint: str) -> _Tracker:
-    """Reuse the MLflow run of an interrupted identical training, else create one."""
+    """Reuse the MLflow run of the interrupted identical training whose folder this run holds
+    (``claim_checkpoint_dir``: never a live run's), else create one."""
     from pipeline.tracking import configure_mlflow
 
     client = configure_mlflow(settings)
@@ -276,13 +281,23 @@ def _start_or_resume_run(settings: Settings, ckpt_dir: Path, fingerprint: str) -
         logger.info("resuming interrupted training at epoch %d (MLflow run %s)", epoch, run_id)
         client.set_tag(run_id, "resumed_from_epoch", str(epoch))
         return _Tracker(client, run_id, exp_id, resumed=True)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _clear(ckpt_dir)  # files of a run that died before it had an MLflow run: nothing to resume
     tags = {**code_version(settings.root), "seed": str(settings.base.seed), "stage": "train",
             "model": settings.train.model, "fingerprint": fingerprint}
     run = client.create_run(exp_id, run_name=f"{settings.train.model}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     marker.write_text(json.dumps({"run_id": run.info.run_id}))
     return _Tracker(client, run.info.run_id, exp_id, resumed=False)
+
+
+def _clear(folder: Path) -> None:
+    """Remove what ``folder`` holds (the folder itself stays: its lock is held)."""
+    for entry in folder.iterdir():
+        if entry.name == OWNER_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _backup_epoch(ckpt_dir: Path) -> int:

@@ -1,7 +1,9 @@
-"""A training process killed mid-run resumes from its last finished epoch into the same MLflow run."""
+"""A training process killed mid-run resumes from its last finished epoch into the same MLflow run; a live
+run's checkpoint folder is never taken over by an identical run started meanwhile."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -73,3 +75,35 @@ def test_killed_training_resumes_and_finishes_in_the_same_run(train_settings: Ca
     record = json.loads((settings.model_dir / "train.json").read_text())
     assert record["run_id"] == run.info.run_id and record["epochs_run"] == EPOCHS
     assert not list(settings.home.glob("checkpoints/*/*")), "checkpoints are removed once training finished"
+
+
+def test_identical_run_never_takes_over_a_live_runs_folder(train_settings: Callable[..., Settings]) -> None:
+    """Before: the second identical run found the live run's run.json, logged into its MLflow run and deleted
+    its backups at the end. Now the live run's folder is locked (held here, as a training process holds it)."""
+    from pipeline.tracking import ensure_experiment
+    from pipeline.training.train import _prepare, run_fingerprint, run_train
+
+    settings = train_settings()
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    live_run = client.create_run(ensure_experiment(settings)).info.run_id
+    dataset = _prepare(settings, settings.dataset_dir, None)["dataset"]
+    live = settings.home / "checkpoints" / settings.dataset_name / f"{settings.train.model}-" \
+        f"{run_fingerprint(settings, dataset)}"
+    (live / "backup").mkdir(parents=True)
+    (live / "run.json").write_text(json.dumps({"run_id": live_run}))
+    (live / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 3}))
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the live run holds its folder
+        result = run_train(settings)
+    finally:
+        os.close(fd)
+
+    assert result.run_id != live_run, "the second run logged into the live run's MLflow run"
+    untouched = client.get_run(live_run)
+    assert not untouched.data.params and not untouched.data.metrics
+    assert "resumed_from_epoch" not in untouched.data.tags and untouched.info.status == "RUNNING"
+    assert json.loads((live / "run.json").read_text())["run_id"] == live_run, "the live run's state was deleted"
+    assert json.loads((live / "backup" / "training_metadata.json").read_text())["epoch"] == 3
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in live.parent.iterdir()) == [live.name], "the second run's folder is removed"

@@ -28,6 +28,9 @@ def ingest(settings: Settings) -> dict[str, Any]:
     from pipeline.monitoring.feedback import ingest_feedback
 
     summary = ingest_feedback(settings)
+    if summary["skipped_parts"]:
+        get_run_logger().warning("skipped %d unreadable feedback record file(s): %s", summary["skipped_parts"],
+                                 ", ".join(summary["skipped_files"][:3]))
     get_run_logger().info("feedback: %s records → %s; dataset version %s", summary["records"],
                           summary["images_by_label"], (summary.get("dvc") or {}).get("dvc_md5"))
     return summary

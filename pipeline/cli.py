@@ -129,7 +129,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     typer.echo(f"  registry  {reg['model_name']} v{reg['version']}  aliases {reg['aliases']}  "
                f"gate: {reg['gate']['reason']}")
     if s["reports"].get("drift_html"):
-        typer.echo(f"  drift     share {s['drift']['drift_share']}  report {s['reports']['drift_html']}")
+        typer.echo(f"  drift     share {s['drift']['drift_share']} on the simulated batch (not production traffic)  "
+                   f"report {s['reports']['drift_html']}")
     typer.echo(f"  wall time {s['wall_seconds']} s")
     typer.echo(f"  MLflow UI {s['mlflow_ui']}")
 

@@ -34,15 +34,38 @@ def _model_parameter(schema: dict[str, Any]) -> str | None:
     return name if "$ref" in prop or "allOf" in prop or "anyOf" in prop else None
 
 
+def _text_fields(schema: dict[str, Any], wrapper: str | None) -> set[str]:
+    """Fields of the model parameter ``wrapper`` whose only type (besides null) is string: a value given for
+    them is text as typed, never read as YAML (``rev=1.10`` stays "1.10", ``input=/data/cxr #2`` keeps its "#")."""
+    if wrapper is None:
+        return set()
+    prop = schema["properties"][wrapper]
+    refs = [prop.get("$ref"), *(p.get("$ref") for p in [*prop.get("allOf", []), *prop.get("anyOf", [])])]
+    ref = next((r for r in refs if r), "")
+    model = (schema.get("definitions") or schema.get("$defs") or {}).get(ref.rsplit("/", 1)[-1], {})
+    text = set()
+    for name, field in (model.get("properties") or {}).items():
+        types = {option.get("type") for option in field.get("anyOf", [field])} - {"null"}
+        if types == {"string"}:
+            text.add(name)
+    return text
+
+
 def build_parameters(schema: dict[str, Any], pairs: list[str], sets: list[str]) -> dict[str, Any]:
-    """Parameters dict for a deployment run from ``key=value`` (YAML values) and ``section.field=value``."""
+    """Parameters dict for a deployment run from ``key=value`` and ``section.field=value``.
+
+    Values are read as YAML (``3``, ``true``, ``[1, 2]``), except for fields of the settings model that
+    only take text, which get the text as typed.
+    """
+    wrapper = _model_parameter(schema)
+    text = _text_fields(schema, wrapper)
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--param {pair!r} is not of the form name=value (e.g. epochs=3)")
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    wrapper = _model_parameter(schema)
+        values[key] = None if not raw.strip() else raw if key in text else yaml.safe_load(raw)
     if wrapper:
         if sets:
             values["overrides"] = [*values.get("overrides", []), *sets]

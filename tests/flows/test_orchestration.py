@@ -36,6 +36,10 @@ def test_trigger_parameters_go_into_the_settings_model() -> None:
     from flows.training import TrainingParameters
 
     TrainingParameters.model_validate(params["params"])  # what the server validates against the schema
+    # text fields get the text as typed (YAML would cut at '#' and read 1.10 as the float 1.1)
+    params = build_parameters(training_schema(), ["input=/data/cxr #2", "rev=1.10", "model=yes", "epochs=3"], [])
+    assert params == {"params": {"input": "/data/cxr #2", "rev": "1.10", "model": "yes", "epochs": 3}}
+    TrainingParameters.model_validate(params["params"])
     assert build_parameters(training_schema(), [], []) == {}
     assert build_parameters({"properties": {"a": {"type": "integer"}, "b": {}}}, ["a=1"], []) == {"a": 1}
     with pytest.raises(ValueError, match="name=value"):

@@ -235,6 +235,10 @@ class ServeSection(_Section):
     engine: Literal["onnx", "tf"] = Field(description="Inference engine of the compiled path.")
     log_flush_s: float = Field(ge=0, description="Seconds between production-log flushes (0 = write every "
                                "prediction at once).")
+    on_alias_missing: Literal["keep_serving", "stop"] = Field(
+        description="When no version holds serve.model_alias any more: 'stop' answers 503 (alias_missing) "
+                    "until a verified version holds it again; 'keep_serving' keeps answering with the last "
+                    "verified version (/readyz still reports 503 alias_missing).")
 
 
 class OrchestrateSection(_Section):

@@ -179,7 +179,14 @@ class ServingError(XrayopsError):
 
 
 class NotReady(ServingError, RuntimeError):
-    """No model is loaded yet; the message says why."""
+    """No model is served (not loaded yet, or withheld); the message says why, ``reason`` is a stable code."""
+
+    reason = "model_not_ready"
+
+    def __init__(self, *args: object, reason: str | None = None, hint: str | None = None) -> None:
+        super().__init__(*args, hint=hint)
+        if reason is not None:
+            self.reason = reason
 
 
 class ExplainUnavailable(ServingError, RuntimeError):

@@ -44,6 +44,7 @@ from pipeline.serving.schemas import (
     error_example,
 )
 from pipeline.serving.service import InferenceService
+from pipeline.serving.trust import REASONS as TRUST_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def _error(status: int, reason: str, detail: str, request_id: str | None = None,
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     by_status: dict[int, dict[str, Any]] = {}
     extra = {401: ("invalid_api_key", "missing or wrong X-API-Key header"),
-             503: ("model_not_ready", "no version of xrayops-synthetic holds alias 'champion'"),
+             503: ("model_not_ready", "no model loaded yet for alias 'champion'"),
              501: ("explain_unavailable", "Grad-CAM is not available for this model")}
-    table = {**{r: v for r, v in REASONS.items()}, **{v[0]: (s, v[1]) for s, v in extra.items()}}
+    table = {**{r: v for r, v in REASONS.items()}, **{v[0]: (s, v[1]) for s, v in extra.items()},
+             **{r: (503, meaning) for r, meaning in TRUST_REASONS.items()}}
     for reason, (status, meaning) in table.items():
         if status in statuses:
             by_status.setdefault(status, {"model": ErrorOut, "description": "", "content": {
@@ -176,7 +178,8 @@ def model_info(store: ModelStore) -> ModelInfo:
                      threshold_policy=lineage.threshold_policy, classes=p.classes,
                      positive_class=p.positive_class, input_size=p.spec.image_size, input_channels=p.spec.channels,
                      engine=getattr(p.engine, "name", "?"), embedding_components=len(p.pca.components) if p.pca else 0,
-                     metrics=metrics, run_id=p.run_id, loaded_at=store.loaded_at)
+                     metrics=metrics, run_id=p.run_id, loaded_at=store.loaded_at, reason=store.reason,
+                     detail=store.detail)
 
 
 def create_app(settings: Settings, *, store: ModelStore | None = None, poll: bool = True) -> FastAPI:
@@ -267,7 +270,7 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
         except Rejected as exc:
             raise ApiError(exc.status, exc.reason, exc.detail, request_id) from None
         except NotReady as exc:
-            raise ApiError(503, "model_not_ready", str(exc), request_id) from None
+            raise ApiError(503, exc.reason, str(exc), request_id) from None
         except ExplainUnavailable as exc:
             raise ApiError(501, "explain_unavailable", str(exc), request_id) from None
         explanation = (ExplanationOut(overlay_png_base64=base64.b64encode(result.explanation.overlay_png).decode())
@@ -281,11 +284,12 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(auth)],
              responses=_responses(401, 503), summary="The served model version")
     async def model() -> ModelInfo:
-        """Name, version, alias, locked threshold and headline test metrics of the served version."""
+        """Name, version, alias, locked threshold and headline test metrics of the served version; `reason` says
+        when it is the last verified version but no longer verified as the alias's version (e.g. `alias_missing`)."""
         try:
             return model_info(store)
         except NotReady as exc:
-            raise ApiError(503, "model_not_ready", str(exc)) from None
+            raise ApiError(503, exc.reason, str(exc)) from None
 
     @app.post("/v1/model/refresh", response_model=RefreshOut, tags=["model"], dependencies=[Depends(auth)],
               responses=_responses(401), summary="Check the alias now")
@@ -300,9 +304,11 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Readiness, tags=["operations"], summary="Readiness",
-             responses={503: {"model": Readiness, "description": "No model loaded yet."}})
+             responses={503: {"model": Readiness, "description": "No verified model: `reason` says why and "
+                                                                  "`serving` whether predictions are still answered."}})
     async def readyz() -> Any:
-        """Ready when a model version is loaded (no authentication)."""
+        """Ready (200) when a model is served and the last registry check verified it is the gated version holding
+        the alias; otherwise 503 with a stable `reason` (no authentication)."""
         state = {k: v for k, v in store.status().items() if k in Readiness.model_fields}
         return state if state["ready"] else JSONResponse(state, status_code=503)
 

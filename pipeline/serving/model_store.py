@@ -1,11 +1,18 @@
-"""The served model: the version holding ``serve.model_alias``, reloaded when the alias moves.
+"""The served model: the verified version holding ``serve.model_alias``, reloaded when the alias moves.
 
 A background thread checks the alias every ``serve.alias_poll_s`` seconds (and
-:meth:`ModelStore.refresh` checks on demand). A new version is loaded *beside* the old
-one and swapped in with one reference assignment, so a request that already holds a
-:class:`~pipeline.serving.predictor.Predictor` finishes on the version it started with and no
-request ever sees a half-loaded model. A version that fails to load leaves the old one
-serving and the error visible in ``/readyz``.
+:meth:`ModelStore.refresh` checks on demand). Every check verifies the version holding the alias
+against what the promotion path recorded on it (:func:`pipeline.serving.trust.check_alias`: gate
+decision, approval, champion lineage); an alias pointed at anything else is *not* loaded. A new
+version is loaded *beside* the old one and swapped in with one reference assignment, so a request
+that already holds a :class:`~pipeline.serving.predictor.Predictor` finishes on the version it
+started with and no request ever sees a half-loaded model.
+
+When a check fails the store keeps the last verified model and reports why (``reason``: a stable code
+of :data:`pipeline.serving.trust.REASONS`, ``detail``: words for people, never exception text; the
+exception goes to the log). It keeps *serving* that model, except when the alias is gone and
+``serve.on_alias_missing`` is ``stop``. Versions are told apart by number *and* training run and
+model source, so a registry recreated with the same version numbers is loaded afresh.
 """
 
 from __future__ import annotations
@@ -19,8 +26,16 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.errors import NotReady
 from pipeline.serving.predictor import Predictor
+from pipeline.serving.trust import ALIAS_MISSING, LOAD_FAILED, check_alias
 
 logger = logging.getLogger(__name__)
+
+NOT_READY = "model_not_ready"
+
+
+def version_identity(version: Any) -> tuple[str, str | None, str | None]:
+    """What makes a registry version the same model: number, training run and model source."""
+    return str(version.version), getattr(version, "run_id", None), getattr(version, "source", None)
 
 
 class ModelStore:
@@ -33,54 +48,85 @@ class ModelStore:
         self.settings = settings
         self.alias = alias or settings.serve.model_alias
         self._loader = loader or load_predictor
-        self._current: Predictor | None = None
+        self._loaded: Predictor | None = None  # the last verified and loaded version
+        self._identity: tuple[str, str | None, str | None] | None = None
+        self._serving = False
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_check: float | None = None
-        self.last_error: str | None = None
         self.loaded_at: float | None = None
+        self.reason: str | None = NOT_READY
+        self.detail: str | None = f"no model loaded yet for alias '{self.alias}'"
 
     @property
     def current(self) -> Predictor | None:
-        return self._current
+        """The model requests are answered with (None: nothing is served)."""
+        return self._loaded if self._serving else None
+
+    @property
+    def ready(self) -> bool:
+        """A model is served and the last check verified it is the one the alias names."""
+        return self._serving and self.reason is None
 
     def require(self) -> Predictor:
-        predictor = self._current
+        """The served model.
+
+        Raises:
+            NotReady: nothing is served; ``reason`` is the stable code, the message says why.
+        """
+        predictor = self.current
         if predictor is None:
-            raise NotReady(self.last_error or f"no model loaded yet for alias '{self.alias}'")
+            raise NotReady(self.detail or f"no model loaded yet for alias '{self.alias}'",
+                           reason=self.reason or NOT_READY)
         return predictor
 
     def refresh(self) -> bool:
-        """Check the alias now; load and swap in a moved version. Returns True when the model changed."""
-        from pipeline.registry.read import get_alias
-
+        """Check the alias now; verify, load and swap in a moved version. Returns True when the model changed."""
         with self._load_lock:
             self.last_check = time.time()
-            try:
-                version = get_alias(self.settings, self.alias)
-            except Exception as exc:  # noqa: BLE001 - registry unreachable: keep serving what we have, say why
-                self.last_error = f"registry check failed: {type(exc).__name__}: {str(exc)[:200]}"
-                logger.warning("%s", self.last_error)
+            verdict = check_alias(self.settings, self.alias)
+            if not verdict.trusted:
+                self._problem(verdict.reason or NOT_READY, verdict.detail)
                 return False
-            if version is None:
-                self.last_error = (f"no version of {self.settings.registered_model} holds alias '{self.alias}': "
-                                   "promote a model first (`xrayops run` or `xrayops promote`)")
-                return False
-            current = self._current
-            if current is not None and current.version == str(version.version):
+            version = verdict.version
+            if self._loaded is not None and self._identity == version_identity(version):
+                self._ok()
                 return False
             try:
                 predictor = self._loader(self.settings, version, alias=self.alias)
-            except Exception as exc:
-                self.last_error = f"loading version {version.version} failed: {type(exc).__name__}: {str(exc)[:200]}"
+            except Exception:
                 logger.exception("alias %s → v%s: load failed; still serving %s", self.alias, version.version,
-                                 current.version if current else "nothing")
+                                 self._describe())
+                self._problem(LOAD_FAILED, f"{self.settings.registered_model} v{version.version} holds alias "
+                              f"'{self.alias}' and is verified but could not be loaded (see the server log)")
                 return False
-            self._current, self.loaded_at, self.last_error = predictor, time.time(), None
+            previous = self._describe()
+            self._loaded, self._identity, self.loaded_at = predictor, version_identity(version), time.time()
+            self._ok()
             logger.info("serving %s v%s (alias %s; was %s)", predictor.model_name, predictor.version, self.alias,
-                        current.version if current else "none")
+                        previous)
             return True
+
+    def _describe(self) -> str:
+        return f"v{self._loaded.version}" if self._loaded is not None else "nothing"
+
+    def _ok(self) -> None:
+        self._serving, self.reason, self.detail = True, None, None
+
+    def _problem(self, reason: str, detail: str) -> None:
+        stop = reason == ALIAS_MISSING and self.settings.serve.on_alias_missing == "stop"
+        self._serving = self._loaded is not None and not stop
+        if self._loaded is None:
+            tail = "nothing is served"
+        elif stop:
+            tail = f"serving v{self._loaded.version} stopped (serve.on_alias_missing=stop)"
+        else:
+            tail = f"still serving v{self._loaded.version}, the last verified version"
+        detail = f"{detail} — {tail}"
+        if (reason, detail) != (self.reason, self.detail):
+            logger.warning("alias %s: %s: %s", self.alias, reason, detail)
+        self.reason, self.detail = reason, detail
 
     def start(self) -> ModelStore:
         """Load now and start polling the alias."""
@@ -92,7 +138,10 @@ class ModelStore:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.settings.serve.alias_poll_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # the poller must survive anything; the next poll tries again
+                logger.exception("alias check failed unexpectedly")
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,7 +150,9 @@ class ModelStore:
             self._thread = None
 
     def status(self) -> dict[str, Any]:
-        p = self._current
-        return {"ready": p is not None, "alias": self.alias, "model_name": self.settings.registered_model,
-                "version": p.version if p else None, "engine": getattr(p.engine, "name", None) if p else None,
-                "last_check": self.last_check, "loaded_at": self.loaded_at, "error": self.last_error}
+        """What ``/readyz`` reports."""
+        p = self.current
+        return {"ready": self.ready, "serving": p is not None, "alias": self.alias,
+                "model_name": self.settings.registered_model, "version": p.version if p else None,
+                "engine": getattr(p.engine, "name", None) if p else None, "last_check": self.last_check,
+                "loaded_at": self.loaded_at, "reason": self.reason, "detail": self.detail}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -334,20 +335,39 @@ def load_pca(settings: Any, run_id: str) -> EmbeddingPCA | None:
         return None
 
 
+def serve_cache_key(version: Any) -> str:
+    """The cache folder name of a version: ``v<N>-<sha256(run id, model source)[:16]>``.
+
+    A version number alone is not an identity: a registry recreated from scratch (new database, deleted and
+    re-created registered model) numbers its versions from 1 again. The run id and source differ, so a stale
+    graph of an old ``v1`` is never reused for a new one.
+    """
+    import hashlib
+
+    ident = f"{getattr(version, 'run_id', None)}\n{getattr(version, 'source', None)}"
+    return f"v{version.version}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
 def onnx_model_path(settings: Any, version: Any, model: Any, spec: InputSpec) -> Path:
-    """``export/model.onnx`` of the version's run, or (when missing) a conversion cached under the home folder."""
+    """``export/model.onnx`` of the version's run, or (when missing) a conversion; cached under the home folder
+    by :func:`serve_cache_key` (version number, run id and model source)."""
     from pipeline.registry.export import download_onnx, export_onnx
     from pipeline.tracking import configure_mlflow
 
-    cache = settings.home / "serve-cache" / settings.registered_model / f"v{version.version}"
+    cache = settings.home / "serve-cache" / settings.registered_model / serve_cache_key(version)
     local = cache / "model.onnx"
     if local.is_file():
         return local
+    cache.mkdir(parents=True, exist_ok=True)
     configure_mlflow(settings)
+    staging = cache / f".download-{uuid.uuid4().hex[:8]}"
     try:
-        return download_onnx(version.run_id, cache)
+        download_onnx(version.run_id, staging).replace(local)
+        return local
     except Exception as exc:  # noqa: BLE001 - artifact missing (export disabled, parity failed, older version)
         logger.warning("version %s has no ONNX export (%s): converting on load", version.version, type(exc).__name__)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     tmp = cache / f".model-{uuid.uuid4().hex[:8]}.onnx"
     export_onnx(model, (spec.image_size, spec.image_size, spec.channels), tmp)
     tmp.replace(local)

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from pipeline.errors import REJECTION_REASONS as REASONS
+from pipeline.serving.trust import REASONS as TRUST_REASONS
 
 
 class ModelRef(BaseModel):
@@ -40,7 +41,7 @@ class PredictionOut(BaseModel):
 
 class ErrorBody(BaseModel):
     reason: str = Field(description="Stable reason code: " + ", ".join(
-        [*REASONS, "missing_api_key", "invalid_api_key", "invalid_request", "model_not_ready",
+        [*REASONS, "missing_api_key", "invalid_api_key", "invalid_request", "model_not_ready", *TRUST_REASONS,
          "explain_unavailable"]), examples=["colour_photograph"])
     detail: str = Field(description="What was found and what was expected.",
                         examples=["3-channel colour image; expected a grayscale radiograph"])
@@ -75,6 +76,10 @@ class ModelInfo(BaseModel):
     metrics: dict[str, MetricOut] = Field(description="Headline test metrics recorded on the version.")
     run_id: str | None = Field(description="MLflow training run of the version.")
     loaded_at: float | None = Field(description="Unix time the version was loaded.")
+    reason: str | None = Field(None, description="Why the served version is not verified as the one holding the "
+                               "alias right now (it is the last verified version): " + ", ".join(TRUST_REASONS)
+                               + "; null when it is.", examples=[None, "alias_missing"])
+    detail: str | None = Field(None, description="The same in words.")
 
 
 class RefreshOut(BaseModel):
@@ -87,12 +92,16 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    ready: bool
+    ready: bool = Field(description="A model is served and the last registry check verified it is the gated "
+                                    "version holding the alias.")
+    serving: bool = Field(description="Predictions are answered (while not ready: with the last verified version).")
     alias: str
     model_name: str
-    version: str | None
+    version: str | None = Field(description="The served version.")
     engine: str | None
-    error: str | None = Field(None, description="Why no model is loaded, or why the last alias check failed.")
+    reason: str | None = Field(None, description="Stable code when not ready: model_not_ready, "
+                               + ", ".join(TRUST_REASONS) + ".", examples=["champion_not_gated"])
+    detail: str | None = Field(None, description="Why, in words (no internal error text), and what is served.")
 
 
 def error_example(reason: str, detail: str) -> dict[str, Any]:

@@ -116,10 +116,13 @@ def main() -> None:
     service = get_service(os.environ.get("XRAYOPS_PARAMS", ""), os.environ.get(SETS_ENV, ""))
     st.session_state["service"] = service
     if service.store.current is None:
-        st.warning(f"No model is being served yet: {service.store.last_error}")
+        st.warning(f"No model is being served: {service.store.detail}")
         if st.button("Check the registry again"):
             service.store.refresh()
         return
+    if service.store.reason is not None:
+        st.warning(f"The served model is not verified as the current one ({service.store.reason}): "
+                   f"{service.store.detail}")
     upload = st.file_uploader("Chest X-ray (PNG, JPEG or DICOM; the format is read from the content)", key="upload")
     if upload is None:
         st.info("Upload a radiograph to see the model's assessment.")

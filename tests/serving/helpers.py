@@ -64,3 +64,45 @@ def running_server(app: Any, timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+# --------------------------------------------------------------------------- registry versions for serving tests
+
+_PROMOTION_TAGS = ("gate_", "approval_", "champion_", "previous_champion", "restored_by", "rolled_back_")
+
+
+def gated_copy(settings: Any, of: Any, *, passed: bool = True, compared_with: str | None = "champion") -> Any:
+    """A new registry version of ``of``'s model (same run and source, its lineage tags only), gated by the real
+    recorder (:func:`pipeline.registry.write.record_decision`) against ``compared_with``: ``"champion"`` = the
+    version holding ``champion`` now, else a version number or None (absolute floors only)."""
+    from pipeline.registry.contract import CHAMPION
+    from pipeline.registry.decision import Criterion, GateDecision
+    from pipeline.registry.read import get_alias
+    from pipeline.registry.write import record_decision
+    from pipeline.tracking import configure_mlflow
+
+    client = configure_mlflow(settings)
+    name = settings.registered_model
+    lineage = {k: v for k, v in of.tags.items() if not k.startswith(_PROMOTION_TAGS)}
+    mv = client.create_model_version(name, source=of.source, run_id=of.run_id, tags=lineage)
+    if compared_with == "champion":
+        champion = get_alias(settings, CHAMPION)
+        compared_with = str(champion.version) if champion is not None else None
+    decision = GateDecision(name, str(mv.version), compared_with, [Criterion("auc_floor", 0.9, ">= 0.5", passed)],
+                            passed, "all criteria passed" if passed else "failed: auc_floor")
+    record_decision(settings, mv, decision, of.run_id)
+    return client.get_model_version(name, mv.version)
+
+
+def restore_champion(settings: Any, version: str, attempts: int = 6) -> None:
+    """Roll ``champion`` back (the audited way) until ``version`` holds it again."""
+    from pipeline.registry.contract import CHAMPION
+    from pipeline.registry.read import get_alias
+    from pipeline.registry.write import rollback
+
+    for _ in range(attempts):
+        current = get_alias(settings, CHAMPION)
+        if current is not None and str(current.version) == str(version):
+            return
+        rollback(settings, reason="test clean-up", actor="tests")
+    raise AssertionError(f"could not roll champion back to v{version}")

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import Settings, with_overrides
 from pipeline.serving import production_log
 from tests.data.helpers import PHI, dicom_bytes
-from tests.serving.helpers import colour_png, encode, png, running_server, xray01
+from tests.serving.helpers import colour_png, encode, gated_copy, png, restore_champion, running_server, xray01
 
 pytestmark = pytest.mark.slow
 
@@ -167,18 +167,16 @@ def test_alias_move_is_picked_up_without_restart(api: tuple[str, Settings]) -> N
     url, settings = api
     from pipeline.registry.read import get_alias
     from pipeline.registry.write import move_champion
-    from pipeline.tracking import configure_mlflow
 
-    client = configure_mlflow(settings)
     v1 = get_alias(settings, "champion")
-    v2 = client.create_model_version(settings.registered_model, source=v1.source, run_id=v1.run_id, tags=v1.tags)
+    v2 = gated_copy(settings, v1)
     move_champion(settings, v2.version, reason="test alias move")
     try:
         r = httpx.post(f"{url}/v1/model/refresh", headers={"X-API-Key": KEY}, timeout=60).json()
         assert r["changed"] and r["model"]["version"] == str(v2.version)
         assert post(url, png(50)).json()["model"]["version"] == str(v2.version)
     finally:
-        move_champion(settings, v1.version, reason="restore")
+        restore_champion(settings, v1.version)
         httpx.post(f"{url}/v1/model/refresh", headers={"X-API-Key": KEY}, timeout=60)
 
 
@@ -229,19 +227,20 @@ def test_store_polls_the_alias_and_keeps_serving_when_a_load_fails(champion_proj
     store = ModelStore(settings, loader=loader).start()  # type: ignore[arg-type]
     try:
         assert store.current.version == str(v1.version)
-        v_ok = client.create_model_version(settings.registered_model, source=v1.source, run_id=v1.run_id, tags=v1.tags)
+        v_ok = gated_copy(settings, v1)
         move_champion(settings, v_ok.version, reason="poll test")
         deadline = time.monotonic() + 10
         while store.current.version != str(v_ok.version) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert store.current.version == str(v_ok.version), "the poller picked up the alias move"
-        v_bad = client.create_model_version(settings.registered_model, source=v1.source, run_id=v1.run_id,
-                                            tags={**v1.tags, "broken": "yes"})
+        v_bad = gated_copy(settings, v1)
+        client.set_model_version_tag(settings.registered_model, v_bad.version, "broken", "yes")
         move_champion(settings, v_bad.version, reason="poll test")
         deadline = time.monotonic() + 10
-        while store.last_error is None and time.monotonic() < deadline:
+        while store.reason is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert store.current.version == str(v_ok.version) and "cannot load" in store.last_error
+        assert store.current.version == str(v_ok.version) and store.reason == "model_load_failed"
+        assert "cannot load" not in store.detail, "no internal exception text in the reported detail"
     finally:
         store.stop()
-        move_champion(settings, v1.version, reason="restore")
+        restore_champion(settings, v1.version)

@@ -1,7 +1,8 @@
 """Composite steps of the main job that sit between stages (library code, no orchestration).
 
 - the reference profile logged with a trained model (for drift monitoring);
-- simulated production traffic + drift report (the embedded default's monitoring demo);
+- simulated production traffic (its own log, ``paths.simulation_log``) + drift report (the embedded
+  default's monitoring demo);
 - the end-of-run summary whose keys are a stable contract (see README "Run summary").
 """
 
@@ -51,11 +52,15 @@ def log_reference_profile(settings: Settings, trained: Any, evaluation: Any) -> 
 
 
 def simulate_and_report(settings: Settings) -> dict[str, Any]:
-    """Simulate a shifted production batch against the champion, log it, and report drift."""
+    """Simulate a shifted production batch against the champion, log it, and report drift.
+
+    The batch goes to the simulation log (``paths.simulation_log``) and the report reads that
+    log only: the production log and the monitoring of real traffic never see simulated rows.
+    """
     from pipeline.data.manifest import read_manifest
     from pipeline.data.split import read_split
     from pipeline.monitoring.drift import monitor_champion
-    from pipeline.monitoring.simulate import simulate_requests
+    from pipeline.monitoring.simulate import simulate_requests, simulation_log_dir
     from pipeline.registry.contract import CHAMPION
     from pipeline.registry.read import get_alias
     from pipeline.serving import production_log
@@ -65,6 +70,7 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
     if champion is None:
         logger.warning("no champion yet: skipping production simulation and drift report")
         return {"status": "no_champion"}
+    log_dir = simulation_log_dir(settings)  # before scoring: a misconfigured log fails at once
     predictor = load_predictor(settings, champion, alias=CHAMPION)
     manifest, split = read_manifest(settings.dataset_dir), read_split(settings.dataset_dir)
     test_ids = set(split.loc[split["split"] == "test", "image_id"])
@@ -72,8 +78,8 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
     rows = simulate_requests(paths, predictor, n=settings.monitor.simulate_rows,
                              shift=settings.monitor.simulate_shift, seed=settings.base.seed + 1,
                              shifted_fraction=settings.monitor.simulate_shifted_fraction)
-    production_log.append(settings.production_log, rows)
-    return monitor_champion(settings, last_k=settings.monitor.simulate_rows, alias=CHAMPION)
+    production_log.append(log_dir, rows)
+    return monitor_champion(settings, last_k=settings.monitor.simulate_rows, alias=CHAMPION, traffic="simulation")
 
 
 def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any], validation: dict[str, Any],

@@ -334,13 +334,13 @@ def test_a_recreated_registry_with_the_same_version_number_serves_the_new_graph(
     record_decision(settings, mv, GateDecision(name, "1", None, [], True, "all criteria passed"), run.info.run_id)
     move_champion(settings, "1", reason="registry recreated")
 
-    assert store.refresh(), "same version number, different model: the store must reload"
-    assert store.ready and store.current.run_id == run.info.run_id
-    np.testing.assert_allclose(store.current.predict_batch(batch), p_new, atol=1e-4)
     restarted = ModelStore(settings)
     assert restarted.refresh() and restarted.current.engine.name == "onnx"
     np.testing.assert_allclose(restarted.current.predict_batch(batch), p_new, atol=1e-4,
                                err_msg="a restarted server must not reuse the old v1's cached graph")
+    assert store.refresh(), "same version number, different model: the running store must reload"
+    assert store.ready and store.current.run_id == run.info.run_id
+    np.testing.assert_allclose(store.current.predict_batch(batch), p_new, atol=1e-4)
     cached = sorted(p.name for p in (settings.home / "serve-cache" / name).iterdir())
     assert len(cached) == 2 and all(c.startswith("v1-") for c in cached), cached
 

@@ -1,8 +1,9 @@
 """Decode image files (PNG, JPEG, DICOM) into arrays, with reasons for rejection.
 
 One decoder serves ingestion, serving and the clinician UI so that an image is read
-the same way everywhere. DICOM headers are reduced to a short whitelist here: PHI
-tags (names, dates, accession numbers, institutions, ...) never leave this module,
+the same way everywhere. DICOM files are read by :mod:`pipeline.data.dicom` (bounded
+memory, every common transfer syntax), whose headers are reduced to a short whitelist
+there: PHI tags (names, dates, accession numbers, institutions, ...) never leave the reader,
 and the only identifiers that do (patient id, SOP instance UID) are handed to the
 caller for pseudonymisation in :class:`DecodedImage.identifiers`, never stored as is.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.dicom import decode_dicom
 from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
 from pipeline.errors import BadImage
 
@@ -108,7 +110,8 @@ def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8,
     same pixels, faster); ``"pillow"`` leaves all of it to Pillow.
 
     Raises:
-        BadImage: empty, not an image, truncated, too many pixels, unsupported mode, DICOM without pixels.
+        BadImage: empty, not an image, truncated, too many pixels, unsupported mode; for DICOM also
+            not_dicom, dicom_no_pixels, no_decoder, corrupt_pixel_data (:mod:`pipeline.data.dicom`).
     """
     if png_inflate not in PNG_INFLATERS:
         raise ValueError(f"png_inflate must be one of {PNG_INFLATERS}, not {png_inflate!r}")
@@ -169,84 +172,10 @@ def _is_gray(rgb: np.ndarray, tol: int = 2) -> bool:
 
 # --------------------------------------------------------------------------- DICOM
 
-# Fields that may leave the reader. Everything else (names, dates, accession numbers,
-# institutions, physicians, addresses, free text, private tags) is dropped here.
-_SAFE_DICOM_FIELDS = {
-    "ViewPosition": "view_position",
-    "Modality": "modality",
-    "Manufacturer": "manufacturer",
-    "PhotometricInterpretation": "photometric",
-    "BodyPartExamined": "body_part",
-}
-
 
 def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> DecodedImage:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as exc:
-        raise BadImage("truncated", f"unreadable DICOM: {type(exc).__name__}") from None
-    if "PixelData" not in ds:
-        raise BadImage("dicom_no_pixels", "DICOM file has no PixelData element")
-    _ensure_transfer_syntax(ds)
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows * cols > max_pixels:
-        raise BadImage("decompression_bomb", f"{cols}x{rows} exceeds {max_pixels} pixels")
-    meta = {key: str(ds.get(tag, "") or "").strip() or None for tag, key in _SAFE_DICOM_FIELDS.items()}
-    identifiers = {
-        "patient_id": str(ds.get("PatientID", "") or "").strip(),
-        "sop_instance_uid": str(ds.get("SOPInstanceUID", "") or "").strip(),
-    }
-    pixels = _dicom_pixels(ds, bit_depth)
+    pixels, meta, identifiers = decode_dicom(data, max_pixels=max_pixels, bit_depth=bit_depth)
     return DecodedImage(pixels, bit_depth, "dicom", meta=meta, identifiers=identifiers)
-
-
-def _ensure_transfer_syntax(ds: Any) -> None:
-    """Give a data set read without file meta the (uncompressed) transfer syntax it was parsed with."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
-        return
-    implicit, little = getattr(ds, "original_encoding", (None, None))
-    if implicit is None:
-        implicit, little = getattr(ds, "is_implicit_VR", True), getattr(ds, "is_little_endian", True)
-    syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    ds.file_meta = meta if meta is not None else FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-
-
-def _dicom_pixels(ds: Any, bit_depth: int) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        raw = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for unsupported transfer syntaxes
-        text = str(exc).lower()
-        missing = any(k in text for k in ("handler", "missing dependencies", "no plugins", "not supported"))
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", None) or "unknown transfer syntax"
-        if missing:
-            raise BadImage("dicom_unsupported", f"no decoder installed for {name} (e.g. pylibjpeg)") from None
-        raise BadImage("truncated", f"cannot decode DICOM pixels ({name}): {type(exc).__name__}") from None
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if not photometric.startswith("MONOCHROME"):
-        raise BadImage("unsupported_mode", f"DICOM photometric {photometric} (expected MONOCHROME1/2)")
-    if raw.ndim != 2:
-        raise BadImage("unsupported_mode", f"DICOM with {raw.ndim} dimensions (multi-frame not supported)")
-    arr = apply_modality_lut(raw, ds)
-    arr = apply_voi_lut(arr, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else arr
-    arr = np.asarray(arr, dtype=np.float64)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    if photometric == "MONOCHROME1":
-        scaled = 1.0 - scaled
-    top = (1 << bit_depth) - 1
-    dtype = np.uint8 if bit_depth == 8 else np.uint16
-    return np.round(scaled * top).astype(dtype)
 
 
 def encode_png(image: DecodedImage) -> bytes:

@@ -19,7 +19,9 @@ _FROM_DECODER = {
     "dicom_no_pixels": "corrupt",
     "decompression_bomb": "too_many_pixels",
     "unsupported_mode": "unsupported_image",
-    "dicom_unsupported": "unsupported_image",
+    "no_decoder": "unsupported_image",
+    "corrupt_pixel_data": "corrupt",
+    "not_dicom": "corrupt",
 }
 
 

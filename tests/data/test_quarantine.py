@@ -29,14 +29,13 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _jls_dicom() -> bytes:
-    """DICOM whose pixels use JPEG-LS, which no installed plugin decodes."""
+def _jls_dicom(syntax: str = "1.2.840.10008.1.2.4.80") -> bytes:
+    """DICOM whose pixels claim JPEG-LS (default) or ``syntax`` but hold a broken stream."""
     from pydicom import dcmread
     from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGLSLossless
 
     ds = dcmread(io.BytesIO(dicom_bytes(xray(40), patient_id="P40")))
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + b"\x00" * 64])
     ds["PixelData"].VR = "OB"
     buf = io.BytesIO()
@@ -62,7 +61,8 @@ def bad_inputs(good: bytes) -> dict[str, tuple[bytes, str | None, str | None]]:
         "too_small": (_png(np.full((12, 12), 90, np.uint8)), "NORMAL", "B6"),
         "colour_image": (_png((rng.random((64, 64, 3)) * 255).astype(np.uint8)), "NORMAL", "B7"),
         "dicom_no_pixels": (dicom_bytes(None, patient_id="B8"), "NORMAL", None),
-        "dicom_unsupported": (_jls_dicom(), "NORMAL", None),
+        "no_decoder": (_jls_dicom("1.2.840.10008.1.2.4.100"), "NORMAL", None),  # MPEG-2: pydicom has no decoder
+        "corrupt_pixel_data": (_jls_dicom(), "NORMAL", None),
         "missing_label": (_png(to_uint8(xray(20))), None, "B10"),
         "unknown_label": (_png(to_uint8(xray(21))), "CAT", "B11"),
         "missing_patient": (dicom_bytes(xray(22), patient_id=None), "NORMAL", None),
@@ -107,7 +107,7 @@ def test_every_bad_input_kind_is_quarantined_with_its_reason(tmp_path: Path, exe
     assert summary["ingested"] + summary["quarantined"] == summary["files_seen"] == len(records)
     assert all(r["reason"] in REASONS and r["detail"] for r in rows)
     kinds = set(expected.values()) | {"conflicting_labels"}
-    assert len(kinds) == 16  # the bad-input kinds this test covers
+    assert len(kinds) == 17  # the bad-input kinds this test covers
     on_disk = json.loads((tmp_path / "ds" / "ingest_summary.json").read_text())
     assert on_disk["quarantine_reasons"] == {k: (2 if k == "conflicting_labels" else 1) for k in kinds}
     # identical bytes under two patients link them for the split (duplicate and conflict alike)

@@ -1,0 +1,154 @@
+"""DICOM transfer syntaxes: files written by other encoders decode like pydicom's reference, broken ones get
+their reason, and nothing is expanded before the header allows it.
+
+The sample files ship inside the pydicom wheel (``pydicom.data.get_testdata_file`` resolves them
+without network). They are MR/CT/NM/SC images: decoding is tested at the ``decode_bytes`` level, the
+admission policy of a chest dataset is not.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.data import dicom
+from pipeline.data.dicom import read_header, stored_pixels
+from pipeline.data.imaging import decode_bytes
+from pipeline.errors import BadImage
+
+MAX = 100_000_000
+MR_SMALL = "MR_small.dcm"  # Explicit VR Little Endian: the uncompressed sibling of the MR_small_* files
+
+# file, its transfer syntax, the uncompressed file holding the same pixels (lossless) or None (lossy / no sibling)
+DECODABLE = [
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", None),  # 12-bit JPEG Extended
+    ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", MR_SMALL),
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", None),
+    ("MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90", MR_SMALL),
+    ("JPEG2000.dcm", "1.2.840.10008.1.2.4.91", None),
+    ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5", MR_SMALL),
+    ("image_dfl.dcm", "1.2.840.10008.1.2.1.99", None),  # Deflated Explicit VR Little Endian
+    ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2", MR_SMALL),
+    ("MR_small_implicit.dcm", "1.2.840.10008.1.2", MR_SMALL),
+    ("MR_small_padded.dcm", "1.2.840.10008.1.2.1", MR_SMALL),  # pixel data longer than needed
+]
+
+
+def sample(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not bundled with pydicom"
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def reference(name: str) -> tuple[Any, np.ndarray]:
+    """pydicom's own read and decode of a bundled file (warnings of odd sample files ignored)."""
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(io.BytesIO(sample(name)))
+        return ds, ds.pixel_array
+
+
+def reason_of(data: bytes, **kwargs: Any) -> BadImage:
+    with pytest.raises(BadImage) as info:
+        decode_bytes(data, max_pixels=kwargs.pop("max_pixels", MAX), **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize(("name", "syntax", "sibling"), DECODABLE)
+def test_every_common_syntax_decodes_like_the_reference(name: str, syntax: str, sibling: str | None) -> None:
+    ref_ds, ref = reference(name)
+    assert ref_ds.file_meta.TransferSyntaxUID == syntax
+    stored = stored_pixels(read_header(sample(name), max_pixels=MAX))
+    assert stored.shape == ref.shape and np.array_equal(stored.astype(np.int64), ref.astype(np.int64))
+    if sibling:  # lossless: the very pixels of the uncompressed file
+        assert np.array_equal(stored.astype(np.int64), reference(sibling)[1].astype(np.int64))
+    image = decode_bytes(sample(name), max_pixels=MAX, dicom_bit_depth=16)
+    expected = dicom._display_values(ref, ref_ds, 16, str(ref_ds.PhotometricInterpretation))
+    assert image.format == "dicom" and np.array_equal(image.pixels, expected)
+
+
+def test_jpeg_lossless_sv1_decodes_like_the_rle_file_of_the_same_image() -> None:
+    """The only bundled JPEG Lossless SV1 file (GDCM) is RGB: same pixels as its RLE twin; refused as colour."""
+    data = sample("SC_rgb_jpeg_gdcm.dcm")
+    ds, ref = reference("SC_rgb_jpeg_gdcm.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    stored = stored_pixels(read_header(data, max_pixels=MAX))
+    assert np.array_equal(stored, ref) and np.array_equal(stored, reference("SC_rgb_rle.dcm")[1])
+    assert reason_of(data).reason == "unsupported_mode"
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("MR_truncated.dcm", "truncated"),  # native pixel data 62 bytes short
+    ("JPEG-lossy.dcm", "corrupt_pixel_data"),  # NEMA's non-conformant 12-bit JPEG (JPGExtended.dcm is its fix)
+    ("JPEG2000-embedded-sequence-delimiter.dcm", "corrupt_pixel_data"),  # SIZ bytes overwritten
+])
+def test_broken_sample_files_get_their_reason(name: str, reason: str) -> None:
+    assert reason_of(sample(name)).reason == reason
+
+
+def _with_pixel_data(name: str, **header: Any) -> bytes:
+    """A bundled file rewritten with header changes."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(sample(name)))
+    for key, value in header.items():
+        if key == "TransferSyntaxUID":
+            ds.file_meta.TransferSyntaxUID = value
+        else:
+            setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_encapsulated_pixel_data_that_ends_early_is_truncated() -> None:
+    whole = sample("MR_small_jp2klossless.dcm")  # pixel data, then trailing padding (FFFC,FFFC)
+    end = whole.rindex(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # the sequence delimiter
+    no_delimiter = reason_of(whole[:end])  # every fragment complete, the end of the sequence missing
+    assert no_delimiter.reason == "truncated" and "delimiter" in no_delimiter.detail
+    assert reason_of(whole[:end - 200]).reason == "truncated"  # cut inside the last fragment
+    assert reason_of(whole[:end] + b"\xfe\xff\x00\xe0" + bytes(4)).reason == "truncated"  # cut after an item tag
+    assert reason_of(sample(MR_SMALL)[:-3000]).reason == "truncated"  # native
+
+
+def test_a_syntax_without_decoder_names_the_uid_and_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    mpeg2 = reason_of(_with_pixel_data("MR_small_jp2klossless.dcm", TransferSyntaxUID="1.2.840.10008.1.2.4.100"))
+    assert mpeg2.reason == "no_decoder" and "1.2.840.10008.1.2.4.100 (MPEG2 Main Profile" in mpeg2.detail
+    from pydicom.pixels.decoders.base import Decoder
+
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))  # as without pylibjpeg installed
+    jls = reason_of(sample("MR_small_jpeg_ls_lossless.dcm"))
+    assert jls.reason == "no_decoder"
+    assert "1.2.840.10008.1.2.4.80" in jls.detail and "JPEG-LS Lossless" in jls.detail
+    assert "pylibjpeg-libjpeg" in jls.detail
+
+
+def test_a_codestream_larger_than_the_header_is_refused_before_decoding() -> None:
+    lied = reason_of(_with_pixel_data("MR_small_jp2klossless.dcm", Rows=32, Columns=32))
+    assert lied.reason == "corrupt_pixel_data" and "64x64" in lied.detail
+
+
+def test_a_dicom_signature_over_garbage_is_not_dicom() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        garbage = bytes(128) + b"DICM" + rng.integers(0, 256, int(rng.integers(1, 4000)), dtype=np.uint8).tobytes()
+        assert reason_of(garbage).reason in ("not_dicom", "truncated")
+
+
+def test_multi_frame_is_refused_from_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    """15 RLE frames are never expanded to learn that the file has more than one."""
+    def no_decoding(dcm: object) -> None:
+        raise AssertionError("pixel data decoded for a file the header already refuses")
+
+    monkeypatch.setattr(dicom, "stored_pixels", no_decoding)
+    refused = reason_of(sample("rtdose_rle.dcm"))
+    assert refused.reason == "unsupported_mode" and "15 frames" in refused.detail

@@ -8,17 +8,24 @@ admission policy of a chest dataset is not.
 
 from __future__ import annotations
 
+import functools
 import io
+import resource
+import tracemalloc
 import warnings
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
+from pipeline.config import Settings
 from pipeline.data import dicom
 from pipeline.data.dicom import read_header, stored_pixels
 from pipeline.data.imaging import decode_bytes
-from pipeline.errors import BadImage
+from pipeline.errors import BadImage, Rejected
+from pipeline.serving.admission import admit
 
 MAX = 100_000_000
 MR_SMALL = "MR_small.dcm"  # Explicit VR Little Endian: the uncompressed sibling of the MR_small_* files
@@ -152,3 +159,117 @@ def test_multi_frame_is_refused_from_the_header(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(dicom, "stored_pixels", no_decoding)
     refused = reason_of(sample("rtdose_rle.dcm"))
     assert refused.reason == "unsupported_mode" and "15 frames" in refused.detail
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+@functools.lru_cache(maxsize=1)
+def _zero_block() -> bytes:
+    """Raw deflate of 16 MiB of zeros after a full flush: byte-aligned and history-free, so repeatable."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return deflater.compress(bytes(16 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
+
+
+def _deflate(parts: list[bytes | int]) -> bytes:
+    """Raw deflate of ``parts`` (bytes, or a count of zero bytes) without holding the zeros in memory."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out: list[bytes] = []
+    for part in parts:
+        if isinstance(part, bytes):
+            out.append(deflater.compress(part) + deflater.flush(zlib.Z_FULL_FLUSH))
+            continue
+        blocks, rest = divmod(part, 16 << 20)
+        out += [_zero_block()] * blocks
+        if rest:
+            out.append(deflater.compress(bytes(rest)) + deflater.flush(zlib.Z_FULL_FLUSH))
+    return b"".join(out) + b"\x03\x00"  # an empty final block
+
+
+def deflated_dicom(rows: int, cols: int, *, pixel_bytes: int | None = None, private_bytes: int = 0,
+                   trailing_bytes: int = 0) -> bytes:
+    """A Deflated Explicit VR Little Endian DX file whose pixels are zeros.
+
+    ``pixel_bytes`` (default: what rows x cols x 16 bit need) of pixel data, optionally a private
+    OB element of ``private_bytes`` before it and trailing padding of ``trailing_bytes`` after it.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
+    ds.PatientID, ds.Modality, ds.ViewPosition = "BOMB-1", "DX", "PA"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta)
+
+    def element(tag: bytes, length: int) -> bytes:
+        return tag + b"OB\x00\x00" + length.to_bytes(4, "little")
+
+    pixels = rows * cols * 2 if pixel_bytes is None else pixel_bytes
+    parts: list[bytes | int] = [body.getvalue()]
+    if private_bytes:
+        parts += [b"\x09\x00\x10\x00LO\x08\x00XRAYOPS ", element(b"\x09\x00\x00\x10", private_bytes), private_bytes]
+    parts += [b"\xe0\x7f\x10\x00OW\x00\x00" + pixels.to_bytes(4, "little"), pixels]
+    if trailing_bytes:
+        parts += [element(b"\xfc\xff\xfc\xff", trailing_bytes), trailing_bytes]
+    return bytes(128) + b"DICM" + head.getvalue() + _deflate(parts)
+
+
+def measured(fn: Callable[[], object]) -> tuple[BaseException | None, float, float]:
+    """(exception raised, peak MiB traced by tracemalloc, MiB the process' peak RSS grew) while ``fn`` runs."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tracemalloc.start()
+    raised: BaseException | None = None
+    try:
+        fn()
+    except (BadImage, Rejected) as exc:
+        raised = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return raised, peak, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+
+
+def test_the_deflated_reader_decodes_a_small_honest_file() -> None:
+    image = decode_bytes(deflated_dicom(300, 200), max_pixels=MAX)
+    assert (image.width, image.height, image.identifiers["patient_id"]) == (200, 300, "BOMB-1")
+    assert reason_of(deflated_dicom(300, 200)[:-60]).reason == "truncated"  # deflate stream cut short
+
+
+def test_a_deflated_gigapixel_promise_is_refused_with_bounded_memory(make_settings: Callable[..., Settings]) -> None:
+    """1.5 MB on disk, 20000 x 40000 x 16 bit (1.6 GB) inside: pydicom alone inflated it whole (3.2 GiB peak)."""
+    bomb = deflated_dicom(20000, 40000)
+    assert len(bomb) < 2_000_000
+    raised, peak, rss = measured(lambda: decode_bytes(bomb, max_pixels=MAX))
+    assert isinstance(raised, BadImage) and raised.reason == "decompression_bomb", raised
+    assert peak < 32 and rss < 200, (peak, rss)
+    serve = make_settings().serve
+    raised, peak, rss = measured(lambda: admit(bomb, serve))
+    assert isinstance(raised, Rejected) and raised.reason == "too_many_pixels", raised
+    assert peak < 32 and rss < 200, (peak, rss)
+
+
+def test_a_deflated_body_larger_than_its_header_declares_is_refused_with_bounded_memory() -> None:
+    """A 256 x 256 header over 512 MiB of trailing data: inflation stops just past what the header allows."""
+    raised, peak, rss = measured(lambda: decode_bytes(deflated_dicom(256, 256, trailing_bytes=512 << 20),
+                                                      max_pixels=MAX))
+    assert isinstance(raised, BadImage) and raised.reason == "decompression_bomb", raised
+    assert "inflates beyond" in raised.detail and peak < 32 and rss < 200, (peak, rss)
+
+
+def test_a_deflated_header_that_never_ends_is_refused_with_bounded_memory() -> None:
+    raised, peak, rss = measured(lambda: decode_bytes(deflated_dicom(64, 64, private_bytes=256 << 20),
+                                                      max_pixels=MAX))
+    assert isinstance(raised, BadImage) and raised.reason == "decompression_bomb", raised
+    assert peak < 100 and rss < 200, (peak, rss)

@@ -150,14 +150,25 @@ def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(settings: Settings, version: Any, decision: Any) -> dict[str, Any]:
-    """Move ``champion`` when the gate passed (after a reviewer's approval in the UI when required)."""
+def promote(settings: Settings, version: Any, decision: Any, evaluation: Any = None,
+            trained: Any = None) -> dict[str, Any]:
+    """Move ``champion`` when the gate passed (after a reviewer's approval in the UI when required), under
+    the registry lock (+ ``promote.registry_write_limit``). If the champion changed since the gate ran,
+    the version is gated again against it when the evaluation is given; otherwise the move is refused."""
     from flows.approval import request_approval
-    from pipeline.registry.promote import conclude
+    from flows.registry_lock import registry_write_lock
+    from pipeline.registry.promote import conclude, judge_challenger
 
     if not decision.promote:
         get_run_logger().warning("challenger v%s not promoted: %s", version.version, decision.reason)
-    return conclude(settings, version, decision, approval=request_approval)
+
+    def regate() -> Any:
+        again = judge_challenger(settings, version, evaluation, trained.run_id)
+        create_markdown_artifact(again.to_markdown(), key="promotion-gate", description="Promotion gate (re-run)")
+        return again
+
+    return conclude(settings, version, decision, approval=request_approval, lock=registry_write_lock(settings),
+                    regate=regate if evaluation is not None and trained is not None else None)
 
 
 @task(name="simulate-and-monitor", cache_policy=NO_CACHE)
@@ -199,7 +210,7 @@ def training_flow(params: TrainingParameters = TrainingParameters()) -> dict[str
     # the steps of pipeline.registry.promote.promote_challenger, one task each
     mv = register.with_options(**io_options(settings))(settings, trained, evaluation)
     decision = gate(settings, mv, evaluation, trained)
-    promotion = promote(settings, mv, decision)
+    promotion = promote(settings, mv, decision, evaluation, trained)
     drift = simulate_and_monitor(settings) if (params.simulate_production and settings.monitor.simulate_rows) else None
     summary = run_summary(settings, started=started, ingest=ingest_summary, validation=validation,
                           certificate=certificate, trained=trained, evaluation=evaluation, version=mv,

@@ -199,6 +199,12 @@ class PromoteSection(_Section):
     approval_timeout_s: int = Field(ge=1, description="Seconds to wait for a reviewer.")
     approval_poll_s: int = Field(ge=1, description="Seconds between checks for the reviewer's answer.")
     export_onnx: bool = Field(description="Export the registered model to ONNX with a parity check.")
+    registry_lock_timeout_s: float = Field(gt=0, description="How long an alias move (promotion, approval, "
+                                           "rollback) waits for another writer's registry lock before it fails.")
+    registry_write_limit: str | None = Field(
+        description="Prefect global concurrency limit (limit 1) the flows also take around alias moves, for a "
+        "registry server shared by several machines (the file lock under paths.home covers one machine); it must "
+        "exist: `prefect gcl create registry-write --limit 1`. null = the file lock only.")
 
 
 class MonitorSection(_Section):

@@ -31,7 +31,10 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     │   ├── ExportError                      SavedModel / ONNX export failed or lost parity
     │   └── CheckpointError                  no checkpoint folder for a training run (all held by live runs)
     ├── RegistryError                        the model registry
+    │   ├── RegistryUnavailable (+ServiceUnavailable)  the registry answered with an error, not "not found"
+    │   ├── RegistryBusy (TimeoutError)      another writer held the registry's alias lock too long
     │   └── PromotionError                   an alias move that would break the registry's rules
+    │       └── StaleGateDecision            the champion changed since the version was gated
     ├── DeployError                          Prefect deployments could not be applied
     └── ServingError                         the API and the clinician UI
         ├── NotReady                         no model loaded (yet)
@@ -165,6 +168,19 @@ class RegistryError(XrayopsError):
 
 class PromotionError(RegistryError, RuntimeError):
     """An alias move that would break the registry's rules (the message says which)."""
+
+
+class RegistryUnavailable(RegistryError, ServiceUnavailable):
+    """The registry answered a read or write with an error other than "not found" (a 5xx, a timeout, a
+    locked database): nothing can be concluded from it, so nothing was decided or moved."""
+
+
+class RegistryBusy(RegistryError, TimeoutError):
+    """Another writer held the registry's alias lock longer than ``promote.registry_lock_timeout_s``."""
+
+
+class StaleGateDecision(PromotionError):
+    """The champion changed after the version was gated: its decision compared it with another model."""
 
 
 class DeployError(XrayopsError, RuntimeError):

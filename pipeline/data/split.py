@@ -10,11 +10,17 @@ not merged. Patients whose images are byte-identical (``patient_links.csv`` from
 are always kept together. The certificate records counts, prevalence, a hash of each
 split's patient set, and the overlaps (patients, identical bytes, near-duplicates) across
 splits; :func:`verify_certificate` re-derives it before training and before promotion.
+
+The certificate is bound to the manifest it split: ``manifest_sha256`` is the sha256 of the
+``manifest.parquet`` file that was read (the value ingest records in ``ingest_summary.json``).
+A re-ingest that changes the manifest (merged patients, new images, relabelled rows) makes
+the old split stale, and verification fails until ``xrayops split`` runs again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections import defaultdict
@@ -27,7 +33,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.features import hamming_distance, hashes_to_bytes
-from pipeline.data.manifest import read_links, read_manifest, read_summary
+from pipeline.data.manifest import MANIFEST_FILE, read_links, read_manifest, read_summary
 from pipeline.errors import LeakageError, SplitError
 
 logger = logging.getLogger(__name__)
@@ -144,7 +150,8 @@ def run_split(settings: Settings, dataset_dir: Path | None = None) -> dict[str, 
         SplitError: fewer than three patient groups (one per split) after grouping.
     """
     dataset_dir = dataset_dir or settings.dataset_dir
-    manifest = read_manifest(dataset_dir).reset_index(drop=True)
+    manifest, manifest_sha = read_bound_manifest(dataset_dir)
+    manifest = manifest.reset_index(drop=True)
     summary = read_summary(dataset_dir)
     positive = summary.get("positive_class")
     cfg = settings.split
@@ -160,7 +167,7 @@ def run_split(settings: Settings, dataset_dir: Path | None = None) -> dict[str, 
         table = table[~table["image_id"].isin(dropped)]
     table = table.sort_values(["split", "image_id"]).reset_index(drop=True)
     table.to_parquet(dataset_dir / SPLIT_FILE, index=False)
-    cert = build_certificate(manifest, table, positive, settings, cross_patient, grouping, dropped)
+    cert = build_certificate(manifest, table, positive, settings, cross_patient, grouping, dropped, manifest_sha)
     (dataset_dir / CERTIFICATE_FILE).write_text(json.dumps(cert, indent=2, sort_keys=True))
     logger.info("split %s patients: %s; patient overlap %d; near-duplicates across splits %d",
                 cert["patients_total"], cert["patients"], cert["patient_overlap"],
@@ -262,8 +269,9 @@ def _drop_cross_split(table: pd.DataFrame, pairs: list[tuple[int, int, int]]) ->
 
 def build_certificate(manifest: pd.DataFrame, table: pd.DataFrame, positive: str | None, settings: Settings,
                       pairs: list[tuple[int, int, int]], grouping: Grouping,
-                      dropped: list[str]) -> dict[str, Any]:
-    """Counts, prevalence, patient-set hashes and cross-split overlaps of a split table."""
+                      dropped: list[str], manifest_sha256: str) -> dict[str, Any]:
+    """Counts, prevalence, patient-set hashes and cross-split overlaps of a split table, bound to the
+    manifest file (``manifest_sha256``: the sha256 of the ``manifest.parquet`` that was split)."""
     labels = manifest.set_index("image_id")["label"]
     sha = manifest.set_index("image_id")["sha256"]
     split_of = table.set_index("image_id")["split"]
@@ -297,7 +305,8 @@ def build_certificate(manifest: pd.DataFrame, table: pd.DataFrame, positive: str
         "duplicate_patient_links": grouping.linked_pairs,
         "near_duplicates_across_splits": near,
         "dropped_near_duplicates": dropped,
-        "manifest_sha256": _manifest_hash(manifest),
+        "manifest_sha256": manifest_sha256,
+        "manifest_content_sha256": _manifest_hash(manifest),
         "split_table_sha256": _frame_hash(table),
     }
     cert["certificate_sha256"] = _dict_hash(cert)
@@ -335,6 +344,41 @@ def _dict_hash(d: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- verification
 
 
+def read_bound_manifest(dataset_dir: Path) -> tuple[pd.DataFrame, str]:
+    """The manifest and the sha256 of the very bytes it was read from (one read: a concurrent
+    re-ingest cannot slip between hashing and parsing)."""
+    path = dataset_dir / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return read_manifest(dataset_dir), ""  # raises the error that names the fix
+    return pd.read_parquet(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+
+
+def manifest_sha256(dataset_dir: Path) -> str | None:
+    """The sha256 of ``manifest.parquet`` as it is now; None when there is none."""
+    path = dataset_dir / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_mismatch(recorded: str | None, current: str | None, what: str) -> str | None:
+    """Why ``what`` (recorded for the manifest ``recorded``) does not describe the manifest ``current``."""
+    if current is None:
+        return "there is no manifest.parquet (run `xrayops ingest`)"
+    if not recorded:
+        return f"the {what} does not record which manifest it describes (written before manifest binding)"
+    if recorded != current:
+        return (f"the manifest changed after the {what} was written (manifest.parquet sha256 {current[:12]}…, "
+                f"{what} {recorded[:12]}…; re-ingested?)")
+    return None
+
+
 def read_split(dataset_dir: Path) -> pd.DataFrame:
     path = dataset_dir / SPLIT_FILE
     if not path.exists():
@@ -349,8 +393,12 @@ def read_certificate(dataset_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def verify_certificate(dataset_dir: Path) -> dict[str, Any]:
+def verify_certificate(dataset_dir: Path, *, check_manifest: bool = True) -> dict[str, Any]:
     """Re-derive the split's guarantees from the files on disk.
+
+    Args:
+        check_manifest: also require that the certificate describes the current ``manifest.parquet``
+            (the promotion gate checks that as a criterion of its own and passes False).
 
     Raises:
         LeakageError: patients in two splits, a split table that changed after certification,
@@ -358,7 +406,7 @@ def verify_certificate(dataset_dir: Path) -> dict[str, Any]:
     """
     cert = read_certificate(dataset_dir)
     table = read_split(dataset_dir)
-    manifest = read_manifest(dataset_dir)
+    manifest, current_sha = read_bound_manifest(dataset_dir)
     body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
     problems = []
     if _dict_hash(body) != cert.get("certificate_sha256"):
@@ -372,6 +420,9 @@ def verify_certificate(dataset_dir: Path) -> dict[str, Any]:
         problems.append(f"{overlap} patient(s) appear in more than one split")
     if not set(table["image_id"]).issubset(set(manifest["image_id"])):
         problems.append("the split lists images that are not in the manifest (re-run `xrayops split`)")
+    stale = manifest_mismatch(cert.get("manifest_sha256"), current_sha, "split certificate") if check_manifest else None
+    if stale:
+        problems.append(f"{stale}: re-run `xrayops split`")
     if problems:
         raise LeakageError(f"split certificate of {dataset_dir} does not hold: " + "; ".join(problems))
     return cert

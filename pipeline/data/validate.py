@@ -15,7 +15,9 @@ no images, positive-class prevalence outside ``prevalence_range``.
 
 No patient data reaches GX: the frame it sees has patient ids replaced by per-run
 integer codes and no file paths; result JSON and Data Docs carry aggregate values only.
-Outputs: ``<dataset>/validation/result.json`` and ``validation/data_docs/index.html``.
+Outputs: ``<dataset>/validation/result.json`` and ``validation/data_docs/index.html``. The result
+records ``manifest_sha256``, the sha256 of the ``manifest.parquet`` bytes that were validated,
+so the promotion gate can tell a result that describes another (older) manifest.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.manifest import read_manifest, read_summary
+from pipeline.data.manifest import read_summary
+from pipeline.data.split import read_bound_manifest
 from pipeline.errors import ValidationFailed
 
 logger = logging.getLogger(__name__)
@@ -108,14 +111,14 @@ def run_validation(settings: Settings, dataset_dir: Path | None = None) -> dict[
     summary = read_summary(dataset_dir)
     classes = list(summary.get("classes") or settings.data.classes or [])
     positive = summary.get("positive_class")
-    manifest = read_manifest(dataset_dir)
+    manifest, manifest_sha = read_bound_manifest(dataset_dir)
     if not classes:
         classes = sorted(manifest["label"].dropna().unique())
     size_range = tuple(settings.validate_.size_range or summary.get("size_range") or _source_size_range(settings))
     checks = build_checks(settings, classes, positive, size_range)  # type: ignore[arg-type]
     out_dir = dataset_dir / "validation"
     result = _run_gx(checks, gx_frame(manifest, positive), out_dir)
-    result.update({"dataset": summary.get("dataset"), "rows": int(len(manifest))})
+    result.update({"dataset": summary.get("dataset"), "rows": int(len(manifest)), "manifest_sha256": manifest_sha})
     (out_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     failures = result["critical_failures"] + (result["warning_failures"] if settings.validate_.fail_on_warning else [])
     logger.info("validation: %d checks, %d critical and %d warning failures",

@@ -409,13 +409,21 @@ class RollbackTags:
 
 # --------------------------------------------------------------------------- the whole version
 
-GATE, APPROVAL = "gate", "approval"
+GATE, APPROVAL, ROLLED_BACK, NOT_READY = "gate", "approval", "rolled_back", "not_ready"
+READY = "READY"  # MLflow's ModelVersion.status of a usable version (not PENDING/FAILED_REGISTRATION)
 
 
-def champion_blocker(*, gate_passed: bool, approved: bool, require_approval: bool) -> str | None:
-    """The registry's rule: ``champion`` only points at a version that passed the gate and, when
-    ``promote.require_approval``, that a reviewer approved. Returns what blocks it (:data:`GATE` or
-    :data:`APPROVAL`) or None when it may hold ``champion``."""
+def champion_blocker(*, gate_passed: bool, approved: bool, require_approval: bool, rolled_back: bool = False,
+                     ready: bool = True) -> str | None:
+    """The registry's rule: ``champion`` only points at a version that is registered (status READY), was
+    never rolled back, passed the gate and, when ``promote.require_approval``, that a reviewer approved.
+    Returns what blocks it (:data:`NOT_READY`, :data:`ROLLED_BACK`, :data:`GATE` or :data:`APPROVAL`)
+    or None when it may hold ``champion``. (Which champion the gate compared it with is checked when
+    the alias moves: :func:`pipeline.registry.write.move_champion`.)"""
+    if not ready:
+        return NOT_READY
+    if rolled_back:
+        return ROLLED_BACK
     if not gate_passed:
         return GATE
     if require_approval and not approved:
@@ -438,6 +446,7 @@ class VersionRecord:
     rollback: RollbackTags | None
     description: str = ""
     created_ms: int | None = None
+    status: str | None = None  # MLflow's registration status (READY, PENDING_REGISTRATION, FAILED_REGISTRATION)
 
     @classmethod
     def from_version(cls, mv: Any) -> VersionRecord:
@@ -447,10 +456,11 @@ class VersionRecord:
                    gate=GateTags.from_tags(tags), approval=ApprovalTags.from_tags(tags),
                    champion=ChampionTags.from_tags(tags), rollback=RollbackTags.from_tags(tags),
                    description=getattr(mv, "description", None) or "",
-                   created_ms=getattr(mv, "creation_timestamp", None))
+                   created_ms=getattr(mv, "creation_timestamp", None), status=getattr(mv, "status", None))
 
     def champion_blocker(self, *, require_approval: bool) -> str | None:
         """See :func:`champion_blocker` (on what is recorded on this version)."""
         return champion_blocker(gate_passed=self.gate is not None and self.gate.passed,
                                 approved=self.approval is not None and self.approval.approved,
-                                require_approval=require_approval)
+                                require_approval=require_approval, rolled_back=self.rollback is not None,
+                                ready=self.status == READY)

@@ -62,8 +62,11 @@ class DataChecks:
 
     certificate_ok: bool  # the certificate file verifies
     patient_overlap: int | None  # patients shared between splits (None: no valid certificate)
-    split_matches: bool  # the split the challenger was trained on is the evaluated one (True when unknown)
+    split_matches: bool  # the split the challenger was trained on is the evaluated one (False when unknown)
     validation_ok: bool  # data validation ran and had no critical failure
+    split_manifest_ok: bool  # the certificate was written for the current manifest.parquet (sha256)
+    validation_manifest_ok: bool  # the validation result was produced for the current manifest.parquet
+    problems: tuple[str, ...] = ()  # why a data check failed, in words (recorded with the decision)
 
 
 @dataclass
@@ -114,7 +117,9 @@ def decide(evidence: Evidence, cfg: PromoteSection, *, model: str, challenger_ve
     lower bound ≥ ``sensitivity_ci_floor``), ``ece`` (≤ ``max_ece``); multi-class — ``accuracy_floor``
     (≥ ``min_accuracy``). With a champion: the paired Δ (AUC, or accuracy for multi-class) lower
     bound > −``auc_margin`` (non-inferiority) and, with ``require_superiority``, > 0. Always: the
-    data checks. A missing, NaN or degenerate value fails its criterion.
+    data checks (``split_patient_overlap``, ``split_certificate_match``, ``split_manifest_match``,
+    ``data_validation``, ``validation_manifest_match``). A missing, NaN or degenerate value fails its
+    criterion.
     """
     m, ci = evidence.metrics, evidence.ci
     criteria: list[Criterion] = []
@@ -141,7 +146,11 @@ def decide(evidence: Evidence, cfg: PromoteSection, *, model: str, challenger_ve
                   d.certificate_ok and d.patient_overlap == 0),
         Criterion("split_certificate_match", d.split_matches, "training split == evaluated split",
                   d.certificate_ok and d.split_matches),
+        Criterion("split_manifest_match", d.split_manifest_ok, "certificate manifest_sha256 == current manifest",
+                  d.split_manifest_ok),
         Criterion("data_validation", d.validation_ok, "passed", d.validation_ok),
+        Criterion("validation_manifest_match", d.validation_manifest_ok,
+                  "validation manifest_sha256 == current manifest", d.validation_manifest_ok),
     ]
     promote = all(c.passed for c in criteria)
     failed = [c.name for c in criteria if not c.passed]

@@ -6,8 +6,10 @@ are not trusted). Criteria: (a) sensitivity at the locked threshold has its CI l
 ``promote.min_accuracy``); (b) ΔAUC (challenger − champion) from a paired patient-level
 bootstrap has its lower bound > −``auc_margin`` (non-inferiority) and, with
 ``require_superiority``, > 0; (c) ECE ≤ ``max_ece``; (d) the split certificate verifies, shows
-zero patient overlap and is the split the challenger was trained on; (e) data validation
-passed. With no champion only the absolute floors apply — never a rubber stamp.
+zero patient overlap, is the split the challenger was trained on and was written for the
+current manifest; (e) data validation passed, on the current manifest. With no champion only
+the absolute floors apply — never a rubber stamp; and "no champion" means the registry said
+so: a registry that fails to answer stops the gate (:class:`~pipeline.errors.RegistryUnavailable`).
 
 :func:`gate` = :func:`gather_evidence` (the I/O: champion lookup, re-scoring, certificate,
 validation) + :func:`decide` (the pure decision on that evidence and ``settings.promote``).
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.data.split import verify_certificate
+from pipeline.data.split import manifest_mismatch, manifest_sha256, verify_certificate
 from pipeline.data.validate import read_validation
 from pipeline.errors import LeakageError
 from pipeline.evaluation.evaluate import EvalResult, Scored, predict_proba
@@ -64,7 +66,10 @@ def gather_evidence(settings: Settings, challenger: Any, evaluation: EvalResult,
     if champion is not None:
         delta = _versus_champion(settings, champion, evaluation, dataset_dir, inputs)
     trained_on = VersionTags.from_version(challenger).split_certificate
-    return Evidence(evaluation.task, evaluation.metrics, evaluation.ci, data_checks(dataset_dir, trained_on),
+    data = data_checks(dataset_dir, trained_on)
+    if data.problems:
+        inputs["data_problems"] = list(data.problems)
+    return Evidence(evaluation.task, evaluation.metrics, evaluation.ci, data,
                     str(champion.version) if champion is not None else None, delta, inputs)
 
 
@@ -97,15 +102,25 @@ def _versus_champion(settings: Settings, champion: Any, evaluation: EvalResult, 
 
 
 def data_checks(dataset_dir: Path, trained_on: str | None) -> DataChecks:
-    """(d) the split certificate verifies, shows zero patient overlap and is the one the model was trained on;
-    (e) data validation passed. A version that does not record its training split fails the match
-    (fail closed: an unknown split cannot be shown to be the evaluated one)."""
+    """(d) the split certificate verifies, shows zero patient overlap, is the one the model was trained on
+    and describes the current ``manifest.parquet``; (e) data validation passed on the current manifest.
+    A version that does not record its training split fails the match, and a certificate or validation
+    result that does not record its manifest fails the manifest match (fail closed: what cannot be
+    shown to describe the evaluated data does not pass)."""
+    current = manifest_sha256(dataset_dir)
     try:
-        cert = verify_certificate(dataset_dir)
+        cert = verify_certificate(dataset_dir, check_manifest=False)
         overlap, cert_ok, sha = cert["patient_overlap"], True, cert["certificate_sha256"]
-    except (LeakageError, FileNotFoundError):
-        overlap, cert_ok, sha = None, False, None
+        split_stale = manifest_mismatch(cert.get("manifest_sha256"), current, "split certificate")
+    except (LeakageError, FileNotFoundError) as exc:
+        overlap, cert_ok, sha, split_stale = None, False, None, str(exc)
     validation = read_validation(dataset_dir) or {}
+    validation_stale = manifest_mismatch(validation.get("manifest_sha256"), current, "validation result")
+    problems = tuple(p for p in (split_stale, validation_stale) if p)
+    for problem in problems:
+        logger.warning("gate data check: %s", problem)
     return DataChecks(certificate_ok=cert_ok, patient_overlap=overlap,
                       split_matches=trained_on is not None and trained_on == sha,
-                      validation_ok=bool(validation) and not validation.get("critical_failures"))
+                      validation_ok=bool(validation) and not validation.get("critical_failures"),
+                      split_manifest_ok=cert_ok and split_stale is None,
+                      validation_manifest_ok=bool(validation) and validation_stale is None, problems=problems)

@@ -2,7 +2,10 @@
 
 Nothing here writes to MLflow. A version or artifact that should exist and does not is a
 :class:`~pipeline.errors.RegistryError` naming it; "never gated" and "no such alias" are
-legitimate states and read as None.
+legitimate states and read as None. Only "not found" means absent: any other registry error
+(a 5xx, a timeout, a locked SQLite database) is a :class:`~pipeline.errors.RegistryUnavailable`,
+never "no champion" — a gate that took it for "no champion" would apply the absolute floors
+only and let a worse model replace the champion.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import Settings
-from pipeline.errors import RegistryError
+from pipeline.connections import mask_uri
+from pipeline.errors import RegistryError, RegistryUnavailable
 from pipeline.registry.contract import (
     EVALUATION_ARTIFACT,
     VersionRecord,
@@ -21,16 +25,42 @@ from pipeline.registry.contract import (
 )
 from pipeline.tracking import configure_mlflow, mlflow_client
 
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+
+
+def registry_failure(settings: Settings, what: str, exc: Exception, *,
+                     outcome: str = "nothing was concluded from it and no alias was moved",
+                     hint: str | None = None) -> RegistryUnavailable:
+    """The error for a registry call that failed with anything but "not found"."""
+    code = getattr(exc, "error_code", None) or type(exc).__name__
+    return RegistryUnavailable(
+        f"the model registry at {mask_uri(settings.registry_uri)} failed to {what} ({code}: {str(exc)[:200]}); "
+        f"{outcome}",
+        hint=hint or "retry when the registry answers again (`xrayops registry show` checks it); a locked SQLite "
+                     "database means another process is writing to it")
+
 
 def get_alias(settings: Settings, alias: str) -> Any | None:
-    """The version holding ``alias``, or None (a read: MLflow's process-wide URIs are left alone)."""
+    """The version holding ``alias``, or None when the alias or the registered model does not exist
+    (a read: MLflow's process-wide URIs are left alone).
+
+    Raises:
+        RegistryUnavailable: the registry answered with another error; absence cannot be concluded.
+    """
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(settings)
+    name = settings.registered_model
     try:
-        return client.get_model_version_by_alias(settings.registered_model, alias)
-    except MlflowException:
-        return None
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code == NOT_FOUND:  # no such registered model
+            return None
+        # a missing alias of an existing model is INVALID_PARAMETER_VALUE ("alias ... not found"), which
+        # also covers real errors: it counts as absent only when the model's alias list confirms it
+        if exc.error_code == "INVALID_PARAMETER_VALUE" and alias not in aliases(settings, client=client):
+            return None
+        raise registry_failure(settings, f"read alias {alias!r} of {name}", exc) from exc
 
 
 def get_version(settings: Settings, version: Any) -> Any:
@@ -54,15 +84,21 @@ def version_record(settings: Settings, version: Any) -> VersionRecord:
     return VersionRecord.from_version(get_version(settings, version))
 
 
-def aliases(settings: Settings) -> dict[str, str]:
-    """Alias → version of the registered model (empty when it does not exist)."""
+def aliases(settings: Settings, *, client: Any = None) -> dict[str, str]:
+    """Alias → version of the registered model (empty when it does not exist).
+
+    Raises:
+        RegistryUnavailable: the registry answered with an error other than "not found".
+    """
     from mlflow.exceptions import MlflowException
 
-    client = configure_mlflow(settings)
+    client = client or configure_mlflow(settings)
     try:
         return {k: str(v) for k, v in client.get_registered_model(settings.registered_model).aliases.items()}
-    except MlflowException:
-        return {}
+    except MlflowException as exc:
+        if exc.error_code == NOT_FOUND:
+            return {}
+        raise registry_failure(settings, f"read the aliases of {settings.registered_model}", exc) from exc
 
 
 def overview(settings: Settings) -> list[dict[str, Any]]:

@@ -11,20 +11,24 @@ Tag keys and artifact paths are :mod:`pipeline.registry.contract`'s.
 
 from __future__ import annotations
 
+import enum
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
-from pipeline.errors import PromotionError
+from pipeline.errors import PromotionError, RegistryError, StaleGateDecision
 from pipeline.evaluation.evaluate import EvalResult
 from pipeline.registry.contract import (
     APPROVAL,
     CHALLENGER,
     CHAMPION,
     GATE,
+    NOT_READY,
     PREVIOUS,
+    READY,
+    ROLLED_BACK,
     ApprovalTags,
     ChampionTags,
     ExportTags,
@@ -37,7 +41,8 @@ from pipeline.registry.contract import (
     decision_artifact,
     rollback_artifact,
 )
-from pipeline.registry.read import aliases, get_alias, version_record
+from pipeline.registry.lock import AliasLock, alias_lock
+from pipeline.registry.read import aliases, get_alias, registry_failure, version_record
 from pipeline.tracking import code_version, configure_mlflow
 from pipeline.training.inputs import InputSpec, check_files, load_images
 from pipeline.training.train import TrainResult
@@ -173,22 +178,41 @@ def record_approval(settings: Settings, version: Any, approval: dict[str, Any]) 
 # --------------------------------------------------------------------------- aliases
 
 
-def check_promotable(settings: Settings, version: str) -> Any:
-    """The version, if it may hold ``champion``: gate passed, and approved when approval is required.
+class Unchecked(enum.Enum):
+    """``expected_champion`` of a manual move: the champion it replaces is not checked."""
+
+    UNCHECKED = "unchecked"
+
+
+UNCHECKED = Unchecked.UNCHECKED
+
+
+def check_promotable(settings: Settings, version: str, *, require_approval: bool | None = None) -> VersionRecord:
+    """The version's record, if it may hold ``champion``: registered (READY), never rolled back, gate
+    passed, and approved when approval is required (``promote.require_approval`` unless given).
 
     Raises:
         PromotionError: it may not (the message says why and what to do).
     """
     record = version_record(settings, version)
-    blocker = record.champion_blocker(require_approval=settings.promote.require_approval)
+    require = settings.promote.require_approval if require_approval is None else require_approval
+    blocker = record.champion_blocker(require_approval=require)
+    what = f"{settings.registered_model} v{version}"
+    if blocker == NOT_READY:
+        raise PromotionError(f"{what} cannot become champion: its registration status is {record.status!r}, not "
+                             f"{READY!r}; register the model again (`xrayops promote`)")
+    if blocker == ROLLED_BACK:
+        assert record.rollback is not None
+        raise PromotionError(f"{what} cannot become champion: it was rolled back at {record.rollback.at} by "
+                             f"{record.rollback.by or '-'} ({record.rollback.reason}); train and gate a new version "
+                             "instead")
     if blocker == GATE:
-        raise PromotionError(f"{settings.registered_model} v{version} cannot become champion: its gate verdict is "
+        raise PromotionError(f"{what} cannot become champion: its gate verdict is "
                              f"{_verdict(record)!r} (failed: {record.gate.failed_text if record.gate else '-'}); "
                              "only versions that passed the promotion gate may be champion")
     if blocker == APPROVAL:
         status = record.approval.status if record.approval else "missing"
-        raise PromotionError(f"{settings.registered_model} v{version} needs a reviewer's approval first "
-                             f"(approval_status={status!r}); "
+        raise PromotionError(f"{what} needs a reviewer's approval first (approval_status={status!r}); "
                              "approve it in the Prefect UI or set promote.require_approval=false")
     return record
 
@@ -197,64 +221,178 @@ def _verdict(record: VersionRecord) -> str:
     return record.gate.verdict if record.gate else "missing"
 
 
-def move_champion(settings: Settings, version: str, *, reason: str) -> dict[str, str | None]:
-    """Point ``champion`` at ``version``; the old champion becomes ``previous-champion``.
-
-    Ordered so an interruption leaves the aliases consistent: ``previous-champion`` moves
-    first (to the still-current champion), then ``champion``.
+def check_gated_against(settings: Settings, version: str, gated_against: str | None, current: str | None) -> None:
+    """Refuse a move whose gate compared ``version`` with another champion than the current one.
 
     Raises:
-        PromotionError: ``version`` did not pass the gate (or approval, when required).
+        StaleGateDecision: the champion changed since the gate ran.
     """
+    if gated_against == current:
+        return
+    against = f"v{gated_against}" if gated_against else "no champion (absolute floors only)"
+    now = f"v{current}" if current else "none"
+    raise StaleGateDecision(
+        f"{settings.registered_model} v{version} was gated against {against} but the champion is {now} now: "
+        "its gate decision does not compare it with the model it would replace",
+        hint="gate it again against the current champion: re-run the promotion (`xrayops promote` or the training "
+             "flow), then approve the new decision")
+
+
+def move_champion(settings: Settings, version: str, *, reason: str,
+                  expected_champion: str | None | Unchecked = UNCHECKED,
+                  lock: AliasLock | None = None) -> dict[str, str | None]:
+    """Point ``champion`` at ``version``; the old champion becomes ``previous-champion``.
+
+    Under the registry's alias lock (:func:`pipeline.registry.lock.alias_lock`; ``lock`` is an
+    outer lock such as a Prefect global concurrency limit), the version's record and the current
+    champion are read afresh, then ``previous-champion`` moves (to the still-current champion)
+    before ``champion``, and both are read back. Every promotion path passes
+    ``expected_champion`` (the champion its gate decision compared with, ``decision.champion_version``);
+    when the champion changed since, the move is refused (:class:`StaleGateDecision`) rather than
+    re-gated here: re-gating needs the challenger's test scores, which only the caller has
+    (:func:`pipeline.registry.promote.conclude` re-gates and retries). ``UNCHECKED`` is a
+    deliberate manual move (scripts, tests).
+
+    A registry error while writing puts back whatever had changed and raises; the aliases are
+    never left half-moved without saying so.
+
+    Raises:
+        PromotionError: ``version`` may not hold champion (see :func:`check_promotable`).
+        StaleGateDecision: the champion is not ``expected_champion``.
+        RegistryUnavailable: the registry failed; the message says whether the aliases are unchanged.
+        RegistryError: the aliases read back differ from what was written (a writer outside the lock).
+    """
+    from mlflow.exceptions import MlflowException
+
     client = configure_mlflow(settings)
     name, version = settings.registered_model, str(version)
-    check_promotable(settings, version)
-    old = get_alias(settings, CHAMPION)
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    old_version = str(old.version) if old is not None else None
-    if old_version is not None and old_version != version:
-        client.set_registered_model_alias(name, PREVIOUS, old_version)
-        _set_tags(client, name, version, ChampionTags(previous_version=old_version).to_tags())
-    client.set_registered_model_alias(name, CHAMPION, version)
-    _set_tags(client, name, version, ChampionTags(since=now, reason=reason).to_tags())
+    with alias_lock(settings, lock):
+        record = check_promotable(settings, version)
+        old = get_alias(settings, CHAMPION)
+        old_version = str(old.version) if old is not None else None
+        if not isinstance(expected_champion, Unchecked):
+            check_gated_against(settings, version, expected_champion, old_version)
+        before = aliases(settings)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        replaced = old_version if old_version != version else None
+        expected = {**before, CHAMPION: version}
+        try:
+            if replaced is not None:
+                _set_tags(client, name, version, ChampionTags(previous_version=replaced).to_tags())
+                client.set_registered_model_alias(name, PREVIOUS, replaced)
+                expected[PREVIOUS] = replaced
+            client.set_registered_model_alias(name, CHAMPION, version)
+        except MlflowException as exc:
+            changed_tag = record if replaced is not None else None
+            raise _undo(settings, client, before, changed_tag, f"move champion to v{version}", exc) from exc
+        _confirm(settings, expected, f"champion → v{version}")
+        try:
+            _set_tags(client, name, version, ChampionTags(since=now, reason=reason).to_tags())
+        except MlflowException as exc:
+            raise registry_failure(settings, f"record on v{version} when and why it became champion", exc,
+                                   outcome=f"the aliases did move ({expected}); only that audit tag is missing"
+                                   ) from exc
     logger.info("%s: champion → v%s (previous: %s)", name, version, old_version)
     publish_card(settings, version)
-    return {"champion": version, PREVIOUS: old_version if old_version != version else None}
+    return {"champion": version, PREVIOUS: replaced}
 
 
-def rollback(settings: Settings, *, reason: str, actor: str) -> dict[str, Any]:
+def _undo(settings: Settings, client: Any, before: dict[str, str], record: VersionRecord | None, what: str,
+          exc: Exception) -> RegistryError:
+    """Put back the aliases (and ``record``'s previous-champion tag, when given) that changed before
+    ``exc``; the error to raise says whether that worked."""
+    from mlflow.exceptions import MlflowException
+
+    name = settings.registered_model
+    try:
+        now = aliases(settings)
+        for alias in (CHAMPION, PREVIOUS):
+            if now.get(alias) == before.get(alias):
+                continue
+            if before.get(alias) is None:
+                client.delete_registered_model_alias(name, alias)
+            else:
+                client.set_registered_model_alias(name, alias, before[alias])
+        previous = record.champion.previous_version if record is not None else None
+        if record is not None and previous is None:
+            client.delete_model_version_tag(name, record.version, "previous_champion_version")
+        elif record is not None:
+            _set_tags(client, name, record.version, ChampionTags(previous_version=previous).to_tags())
+        restored = aliases(settings) == before
+    except (MlflowException, RegistryError):
+        restored = False
+    if restored:
+        return registry_failure(settings, what, exc, outcome="the aliases are unchanged (what had moved was put back)")
+    return registry_failure(
+        settings, what, exc, outcome=f"the aliases could not be put back and may be inconsistent (they were {before})",
+        hint="check them with `xrayops registry show` once the registry answers, and restore them "
+             "(`xrayops registry rollback`, or MLflow's UI)")
+
+
+def _confirm(settings: Settings, expected: dict[str, str], what: str) -> None:
+    """Read the aliases back after a move; a difference means a writer outside the lock."""
+    now = aliases(settings)
+    wrong = {a: (now.get(a), expected.get(a)) for a in (CHAMPION, PREVIOUS) if now.get(a) != expected.get(a)}
+    if wrong:
+        raise RegistryError(
+            f"{settings.registered_model}: after {what} the registry shows "
+            + ", ".join(f"{a}={got} (expected {want})" for a, (got, want) in wrong.items())
+            + ": another writer moved the aliases outside the registry lock",
+            hint="every writer must share the lock: the same paths.home (or SQLite registry folder) on one machine, "
+                 "or promote.registry_write_limit with a registry server shared by several machines; check the "
+                 "aliases with `xrayops registry show`")
+
+
+def rollback(settings: Settings, *, reason: str, actor: str, lock: AliasLock | None = None) -> dict[str, Any]:
     """Move ``champion`` back to ``previous-champion``, with an audit record.
 
-    The audit record is stored as tags, a description line and a JSON artifact
-    (``registry/rollback-<time>.json`` in the training run) on both versions.
+    Under the registry's alias lock. The audit record is stored as tags, a description line and a
+    JSON artifact (``registry/rollback-<time>.json`` in the training run) on both versions; the
+    rolled-back version can never be champion again (:func:`check_promotable`).
     ``previous-champion`` then points at the champion before the restored one, if known.
 
     Raises:
-        PromotionError: no champion or no previous champion to return to.
+        PromotionError: no champion or no previous champion to return to, or that one was rolled back.
+        RegistryUnavailable: the registry failed (the message says whether the aliases are unchanged).
     """
+    from mlflow.exceptions import MlflowException
+
     client = configure_mlflow(settings)
     name = settings.registered_model
-    current, previous = get_alias(settings, CHAMPION), get_alias(settings, PREVIOUS)
-    if current is None or previous is None or previous.version == current.version:
-        raise PromotionError(f"{name}: nothing to roll back to (champion={getattr(current, 'version', None)}, "
-                             f"previous-champion={getattr(previous, 'version', None)}); "
-                             "see `xrayops registry show`")
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    record = {"action": "rollback", "model": name, "from_version": str(current.version),
-              "to_version": str(previous.version), "reason": reason, "actor": actor, "at": now}
-    for run_id in {current.run_id, previous.run_id}:
-        client.log_dict(run_id, record, rollback_artifact(now))
-    before = VersionRecord.from_version(previous).champion.previous_version
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    if before and before not in (str(previous.version), str(current.version)):
-        client.set_registered_model_alias(name, PREVIOUS, before)
-    else:
-        client.delete_registered_model_alias(name, PREVIOUS)
-    _audit(client, name, current.version, RollbackTags(at=now, reason=reason, by=actor).to_tags(),
-           f"Rolled back {now} by {actor}: {reason}")
-    _audit(client, name, previous.version,
-           ChampionTags(since=now, reason=f"rollback: {reason}", restored_by=actor).to_tags(),
-           f"Restored as champion {now} by {actor}: {reason}")
+    with alias_lock(settings, lock):
+        current, previous = get_alias(settings, CHAMPION), get_alias(settings, PREVIOUS)
+        if current is None or previous is None or previous.version == current.version:
+            raise PromotionError(f"{name}: nothing to roll back to (champion={getattr(current, 'version', None)}, "
+                                 f"previous-champion={getattr(previous, 'version', None)}); "
+                                 "see `xrayops registry show`")
+        target = VersionRecord.from_version(previous)
+        if target.rollback is not None:
+            raise PromotionError(f"{name}: previous-champion v{previous.version} was itself rolled back at "
+                                 f"{target.rollback.at}; promote a gated version instead")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        record = {"action": "rollback", "model": name, "from_version": str(current.version),
+                  "to_version": str(previous.version), "reason": reason, "actor": actor, "at": now}
+        before = aliases(settings)
+        earlier = target.champion.previous_version
+        expected = {**before, CHAMPION: str(previous.version)}
+        try:
+            for run_id in {current.run_id, previous.run_id}:
+                client.log_dict(run_id, record, rollback_artifact(now))
+            client.set_registered_model_alias(name, CHAMPION, previous.version)
+            if earlier and earlier not in (str(previous.version), str(current.version)):
+                client.set_registered_model_alias(name, PREVIOUS, earlier)
+                expected[PREVIOUS] = earlier
+            else:
+                client.delete_registered_model_alias(name, PREVIOUS)
+                expected.pop(PREVIOUS, None)
+        except MlflowException as exc:
+            raise _undo(settings, client, before, None, f"roll back to v{previous.version}", exc) from exc
+        _confirm(settings, expected, f"rollback to v{previous.version}")
+        _audit(client, name, current.version, RollbackTags(at=now, reason=reason, by=actor).to_tags(),
+               f"Rolled back {now} by {actor}: {reason}")
+        _audit(client, name, previous.version,
+               ChampionTags(since=now, reason=f"rollback: {reason}", restored_by=actor).to_tags(),
+               f"Restored as champion {now} by {actor}: {reason}")
     logger.warning("%s: rolled back champion v%s → v%s (%s)", name, current.version, previous.version, reason)
     for v in (current.version, previous.version):
         publish_card(settings, str(v))

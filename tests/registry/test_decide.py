@@ -19,16 +19,19 @@ from pipeline.config import PromoteSection
 from pipeline.registry.decision import DataChecks, Evidence, GateDecision, decide
 
 NAN, INF = float("nan"), float("inf")
-GOOD_DATA = DataChecks(certificate_ok=True, patient_overlap=0, split_matches=True, validation_ok=True)
+GOOD_DATA = DataChecks(certificate_ok=True, patient_overlap=0, split_matches=True, validation_ok=True,
+                       split_manifest_ok=True, validation_manifest_ok=True)
 BINARY_FLOORS = ["auc_floor", "sensitivity_ci_low", "ece"]
-DATA = ["split_patient_overlap", "split_certificate_match", "data_validation"]
+DATA = ["split_patient_overlap", "split_certificate_match", "split_manifest_match", "data_validation",
+        "validation_manifest_match"]
 NON_INF, SUP = "delta_auc_ci_low (non-inferiority)", "delta_auc_ci_low (superiority)"
 
 
 def cfg(**over: Any) -> PromoteSection:
     base = {"registered_model": "m", "min_auc": 0.75, "min_accuracy": 0.9, "sensitivity_ci_floor": 0.7,
             "auc_margin": 0.02, "require_superiority": False, "max_ece": 0.2, "require_approval": False,
-            "approval_timeout_s": 60, "approval_poll_s": 1, "export_onnx": False}
+            "approval_timeout_s": 60, "approval_poll_s": 1, "export_onnx": False, "registry_lock_timeout_s": 5,
+            "registry_write_limit": None}
     return PromoteSection(**{**base, **over})
 
 
@@ -199,12 +202,15 @@ def test_multiclass_worse_than_the_margin_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(("data", "failed"), [
-    (DataChecks(False, None, True, True), ["split_patient_overlap", "split_certificate_match"]),
-    (DataChecks(True, 3, True, True), ["split_patient_overlap"]),
-    (DataChecks(True, 0, False, True), ["split_certificate_match"]),
-    (DataChecks(True, 0, True, False), ["data_validation"]),
-    (DataChecks(False, None, False, False), DATA),
-], ids=["no-certificate", "overlap", "other-split", "validation-failed", "all"])
+    (DataChecks(False, None, True, True, True, True), ["split_patient_overlap", "split_certificate_match"]),
+    (DataChecks(True, 3, True, True, True, True), ["split_patient_overlap"]),
+    (DataChecks(True, 0, False, True, True, True), ["split_certificate_match"]),
+    (DataChecks(True, 0, True, False, True, True), ["data_validation"]),
+    (DataChecks(True, 0, True, True, False, True), ["split_manifest_match"]),
+    (DataChecks(True, 0, True, True, True, False), ["validation_manifest_match"]),
+    (DataChecks(False, None, False, False, False, False), DATA),
+], ids=["no-certificate", "overlap", "other-split", "validation-failed", "split-of-another-manifest",
+        "validation-of-another-manifest", "all"])
 def test_failing_data_checks_block_promotion(data: DataChecks, failed: list[str]) -> None:
     d = run(binary(data=data))
     assert d.failed == failed and not d.promote
@@ -212,9 +218,10 @@ def test_failing_data_checks_block_promotion(data: DataChecks, failed: list[str]
 
 
 def test_data_check_values_are_recorded() -> None:
-    d = by_name(run(binary(data=DataChecks(True, 3, False, False))))
+    d = by_name(run(binary(data=DataChecks(True, 3, False, False, False, True))))
     assert d["split_patient_overlap"].value == 3
     assert d["split_certificate_match"].value is False and d["data_validation"].value is False
+    assert d["split_manifest_match"].value is False and d["validation_manifest_match"].value is True
 
 
 # --------------------------------------------------------------------------- purity

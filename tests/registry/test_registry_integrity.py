@@ -1,0 +1,305 @@
+"""Registry integrity under faults and races, on a real temporary MLflow registry (SQLite).
+
+No model is trained here: versions are registered with hand-written gate tags, which is all
+that alias moves, approval and rollback read. Faults are injected at the edge only: the
+``MlflowClient`` method that talks to the store raises an ``MlflowException`` with a server
+error code, as a 5xx answer, a timeout or a locked SQLite database does.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import Settings
+from pipeline.errors import PromotionError, RegistryError
+from pipeline.registry.contract import CHAMPION, PREVIOUS, GateTags, VersionRecord
+from pipeline.registry.read import aliases, get_alias, get_version
+from pipeline.registry.write import move_champion, rollback
+
+PROMOTE = ["promote.export_onnx=false"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One temporary project and SQLite registry for the module (creating the database takes seconds)."""
+    from pipeline.config import load_settings
+    from tests.conftest import TINY, write_params
+
+    settings = load_settings(write_params(tmp_path_factory.mktemp("registry"), [*TINY, *PROMOTE]))
+    aliases(settings)  # creates the database
+    return settings
+
+
+@pytest.fixture
+def registry(store: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings whose registered model is new and exists (no versions yet); one name per test.
+
+    Model cards are not written: these versions have no evaluation to put on one (cards are
+    tested with real versions in test_gate.py).
+    """
+    from pipeline.config import with_overrides
+    from pipeline.registry import write
+    from pipeline.tracking import configure_mlflow
+
+    monkeypatch.setattr(write, "publish_card", lambda settings, version: None)
+    settings = with_overrides(store, [f"promote.registered_model=xr-{uuid.uuid4().hex[:8]}"])
+    configure_mlflow(settings).create_registered_model(settings.registered_model)
+    return settings
+
+
+def new_version(settings: Settings, *, gated_against: str | None = None, verdict: str = "pass") -> Any:
+    """A registry version whose gate verdict is ``verdict``, decided against ``gated_against``."""
+    from pipeline.tracking import configure_mlflow, ensure_experiment
+
+    client = configure_mlflow(settings)
+    run = client.create_run(ensure_experiment(settings))
+    mv = client.create_model_version(settings.registered_model, source=f"runs:/{run.info.run_id}/model",
+                                     run_id=run.info.run_id)
+    gate_as(settings, mv.version, gated_against, verdict=verdict)
+    return client.get_model_version(settings.registered_model, mv.version)
+
+
+def gate_as(settings: Settings, version: Any, champion: str | None, *, verdict: str = "pass") -> None:
+    tags = GateTags.of(promote=verdict == "pass", failed=[] if verdict == "pass" else ["auc_floor"],
+                       decided_at=datetime.now(UTC).isoformat(timespec="seconds"), champion=champion,
+                       reason="test").to_tags()
+    client = MlflowClient(settings.tracking_uri, settings.registry_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.registered_model, str(version), key, value)
+
+
+def server_error(method: str = "") -> MlflowException:
+    return MlflowException(f"INTERNAL_ERROR: {method} failed (injected 5xx)", error_code="INTERNAL_ERROR")
+
+
+@contextmanager
+def failing(monkeypatch: pytest.MonkeyPatch, method: str, when: Callable[..., bool] = lambda *a, **k: True,
+            ) -> Iterator[list[tuple[Any, ...]]]:
+    """Make ``MlflowClient.<method>`` raise a server error whenever ``when(*args)`` is true."""
+    real = getattr(MlflowClient, method)
+    calls: list[tuple[Any, ...]] = []
+
+    def fake(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        if when(*args, **kwargs):
+            calls.append(args)
+            raise server_error(method)
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, method, fake)
+        yield calls
+
+
+# --------------------------------------------------------------------------- (1) read errors are not "no champion"
+
+
+def test_missing_alias_and_missing_model_read_as_none(registry: Settings) -> None:
+    from pipeline.config import with_overrides
+
+    assert get_alias(registry, CHAMPION) is None
+    assert aliases(registry) == {}
+    other = with_overrides(registry, ["promote.registered_model=never-registered"])
+    assert get_alias(other, CHAMPION) is None and aliases(other) == {}
+
+
+def test_a_registry_error_on_an_alias_read_is_an_error_not_no_champion(registry: Settings,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = new_version(registry)
+    move_champion(registry, v1.version, reason="first")
+    with failing(monkeypatch, "get_model_version_by_alias") as calls, \
+            pytest.raises(RegistryError, match="INTERNAL_ERROR") as err:
+        get_alias(registry, CHAMPION)
+    assert calls and "registry" in str(err.value).lower()
+    assert err.value.hint
+    with failing(monkeypatch, "get_registered_model"), pytest.raises(RegistryError, match="INTERNAL_ERROR"):
+        aliases(registry)
+
+
+def test_a_registry_error_while_reading_the_champion_leaves_the_chain_intact(registry: Settings,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: the failed read meant "no champion", so ``previous-champion`` was not moved and a
+    later rollback went to v1 instead of v2."""
+    v1, v2 = new_version(registry), new_version(registry)
+    move_champion(registry, v1.version, reason="first")
+    gate_as(registry, v2.version, str(v1.version))
+    move_champion(registry, v2.version, reason="second")
+    v3 = new_version(registry, gated_against=str(v2.version))
+    before = aliases(registry)
+
+    with failing(monkeypatch, "get_model_version_by_alias", lambda name, alias: alias == CHAMPION), \
+            pytest.raises(RegistryError, match="INTERNAL_ERROR"):
+        move_champion(registry, v3.version, reason="third")
+
+    assert aliases(registry) == before
+    assert rollback(registry, reason="test", actor="t")["to_version"] == str(v1.version)
+
+
+def test_a_failed_alias_write_between_the_two_moves_leaves_the_aliases_as_they_were(
+        registry: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    v1 = new_version(registry)
+    move_champion(registry, v1.version, reason="first")
+    v2 = new_version(registry, gated_against=str(v1.version))
+    move_champion(registry, v2.version, reason="second")
+    v3 = new_version(registry, gated_against=str(v2.version))
+    before = aliases(registry)
+
+    with failing(monkeypatch, "set_registered_model_alias", lambda name, alias, version: alias == CHAMPION), \
+            pytest.raises(RegistryError, match="INTERNAL_ERROR") as err:
+        move_champion(registry, v3.version, reason="third")
+
+    assert aliases(registry) == before, "previous-champion moved although champion did not"
+    assert "unchanged" in str(err.value)
+
+
+# --------------------------------------------------------------------------- (2) approval and alias rules
+
+
+def test_a_version_gated_against_an_old_champion_cannot_be_approved(registry: Settings) -> None:
+    from pipeline.config import with_overrides
+    from pipeline.registry.promote import approve_version
+
+    settings = with_overrides(registry, ["promote.require_approval=true"])
+    v1 = new_version(settings)
+    approve_version(settings, str(v1.version), reviewer="r", comment="", approve=True)
+    v2 = new_version(settings, gated_against=str(v1.version))  # waits for a reviewer
+    v3 = new_version(settings, gated_against=str(v1.version))
+    approve_version(settings, str(v3.version), reviewer="r", comment="", approve=True)
+    assert aliases(settings)[CHAMPION] == str(v3.version)
+
+    with pytest.raises(PromotionError, match=rf"gated against v{v1.version}.*champion is v{v3.version}"):
+        approve_version(settings, str(v2.version), reviewer="r", comment="late", approve=True)
+    assert aliases(settings)[CHAMPION] == str(v3.version)
+    assert aliases(settings)[PREVIOUS] == str(v1.version)
+
+
+def test_a_rolled_back_version_cannot_be_approved_or_made_champion_again(registry: Settings) -> None:
+    from pipeline.config import with_overrides
+    from pipeline.registry.promote import approve_version
+
+    settings = with_overrides(registry, ["promote.require_approval=true"])
+    v1 = new_version(settings)
+    approve_version(settings, str(v1.version), reviewer="r", comment="", approve=True)
+    v2 = new_version(settings, gated_against=str(v1.version))
+    approve_version(settings, str(v2.version), reviewer="r", comment="", approve=True)
+    rollback(settings, reason="bad in production", actor="ops")
+    assert aliases(settings)[CHAMPION] == str(v1.version)
+
+    gate_as(settings, v2.version, str(v1.version))  # even re-gated against the current champion
+    with pytest.raises(PromotionError, match="rolled back"):
+        approve_version(settings, str(v2.version), reviewer="r", comment="again", approve=True)
+    with pytest.raises(PromotionError, match="rolled back"):
+        move_champion(settings, v2.version, reason="forced")
+    assert aliases(settings)[CHAMPION] == str(v1.version)
+
+
+def test_a_failed_version_cannot_be_approved(registry: Settings) -> None:
+    from pipeline.registry.promote import approve_version
+
+    v1 = new_version(registry, verdict="fail")
+    with pytest.raises(PromotionError, match="did not pass the promotion gate"):
+        approve_version(registry, str(v1.version), reviewer="r", comment="", approve=True)
+    assert get_alias(registry, CHAMPION) is None
+
+
+# --------------------------------------------------------------------------- races
+
+
+def chain(settings: Settings) -> list[VersionRecord]:
+    """Champion, then each version it replaced, following ``previous_champion_version`` tags."""
+    out: list[VersionRecord] = []
+    current = get_alias(settings, CHAMPION)
+    version = str(current.version) if current is not None else None
+    while version is not None and len(out) < 50:
+        record = VersionRecord.from_version(get_version(settings, version))
+        out.append(record)
+        version = record.champion.previous_version
+    return out
+
+
+@pytest.mark.slow
+def test_racing_alias_moves_keep_the_previous_champion_chain(registry: Settings) -> None:
+    """Eight promotions race (threads, all gated at once against v0, then released together):
+    every version that became champion is one link of the chain, each gated against its predecessor."""
+    from pipeline.registry.decision import DataChecks, Evidence, decide
+    from pipeline.registry.promote import conclude
+    from pipeline.registry.write import record_decision
+
+    v0 = new_version(registry)
+    move_champion(registry, v0.version, reason="first")
+    racers = [new_version(registry, gated_against=str(v0.version)) for _ in range(8)]
+    start = threading.Barrier(len(racers))
+    errors: list[BaseException] = []
+
+    def regate(version: Any) -> Any:
+        champion = get_alias(registry, CHAMPION)
+        evidence = Evidence("binary", {"auc": 0.99, "ece": 0.01}, {"sensitivity": [0.99, 1.0]},
+                            DataChecks(True, 0, True, True, True, True), str(champion.version),
+                            {"delta_auc": 0.01, "ci": [0.001, 0.02]})
+        decision = decide(evidence, registry.promote, model=registry.registered_model,
+                          challenger_version=str(version.version))
+        record_decision(registry, version, decision, version.run_id)
+        return decision
+
+    def race(version: Any) -> None:
+        try:
+            decision = regate(version)
+            start.wait(30)
+            conclude(registry, version, decision, regate=lambda: regate(version), attempts=len(racers))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(v,)) for v in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+    links = chain(registry)
+    assert sorted(int(r.version) for r in links) == sorted(int(v.version) for v in [v0, *racers])
+    for newer, older in zip(links, links[1:], strict=False):
+        assert newer.champion.previous_version == older.version
+        assert newer.gate is not None and newer.gate.champion == older.version, (newer.version, newer.gate)
+    now = aliases(registry)
+    assert now[CHAMPION] == links[0].version and now[PREVIOUS] == links[1].version
+
+
+@pytest.mark.slow
+def test_simultaneous_moves_of_versions_gated_against_the_same_champion_let_one_through(registry: Settings) -> None:
+    """Eight direct alias moves at once, all gated against v0: one wins, the others are refused as
+    stale (their gate compared them with a champion that is gone); the chain has no lost link."""
+    v0 = new_version(registry)
+    move_champion(registry, v0.version, reason="first")
+    racers = [new_version(registry, gated_against=str(v0.version)) for _ in range(8)]
+    start = threading.Barrier(len(racers))
+    outcomes: dict[str, BaseException | None] = {}
+
+    def race(version: Any) -> None:
+        start.wait(30)
+        try:
+            move_champion(registry, version.version, reason="race", expected_champion=str(v0.version))
+            outcomes[str(version.version)] = None
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcomes[str(version.version)] = exc
+
+    threads = [threading.Thread(target=race, args=(v,)) for v in racers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    winners = [v for v, exc in outcomes.items() if exc is None]
+    assert len(winners) == 1, outcomes
+    assert all(isinstance(exc, PromotionError) and "gated against" in str(exc)
+               for exc in outcomes.values() if exc is not None), outcomes
+    links = chain(registry)
+    assert [r.version for r in links] == [winners[0], str(v0.version)]
+    assert aliases(registry)[PREVIOUS] == str(v0.version)

@@ -10,7 +10,8 @@ the holder's pid (written into the lock file while held).
 ``flock`` locks belong to the open file: the kernel releases them when the holder's
 process ends, however it ends (``kill -9`` included), so a crash never leaves a stale
 lock. They also exclude two threads of one process that open the file separately. On
-NFS, Linux maps ``flock`` to byte-range locks, which the server arbitrates.
+NFS, Linux maps ``flock`` to byte-range locks, which the server arbitrates. A thread that
+already holds a lock may take it again (nested ``with``): only the outermost releases it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from pipeline.errors import DatasetBusy
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1
+_held = threading.local()  # lock files this thread holds
 
 
 @contextmanager
@@ -44,15 +47,22 @@ def file_lock(path: Path, *, what: str, timeout_s: float, setting: str) -> Itera
     Raises:
         DatasetBusy: another process (or another open of the file) held it for ``timeout_s``.
     """
+    key = os.path.abspath(path)
+    held = _held.__dict__.setdefault("paths", set())
+    if key in held:  # this thread holds it already (e.g. a flow task around ingest_records)
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _acquire(fd, path, what, timeout_s, setting)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             os.ftruncate(fd, 0)  # the holder line goes with the holder (a crash leaves it: harmless)
     finally:
         os.close(fd)  # releases the lock

@@ -198,6 +198,23 @@ def test_raw_data_preparation_is_locked_too(make_settings: Callable[..., Setting
     assert not (settings.raw_dir / "cohort.json").exists()
 
 
+def test_a_stage_holding_the_dataset_lock_may_ingest_inside_it_while_other_threads_wait(
+        make_settings: Callable[..., Settings]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.ingest import dataset_lock
+
+    settings = make_settings("data.version_with_dvc=false", "data.synthetic.n_patients=12",
+                             "data.ingest.lock_timeout_s=0.5")
+    prepare_raw(settings)
+    with dataset_lock(settings), ThreadPoolExecutor(1) as other:
+        summary = run_ingest(settings, show_progress=False)  # nested in this thread: no self-deadlock
+        with pytest.raises(DatasetBusy, match=f"pid {os.getpid()}"):
+            other.submit(run_ingest, settings, show_progress=False).result()
+        assert (settings.dataset_dir / ".lock").read_text().startswith(f"pid {os.getpid()}")  # still held
+    assert_consistent(settings.dataset_dir, ingested=summary["ingested"], quarantined=0)
+
+
 # --------------------------------------------------------------------------- a crash mid-ingest
 
 

@@ -365,7 +365,8 @@ def load_pixels(dcm: DicomFile) -> None:
         if length < dcm.expected_bytes:
             raise BadImage("truncated", f"{length} bytes of pixel data, {dcm.expected_bytes} needed for the "
                                         "image size in the header")
-        value = bytes(memoryview(dcm.buf)[start:start + min(length, dcm.expected_bytes + 1)])
+        needed = dcm.expected_bytes + (dcm.expected_bytes & 1)  # an odd length is padded to even
+        value = bytes(memoryview(dcm.buf)[start:start + min(length, needed)])
     if vr is None:
         vr = "OB" if encapsulated or _int(dcm.ds.get("BitsAllocated")) <= 8 else "OW"
     dcm.ds.add(DataElement(0x7FE00010, vr, value, is_undefined_length=length == 0xFFFFFFFF))

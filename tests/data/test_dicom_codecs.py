@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import resource
 import tracemalloc
 import warnings
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +26,10 @@ from pipeline.config import Settings
 from pipeline.data import dicom
 from pipeline.data.dicom import read_header, stored_pixels
 from pipeline.data.imaging import decode_bytes
+from pipeline.data.ingest import run_ingest
 from pipeline.errors import BadImage, Rejected
 from pipeline.serving.admission import admit
+from tests.data.helpers import write_dicom
 
 MAX = 100_000_000
 MR_SMALL = "MR_small.dcm"  # Explicit VR Little Endian: the uncompressed sibling of the MR_small_* files
@@ -273,3 +277,37 @@ def test_a_deflated_header_that_never_ends_is_refused_with_bounded_memory() -> N
                                                       max_pixels=MAX))
     assert isinstance(raised, BadImage) and raised.reason == "decompression_bomb", raised
     assert peak < 100 and rss < 200, (peak, rss)
+
+
+# --------------------------------------------------------------------------- quiet
+
+
+def test_quarantined_dicom_files_print_nothing(make_settings: Callable[..., Settings], tmp_path: Path,
+                                              capfd: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom logs decoder failures at ERROR with tracebacks and warns on odd values: none of it reaches the
+    console or the log during a folder ingest; the quarantine (and its summary) says what happened."""
+    root = tmp_path / "pacs"
+    broken = {"lossy.dcm": "JPEG-lossy.dcm", "badvr.dcm": "badVR.dcm", "cut.dcm": "MR_truncated.dcm"}
+    lines = ["file,label"]
+    for i in range(3):
+        write_dicom(root / f"good{i}.dcm", i, patient_id=f"P{i}")
+        lines.append(f"good{i}.dcm,NORMAL")
+    for name, bundled in broken.items():
+        (root / name).write_bytes(sample(bundled))
+        lines.append(f"{name},NORMAL")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    settings = make_settings("data.source=dicom", f"data.input={root}", "data.version_with_dvc=false",
+                             "data.ingest.workers=1")
+    caplog.set_level(logging.DEBUG)
+    for name in ("pydicom", "pylibjpeg", "libjpeg", "openjpeg"):
+        caplog.set_level(logging.DEBUG, logger=name)  # everything they emit would be captured
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_ingest(settings, show_progress=False)
+    assert summary["ingested"] == 3
+    assert summary["quarantine_reasons"] == {"corrupt_pixel_data": 2, "truncated": 1}
+    out, err = capfd.readouterr()
+    assert not [w for w in caught if "pydicom" in w.filename or "jpeg" in w.filename], [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.name.split(".")[0] in ("pydicom", "pylibjpeg", "libjpeg", "openjpeg")]
+    assert "Traceback" not in out + err and "Warning" not in out + err, (out + err)[-2000:]

@@ -23,6 +23,7 @@ file is read (:func:`quiet_pydicom`): a quarantined file is one quarantine line.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 import struct
@@ -43,6 +44,7 @@ TRAILER_SLACK = 64 << 10  # elements a deflated data set may hold after its pixe
 BYTES_PER_PIXEL_BUDGET = 2  # decoded bytes allowed per allowed pixel: a 16-bit grayscale image of max_pixels
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+RLE = "1.2.840.10008.1.2.5"
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality",
                 "Rows", "Columns")
@@ -415,7 +417,9 @@ def stored_pixels(dcm: DicomFile) -> np.ndarray:
         _require_decoder(dcm.syntax)
         with header_errors():
             load_pixels(dcm)
-        if dcm.syntax.is_encapsulated:
+        if dcm.syntax == RLE:
+            _check_rle_segments(dcm)
+        elif dcm.syntax.is_encapsulated:
             _check_codestream(dcm)
         try:
             return dcm.ds.pixel_array
@@ -460,6 +464,34 @@ def _check_codestream(dcm: DicomFile) -> None:
     rows, cols = _int(dcm.ds.get("Rows")), _int(dcm.ds.get("Columns"))
     if size is not None and size != (cols, rows):
         raise BadImage("corrupt_pixel_data", f"the codestream is {size[0]}x{size[1]}, the header says {cols}x{rows}")
+
+
+def _check_rle_segments(dcm: DicomFile) -> None:
+    """Each RLE segment must inflate to Rows x Columns bytes (+1 pad byte): pylibjpeg-rle panics (and Rust
+    prints the panic on stderr) when one inflates to more. Decoding a segment alone is safe."""
+    try:
+        from rle.rle import decode_segment
+    except ImportError:  # pragma: no cover - pydicom's own RLE decoder raises ordinary exceptions
+        return
+    from pydicom.encaps import generate_frames
+
+    size = _int(dcm.ds.get("Rows")) * _int(dcm.ds.get("Columns"))
+    for index, frame in enumerate(generate_frames(dcm.ds.PixelData, number_of_frames=dcm.frames)):
+        count = int.from_bytes(frame[:4], "little") if len(frame) >= 64 else 0
+        offsets = [int.from_bytes(frame[4 + 4 * i:8 + 4 * i], "little") for i in range(min(count, 15))] + [len(frame)]
+        if not 1 <= count <= 15 or offsets[0] != 64 or offsets != sorted(set(offsets)):
+            raise BadImage("corrupt_pixel_data", f"RLE frame {index}: header lists {count} segment(s) at "
+                                                 f"{offsets[:-1]}")
+        for start, end in itertools.pairwise(offsets):
+            try:
+                decoded = len(decode_segment(bytes(frame[start:end])))
+            except (MemoryError, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - as in stored_pixels: a Rust plugin may panic
+                raise BadImage("corrupt_pixel_data", f"RLE frame {index}: {type(exc).__name__}: {exc}"[:240]) from None
+            if decoded not in (size, size + 1):
+                raise BadImage("corrupt_pixel_data", f"RLE frame {index}: a segment decodes to {decoded} bytes, "
+                                                     f"Rows x Columns is {size}")
 
 
 def _codestream_size(stream: bytes) -> tuple[int, int] | None:

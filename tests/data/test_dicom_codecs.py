@@ -143,6 +143,27 @@ def test_a_syntax_without_decoder_names_the_uid_and_what_to_install(monkeypatch:
     assert "pylibjpeg-libjpeg" in jls.detail
 
 
+def test_an_rle_segment_that_overruns_its_frame_is_refused_without_a_panic(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """pylibjpeg-rle panics (Rust prints it on stderr) on a segment that inflates past Rows x Columns."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    def repeat_runs(n: int) -> bytes:  # PackBits: byte 257-k, then the byte to repeat k times
+        runs = b"".join(bytes([257 - min(128, n - i), 7]) for i in range(0, n, 128))
+        return runs + b"\x80" * (len(runs) % 2)
+
+    long, ok = repeat_runs(64 * 64 + 200), repeat_runs(64 * 64)
+    header = (2).to_bytes(4, "little") + (64).to_bytes(4, "little") + (64 + len(long)).to_bytes(4, "little")
+    ds = pydicom.dcmread(io.BytesIO(sample("MR_small_RLE.dcm")))
+    ds.PixelData = encapsulate([header + bytes(52) + long + ok])
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    refused = reason_of(buf.getvalue())
+    assert refused.reason == "corrupt_pixel_data" and "4296 bytes" in refused.detail
+    assert "panicked" not in capfd.readouterr().err
+
+
 def test_a_codestream_larger_than_the_header_is_refused_before_decoding() -> None:
     lied = reason_of(_with_pixel_data("MR_small_jp2klossless.dcm", Rows=32, Columns=32))
     assert lied.reason == "corrupt_pixel_data" and "64x64" in lied.detail

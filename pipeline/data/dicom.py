@@ -519,6 +519,7 @@ SAFE_FIELDS = {
     "Manufacturer": "manufacturer",
     "PhotometricInterpretation": "photometric",
     "BodyPartExamined": "body_part",
+    "BurnedInAnnotation": "burned_in_annotation",  # YES: identifying text drawn into the pixels
 }
 
 

@@ -33,6 +33,7 @@ REASONS = {
     "not_dicom": "DICOM signature, but the header does not parse",
     "no_decoder": "DICOM transfer syntax without an installed decoder (detail: the syntax and the package to install)",
     "corrupt_pixel_data": "the decoder failed on the DICOM pixel data, or its codestream contradicts the header",
+    "burned_in_annotation": "DICOM BurnedInAnnotation=YES: identifying text may be drawn into the pixels",
     "decode_error": "the decoder failed unexpectedly on this file (detail names the error type)",
     "missing_label": "no label for this file",
     "unknown_label": "label not in data.classes",

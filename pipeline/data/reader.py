@@ -40,6 +40,7 @@ class IngestOptions:
     workers: int
     executor: str = "auto"  # pipeline.data.parallel: auto | process | thread
     png_inflate: str = "isal"  # pipeline.data.png_inflate: isal | pillow
+    exclude_burned_in: bool = True  # DICOM BurnedInAnnotation=YES: identifying text in the pixels
 
     def __post_init__(self) -> None:  # a wrong value would otherwise quarantine every PNG as decode_error
         if self.png_inflate not in PNG_INFLATERS:
@@ -129,6 +130,8 @@ def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
 
 
 def _check_image(image: DecodedImage, opts: IngestOptions) -> None:
+    if opts.exclude_burned_in and str(image.meta.get("burned_in_annotation") or "").upper() == "YES":
+        raise BadImage("burned_in_annotation", "DICOM BurnedInAnnotation=YES: the pixels may show identifying text")
     if image.channels == 3 and not opts.profile.allow_colour:
         raise BadImage("colour_image", "colour pixels where grayscale radiographs are expected")
     if min(image.width, image.height) < opts.min_size:

@@ -186,6 +186,24 @@ def test_multi_frame_is_refused_from_the_header(monkeypatch: pytest.MonkeyPatch)
     assert refused.reason == "unsupported_mode" and "15 frames" in refused.detail
 
 
+@pytest.mark.parametrize("exclude", [True, False])
+def test_burned_in_annotation_is_excluded_unless_allowed(tmp_path: Path, exclude: bool) -> None:
+    from pipeline.data.manifest import IngestOptions, ingest_records
+    from pipeline.data.sources.base import XRAY_PROFILE, RawRecord
+
+    records = []
+    for i, burned in enumerate(("YES", "NO", None)):
+        path = tmp_path / "raw" / f"img{i}.dcm"
+        write_dicom(path, i, patient_id=f"P{i}", phi={"BurnedInAnnotation": burned} if burned else None)
+        records.append(RawRecord(path, path.name, "NORMAL", None))
+    opts = IngestOptions(source="test", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE,
+                         salt=b"burned-in-test-salt-" * 2, min_size=32, max_pixels=MAX, max_bytes=1 << 20,
+                         dicom_bit_depth=8, workers=1, exclude_burned_in=exclude)
+    summary = ingest_records(records, tmp_path / "ds", opts)
+    assert summary["ingested"] == (2 if exclude else 3)
+    assert summary["quarantine_reasons"] == ({"burned_in_annotation": 1} if exclude else {})
+
+
 # --------------------------------------------------------------------------- bounded memory
 
 

@@ -109,3 +109,30 @@ def register_and_gate() -> Callable[..., tuple[Any, Any]]:
         return result.version, result.decision
 
     return run
+
+
+@pytest.fixture(scope="module")
+def registry_store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One temporary project and SQLite registry per test module (creating the database takes seconds)."""
+    from pipeline.registry.read import aliases
+    from tests.registry.versions import PROMOTE
+
+    settings = load_settings(write_params(tmp_path_factory.mktemp("registry"), [*TINY, *PROMOTE]))
+    aliases(settings)  # creates the database
+    return settings
+
+
+@pytest.fixture
+def registry(registry_store: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings whose registered model is new and exists (no versions yet); one name per test.
+
+    Model cards are not written: the versions of tests/registry/versions.py have no evaluation to
+    put on one (cards are tested with real versions in test_gate.py).
+    """
+    from pipeline.registry import write
+    from pipeline.tracking import configure_mlflow
+
+    monkeypatch.setattr(write, "publish_card", lambda settings, version: None)
+    settings = with_overrides(registry_store, [f"promote.registered_model=xr-{uuid.uuid4().hex[:8]}"])
+    configure_mlflow(settings).create_registered_model(settings.registered_model)
+    return settings

@@ -9,10 +9,8 @@ error code, as a 5xx answer, a timeout or a locked SQLite database does.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,60 +19,10 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.config import Settings
 from pipeline.errors import PromotionError, RegistryError
-from pipeline.registry.contract import CHAMPION, PREVIOUS, GateTags, VersionRecord
+from pipeline.registry.contract import CHAMPION, PREVIOUS, VersionRecord
 from pipeline.registry.read import aliases, get_alias, get_version
 from pipeline.registry.write import move_champion, rollback
-
-PROMOTE = ["promote.export_onnx=false"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """One temporary project and SQLite registry for the module (creating the database takes seconds)."""
-    from pipeline.config import load_settings
-    from tests.conftest import TINY, write_params
-
-    settings = load_settings(write_params(tmp_path_factory.mktemp("registry"), [*TINY, *PROMOTE]))
-    aliases(settings)  # creates the database
-    return settings
-
-
-@pytest.fixture
-def registry(store: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings whose registered model is new and exists (no versions yet); one name per test.
-
-    Model cards are not written: these versions have no evaluation to put on one (cards are
-    tested with real versions in test_gate.py).
-    """
-    from pipeline.config import with_overrides
-    from pipeline.registry import write
-    from pipeline.tracking import configure_mlflow
-
-    monkeypatch.setattr(write, "publish_card", lambda settings, version: None)
-    settings = with_overrides(store, [f"promote.registered_model=xr-{uuid.uuid4().hex[:8]}"])
-    configure_mlflow(settings).create_registered_model(settings.registered_model)
-    return settings
-
-
-def new_version(settings: Settings, *, gated_against: str | None = None, verdict: str = "pass") -> Any:
-    """A registry version whose gate verdict is ``verdict``, decided against ``gated_against``."""
-    from pipeline.tracking import configure_mlflow, ensure_experiment
-
-    client = configure_mlflow(settings)
-    run = client.create_run(ensure_experiment(settings))
-    mv = client.create_model_version(settings.registered_model, source=f"runs:/{run.info.run_id}/model",
-                                     run_id=run.info.run_id)
-    gate_as(settings, mv.version, gated_against, verdict=verdict)
-    return client.get_model_version(settings.registered_model, mv.version)
-
-
-def gate_as(settings: Settings, version: Any, champion: str | None, *, verdict: str = "pass") -> None:
-    tags = GateTags.of(promote=verdict == "pass", failed=[] if verdict == "pass" else ["auc_floor"],
-                       decided_at=datetime.now(UTC).isoformat(timespec="seconds"), champion=champion,
-                       reason="test").to_tags()
-    client = MlflowClient(settings.tracking_uri, settings.registry_uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(settings.registered_model, str(version), key, value)
+from tests.registry.versions import gate_against_current, gate_as, new_version
 
 
 def server_error(method: str = "") -> MlflowException:
@@ -229,9 +177,7 @@ def chain(settings: Settings) -> list[VersionRecord]:
 def test_racing_alias_moves_keep_the_previous_champion_chain(registry: Settings) -> None:
     """Eight promotions race (threads, all gated at once against v0, then released together):
     every version that became champion is one link of the chain, each gated against its predecessor."""
-    from pipeline.registry.decision import DataChecks, Evidence, decide
     from pipeline.registry.promote import conclude
-    from pipeline.registry.write import record_decision
 
     v0 = new_version(registry)
     move_champion(registry, v0.version, reason="first")
@@ -239,21 +185,12 @@ def test_racing_alias_moves_keep_the_previous_champion_chain(registry: Settings)
     start = threading.Barrier(len(racers))
     errors: list[BaseException] = []
 
-    def regate(version: Any) -> Any:
-        champion = get_alias(registry, CHAMPION)
-        evidence = Evidence("binary", {"auc": 0.99, "ece": 0.01}, {"sensitivity": [0.99, 1.0]},
-                            DataChecks(True, 0, True, True, True, True), str(champion.version),
-                            {"delta_auc": 0.01, "ci": [0.001, 0.02]})
-        decision = decide(evidence, registry.promote, model=registry.registered_model,
-                          challenger_version=str(version.version))
-        record_decision(registry, version, decision, version.run_id)
-        return decision
-
     def race(version: Any) -> None:
         try:
-            decision = regate(version)
+            decision = gate_against_current(registry, version)
             start.wait(30)
-            conclude(registry, version, decision, regate=lambda: regate(version), attempts=len(racers))
+            conclude(registry, version, decision, regate=lambda: gate_against_current(registry, version),
+                     attempts=len(racers))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 

@@ -23,13 +23,10 @@ file is read (:func:`quiet_pydicom`): a quarantined file is one quarantine line.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
-import re
 import struct
 import threading
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.dicom_stream import (
+    Inflater,
+    check_rle_frame,
+    codestream_size,
+    element_header,
+    encapsulated_end,
+    tag_at,
+)
 from pipeline.errors import BadImage
 
 MAX_HEADER_BYTES = 16 << 20  # an inflated header (everything before the pixel data) larger than this is refused
@@ -48,8 +53,6 @@ RLE = "1.2.840.10008.1.2.5"
 _PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality",
                 "Rows", "Columns")
-_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _LIBJPEG = "pylibjpeg + pylibjpeg-libjpeg"
 _OPENJPEG = "pylibjpeg + pylibjpeg-openjpeg"
 _PLUGINS = {  # transfer syntax -> packages whose plugin decodes it (project dependencies: `uv sync`)
@@ -100,35 +103,6 @@ def quiet_pydicom() -> Iterator[None]:
 # --------------------------------------------------------------------------- header
 
 
-class _Inflater:
-    """A raw deflate stream inflated only as far as asked."""
-
-    def __init__(self, compressed: bytes) -> None:
-        self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._input: bytes | None = compressed
-        self._exhausted = False
-        self.out = bytearray()
-
-    @property
-    def finished(self) -> bool:
-        """The stream ended, or its input did (a cut-short file)."""
-        return self._inflate.eof or self._exhausted
-
-    def grow(self, size: int) -> None:
-        """Inflate until :attr:`out` holds ``size`` bytes or the stream (or its input) ends."""
-        try:
-            while len(self.out) < size and not self._inflate.eof:
-                src = self._input if self._input is not None else self._inflate.unconsumed_tail
-                self._input = None
-                chunk = self._inflate.decompress(src, size - len(self.out))
-                if not chunk and not src:
-                    self._exhausted = True  # input ended before the end of the stream
-                    return
-                self.out += chunk
-        except zlib.error as exc:
-            raise BadImage("corrupt_pixel_data", f"the deflated data set does not inflate ({exc})") from None
-
-
 @dataclass
 class DicomFile:
     """A DICOM file read up to its pixel data; :func:`load_pixels` adds the pixel data element.
@@ -144,7 +118,7 @@ class DicomFile:
     pixel_at: int | None
     implicit: bool
     little: bool
-    inflater: _Inflater | None = None
+    inflater: Inflater | None = None
     expected_bytes: int = 0
 
     @property
@@ -201,7 +175,7 @@ def _plain_header(data: bytes) -> DicomFile:
     _ensure_transfer_syntax(ds)
     implicit, little = ds.original_encoding[:2]
     at = fp.tell()
-    return DicomFile(ds, data, at if _tag_at(data, at, little) in _PIXEL_TAGS else None, bool(implicit), bool(little))
+    return DicomFile(ds, data, at if tag_at(data, at, little) in _PIXEL_TAGS else None, bool(implicit), bool(little))
 
 
 def _deflated_header(compressed: bytes, preamble: bytes | None, meta: Any) -> DicomFile:
@@ -211,7 +185,7 @@ def _deflated_header(compressed: bytes, preamble: bytes | None, meta: Any) -> Di
     from pydicom.filereader import read_dataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    inflater = _Inflater(compressed)
+    inflater = Inflater(compressed)
     size = 64 << 10
     while True:
         inflater.grow(size)
@@ -225,7 +199,7 @@ def _deflated_header(compressed: bytes, preamble: bytes | None, meta: Any) -> Di
                 raise
             ds = None  # the header goes on beyond what is inflated so far
         at = fp.tell()
-        if ds is not None and (_tag_at(buf, at, True) in _PIXEL_TAGS and len(buf) >= at + 12 or inflater.finished):
+        if ds is not None and (tag_at(buf, at, True) in _PIXEL_TAGS and len(buf) >= at + 12 or inflater.finished):
             break
         if size >= MAX_HEADER_BYTES:
             raise BadImage("decompression_bomb", f"the deflated header inflates beyond {MAX_HEADER_BYTES} bytes")
@@ -234,7 +208,7 @@ def _deflated_header(compressed: bytes, preamble: bytes | None, meta: Any) -> Di
     meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what the inflated body is
     fds = FileDataset("", ds, preamble=preamble, file_meta=meta, is_implicit_VR=False, is_little_endian=True)
     fds.set_original_encoding(False, True, ds._character_set)
-    pixel_at = at if _tag_at(buf, at, True) in _PIXEL_TAGS else None
+    pixel_at = at if tag_at(buf, at, True) in _PIXEL_TAGS else None
     return DicomFile(fds, inflater.out, pixel_at, False, True, inflater=inflater)
 
 
@@ -254,13 +228,6 @@ def _ensure_transfer_syntax(ds: Any) -> None:
     ds.file_meta.TransferSyntaxUID = syntax
 
 
-def _tag_at(buf: bytes | bytearray, at: int, little: bool) -> int | None:
-    if len(buf) < at + 4:
-        return None
-    order = "little" if little else "big"
-    return int.from_bytes(buf[at:at + 2], order) << 16 | int.from_bytes(buf[at + 2:at + 4], order)
-
-
 def _check_pixel_element(dcm: DicomFile) -> None:
     if dcm.pixel_at is None:
         if _cut_short(dcm):
@@ -270,7 +237,7 @@ def _check_pixel_element(dcm: DicomFile) -> None:
         if _unrecognisable(dcm.ds):
             raise BadImage("not_dicom", "DICOM signature, but no SOP, study, patient or image element follows")
         raise BadImage("dicom_no_pixels", "DICOM file has no PixelData element")
-    tag = _tag_at(dcm.buf, dcm.pixel_at, dcm.little)
+    tag = tag_at(dcm.buf, dcm.pixel_at, dcm.little)
     if tag != 0x7FE00010:
         raise BadImage("unsupported_mode", f"DICOM {_PIXEL_TAGS.get(tag or 0, 'pixel data')} (integer pixels expected)")
 
@@ -351,12 +318,12 @@ def load_pixels(dcm: DicomFile) -> None:
             raise BadImage("decompression_bomb", f"the deflated data set inflates beyond the {limit} bytes "
                                                  "its header declares")
         dcm.buf = dcm.inflater.out
-    vr, start, length = _element_header(dcm)
+    vr, start, length = element_header(dcm.buf, dcm.pixel_at, implicit=dcm.implicit, little=dcm.little)
     encapsulated = dcm.syntax.is_encapsulated
     if length == 0xFFFFFFFF:
         if not encapsulated:
             raise BadImage("corrupt_pixel_data", f"native pixel data ({dcm.syntax.name}) with undefined length")
-        end = _encapsulated_end(dcm.buf, start, dcm.little)
+        end = encapsulated_end(dcm.buf, start, dcm.little)
         value = bytes(memoryview(dcm.buf)[start:end])
     else:
         if encapsulated:
@@ -372,39 +339,6 @@ def load_pixels(dcm: DicomFile) -> None:
     if vr is None:
         vr = "OB" if encapsulated or _int(dcm.ds.get("BitsAllocated")) <= 8 else "OW"
     dcm.ds.add(DataElement(0x7FE00010, vr, value, is_undefined_length=length == 0xFFFFFFFF))
-
-
-def _element_header(dcm: DicomFile) -> tuple[str | None, int, int]:
-    """(VR or None for implicit VR, value offset, value length) of the pixel data element."""
-    at, buf, order = dcm.pixel_at or 0, dcm.buf, "little" if dcm.little else "big"
-    if len(buf) < at + 12:
-        raise BadImage("truncated", "the file ends inside the pixel data element's header")
-    if dcm.implicit:
-        return None, at + 8, int.from_bytes(buf[at + 4:at + 8], order)
-    vr = bytes(buf[at + 4:at + 6])
-    if vr in _LONG_VRS:
-        return vr.decode(), at + 12, int.from_bytes(buf[at + 8:at + 12], order)
-    return vr.decode("latin-1"), at + 8, int.from_bytes(buf[at + 6:at + 8], order)
-
-
-def _encapsulated_end(buf: bytes | bytearray, start: int, little: bool) -> int:
-    """Offset of the sequence delimiter that closes encapsulated pixel data starting at ``start``."""
-    order, at, items = "little" if little else "big", start, 0
-    while len(buf) >= at + 8:
-        tag = _tag_at(buf, at, little)
-        length = int.from_bytes(buf[at + 4:at + 8], order)
-        if tag == _SEQUENCE_END:
-            if items == 0:
-                raise BadImage("corrupt_pixel_data", "encapsulated pixel data without a basic offset table item")
-            return at
-        if tag != _ITEM:
-            raise BadImage("corrupt_pixel_data", f"unexpected tag {tag or 0:08X} in encapsulated pixel data")
-        if len(buf) < at + 8 + length:
-            raise BadImage("truncated", f"encapsulated fragment {items} ends after {len(buf) - at - 8} of "
-                                        f"{length} bytes")
-        at += 8 + length
-        items += 1
-    raise BadImage("truncated", f"encapsulated pixel data ends after {items} item(s) without its sequence delimiter")
 
 
 def stored_pixels(dcm: DicomFile) -> np.ndarray:
@@ -450,63 +384,24 @@ def _require_decoder(syntax: Any) -> None:
                                      "`uv sync`)")
 
 
+def _check_rle_segments(dcm: DicomFile) -> None:
+    from pydicom.encaps import generate_frames
+
+    size = _int(dcm.ds.get("Rows")) * _int(dcm.ds.get("Columns"))
+    for index, frame in enumerate(generate_frames(dcm.ds.PixelData, number_of_frames=dcm.frames)):
+        check_rle_frame(frame, size, index)
+
+
 def _check_codestream(dcm: DicomFile) -> None:
     """The first frame's JPEG / JPEG-LS / JPEG 2000 header must give the DICOM header's size."""
     from pydicom.encaps import generate_fragments
 
     fragments = generate_fragments(dcm.ds.PixelData)
     next(fragments, None)  # the basic offset table
-    first = next(fragments, b"")
-    if first.startswith(b"\x00\x00\x00\x0cjP  "):  # JP2 file format: find the codestream box
-        box = first.find(b"jp2c")
-        first = first[box + 4:] if box >= 0 else b""
-    size = _codestream_size(first)
+    size = codestream_size(next(fragments, b""))
     rows, cols = _int(dcm.ds.get("Rows")), _int(dcm.ds.get("Columns"))
     if size is not None and size != (cols, rows):
         raise BadImage("corrupt_pixel_data", f"the codestream is {size[0]}x{size[1]}, the header says {cols}x{rows}")
-
-
-def _check_rle_segments(dcm: DicomFile) -> None:
-    """Each RLE segment must inflate to Rows x Columns bytes (+1 pad byte): pylibjpeg-rle panics (and Rust
-    prints the panic on stderr) when one inflates to more. Decoding a segment alone is safe."""
-    try:
-        from rle.rle import decode_segment
-    except ImportError:  # pragma: no cover - pydicom's own RLE decoder raises ordinary exceptions
-        return
-    from pydicom.encaps import generate_frames
-
-    size = _int(dcm.ds.get("Rows")) * _int(dcm.ds.get("Columns"))
-    for index, frame in enumerate(generate_frames(dcm.ds.PixelData, number_of_frames=dcm.frames)):
-        count = int.from_bytes(frame[:4], "little") if len(frame) >= 64 else 0
-        offsets = [int.from_bytes(frame[4 + 4 * i:8 + 4 * i], "little") for i in range(min(count, 15))] + [len(frame)]
-        if not 1 <= count <= 15 or offsets[0] != 64 or offsets != sorted(set(offsets)):
-            raise BadImage("corrupt_pixel_data", f"RLE frame {index}: header lists {count} segment(s) at "
-                                                 f"{offsets[:-1]}")
-        for start, end in itertools.pairwise(offsets):
-            try:
-                decoded = len(decode_segment(bytes(frame[start:end])))
-            except (MemoryError, KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - as in stored_pixels: a Rust plugin may panic
-                raise BadImage("corrupt_pixel_data", f"RLE frame {index}: {type(exc).__name__}: {exc}"[:240]) from None
-            if decoded not in (size, size + 1):
-                raise BadImage("corrupt_pixel_data", f"RLE frame {index}: a segment decodes to {decoded} bytes, "
-                                                     f"Rows x Columns is {size}")
-
-
-def _codestream_size(stream: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG 2000 SIZ or JPEG / JPEG-LS SOF segment; None when unknown."""
-    if stream[:4] == b"\xff\x4f\xff\x51" and len(stream) >= 24:  # SOC + SIZ
-        xsiz, ysiz, x0, y0 = (int.from_bytes(stream[i:i + 4], "big") for i in (8, 12, 16, 20))
-        return xsiz - x0, ysiz - y0
-    at = 2
-    while stream[:2] == b"\xff\xd8" and at + 9 <= len(stream) and stream[at] == 0xFF:
-        marker, length = stream[at + 1], int.from_bytes(stream[at + 2:at + 4], "big")
-        if re.fullmatch(b"[\xc0-\xc3\xc5-\xc7\xc9-\xcb\xcd-\xcf\xf7]", bytes([marker])):  # SOFn, SOF55 (JPEG-LS)
-            height, width = int.from_bytes(stream[at + 5:at + 7], "big"), int.from_bytes(stream[at + 7:at + 9], "big")
-            return (width, height) if height else None  # height 0: given later by a DNL marker
-        at += 2 + length
-    return None
 
 
 # --------------------------------------------------------------------------- radiographs

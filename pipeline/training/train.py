@@ -325,7 +325,28 @@ def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataF
         # the digest is computed from the split's rows (one dataset entity per split); the DVC hash,
         # revision and split certificate travel as tags
         ds = mlflow.data.from_pandas(frame[["image_id", "label"]], name=str(dataset["name"]))
-        mlflow.log_input(ds, context=context, tags=lineage_tags)
+        _log_input_once(ds, context=context, tags=lineage_tags)
+
+
+def _log_input_once(ds: Any, *, context: str, tags: dict[str, str], attempts: int = 3) -> None:
+    """``mlflow.log_input``, retried when a concurrent run created the same dataset entity first.
+
+    MLflow's SQL store looks the dataset up, then inserts it: two runs logging the same split at
+    once make the second insert fail on the UNIQUE constraint (seen with three overlapping
+    ``xrayops run``; PostgreSQL words it "duplicate key value"). On retry the dataset exists and only the input link is written.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(ds, context=context, tags=tags)
+            return
+        except MlflowException as exc:
+            duplicate = any(s in str(exc) for s in ("UNIQUE constraint failed", "duplicate key value"))
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 PHASE1_FILE = "phase1.json"

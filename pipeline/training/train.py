@@ -333,7 +333,8 @@ def _log_input_once(ds: Any, *, context: str, tags: dict[str, str], attempts: in
 
     MLflow's SQL store looks the dataset up, then inserts it: two runs logging the same split at
     once make the second insert fail on the UNIQUE constraint (seen with three overlapping
-    ``xrayops run``; PostgreSQL words it "duplicate key value"). On retry the dataset exists and only the input link is written.
+    ``xrayops run``; PostgreSQL words it "duplicate key value"). On retry the dataset exists and
+    only the input link is written.
     """
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -9,10 +9,12 @@ every alias move as well. It must exist: a missing limit is an error, never "no 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from pipeline.config import Settings
 from pipeline.connections import mask_uri
@@ -26,7 +28,7 @@ def registry_write_lock(settings: Settings) -> AliasLock | None:
     name = settings.promote.registry_write_limit
     if not name:
         if settings.registry_uri.startswith(("http://", "https://")):
-            get_run_logger().warning(
+            _logger().warning(
                 "registry %s is a server but promote.registry_write_limit is null: alias moves are serialised on "
                 "this machine only (set it and run `prefect gcl create registry-write --limit 1`)",
                 mask_uri(settings.registry_uri))
@@ -53,3 +55,10 @@ def registry_write_lock(settings: Settings) -> AliasLock | None:
             yield
 
     return limit
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:  # type: ignore[type-arg]
+    try:
+        return get_run_logger()
+    except MissingContextError:  # the CLI, outside a flow run
+        return logging.getLogger(__name__)

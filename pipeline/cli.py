@@ -269,11 +269,20 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
         from pipeline.registry.promote import promote_challenger
 
         trained, evaluation = _reload_evaluation(settings)
-        result = promote_challenger(settings, trained, evaluation)
+        result = promote_challenger(settings, trained, evaluation, lock=_registry_lock(settings))
         if result.awaiting_approval:
             typer.echo(f"gate passed; approval required: `xrayops registry approve {result.version.version} "
                        "--reviewer NAME` (or reject with --reject)", err=True)
         _dump(result.decision.to_dict())
+
+
+def _registry_lock(settings: Any) -> Any:
+    """The Prefect limit ``promote.registry_write_limit`` around alias moves, when set (else the file lock only)."""
+    if not settings.promote.registry_write_limit:
+        return None
+    from flows.registry_lock import registry_write_lock
+
+    return registry_write_lock(settings)
 
 
 def _reload_evaluation(settings: Any) -> tuple[Any, Any]:
@@ -614,7 +623,7 @@ def registry_rollback(
         from pipeline.registry.write import rollback
 
         with tracking_errors(settings):
-            _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser()))
+            _dump(rollback(settings, reason=reason, actor=actor or getpass.getuser(), lock=_registry_lock(settings)))
 
 
 @registry_app.command("approve")
@@ -632,7 +641,8 @@ def registry_approve(
         from pipeline.registry.promote import approve_version
 
         with tracking_errors(settings):
-            _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject))
+            _dump(approve_version(settings, version, reviewer=reviewer, comment=comment, approve=not reject,
+                                  lock=_registry_lock(settings)))
 
 
 @registry_app.command("card")

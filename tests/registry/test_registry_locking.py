@@ -118,3 +118,29 @@ def test_the_flows_take_the_prefect_limit_named_by_registry_write_limit(prefect_
         holder.join(30)
     moved = move_champion(settings, v1.version, reason="slot free", lock=lock)
     assert moved["champion"] == str(v1.version) == aliases(settings)[CHAMPION]
+
+    # the CLI takes the same limit: a reviewer's approval on another machine waits for the slot too
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    v2 = new_version(settings, gated_against=str(v1.version))
+    cli = ["registry", "approve", str(v2.version), "--reviewer", "dr-lock",
+           "--params", str(settings.root / "params.yaml"),
+           "--set", f"promote.registered_model={settings.registered_model}",
+           "--set", f"promote.registry_write_limit={name}", "--set", "promote.registry_lock_timeout_s=1"]
+    release.clear()
+    holder = threading.Thread(target=hold)
+    held.clear()
+    holder.start()
+    try:
+        assert held.wait(30)
+        busy = CliRunner().invoke(app, cli)
+        assert busy.exit_code == 2 and name in busy.output, busy.output
+    finally:
+        release.set()
+        holder.join(30)
+    assert aliases(settings)[CHAMPION] == str(v1.version)
+    approved = CliRunner().invoke(app, cli)
+    assert approved.exit_code == 0, approved.output
+    assert aliases(settings)[CHAMPION] == str(v2.version)

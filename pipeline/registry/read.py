@@ -68,6 +68,7 @@ def get_version(settings: Settings, version: Any) -> Any:
 
     Raises:
         RegistryError: there is no such version.
+        RegistryUnavailable: the registry answered with another error.
     """
     from mlflow.exceptions import MlflowException
 
@@ -75,6 +76,8 @@ def get_version(settings: Settings, version: Any) -> Any:
     try:
         return client.get_model_version(settings.registered_model, str(version))
     except MlflowException as exc:
+        if exc.error_code not in (NOT_FOUND, "INVALID_PARAMETER_VALUE"):  # a bad version number is the latter
+            raise registry_failure(settings, f"read {settings.registered_model} v{version}", exc) from exc
         raise RegistryError(f"{settings.registered_model} has no version {version} ({exc.error_code}); "
                             "see `xrayops registry show`") from exc
 

@@ -240,3 +240,14 @@ def test_simultaneous_moves_of_versions_gated_against_the_same_champion_let_one_
     links = chain(registry)
     assert [r.version for r in links] == [winners[0], str(v0.version)]
     assert aliases(registry)[PREVIOUS] == str(v0.version)
+
+
+def test_a_registry_error_reading_a_version_is_not_no_such_version(registry: Settings,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.errors import RegistryUnavailable
+
+    v1 = new_version(registry)
+    with pytest.raises(RegistryError, match="has no version 99"):
+        get_version(registry, 99)
+    with failing(monkeypatch, "get_model_version"), pytest.raises(RegistryUnavailable, match="INTERNAL_ERROR"):
+        get_version(registry, v1.version)

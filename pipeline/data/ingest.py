@@ -15,11 +15,11 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.data.deid import load_salt
-from pipeline.data.locking import file_lock
-from pipeline.data.manifest import LOCK_FILE, IngestOptions, Mapper, ingest_records
+from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
 from pipeline.data.sources import Source, get_source
 from pipeline.data.versioning import DatasetVersion, fetch, track
 from pipeline.errors import SourceError
+from pipeline.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +65,6 @@ def raw_lock_path(settings: Settings) -> Path:
     folder = checkout_dir(settings) if settings.data.rev else settings.raw_dir
     digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     return settings.home / "locks" / f"raw-{digest}.lock"
-
-
-def dataset_lock(settings: Settings) -> AbstractContextManager[None]:
-    """Exclusive lock of ``settings.dataset_dir`` (the one ingestion holds; bounded wait, re-entrant in a thread).
-
-    Every stage that writes into the dataset folder (ingest, validate, split) should hold it,
-    so overlapping runs take turns instead of writing the same files at once.
-    """
-    return file_lock(settings.dataset_dir / LOCK_FILE, what=f"dataset folder {settings.dataset_dir}",
-                     timeout_s=settings.data.ingest.lock_timeout_s, setting="data.ingest.lock_timeout_s")
 
 
 def raw_lock(settings: Settings) -> AbstractContextManager[None]:

@@ -32,26 +32,30 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.image_store import IMAGES_DIR
-from pipeline.data.locking import file_lock
 from pipeline.data.parallel import ordered_map
 from pipeline.data.quarantine import QUARANTINE_FILE, QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
+from pipeline.locking import file_lock
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
 LINKS_FILE = "patient_links.csv"
-LOCK_FILE = ".lock"  # held for a whole ingest (pipeline.data.locking)
+LOCK_FILE = ".lock"  # held for a whole ingest (pipeline.locking)
 TEMP_SUFFIX = ".tmp"
 __all__ = ["FEATURE_COLUMNS", "IngestOptions", "Mapper", "ingest_records", "read_links", "read_manifest",
            "read_summary"]
@@ -94,7 +98,7 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
     """Ingest ``records`` into ``out_dir``; returns the summary (also written as JSON).
 
     One ingest of a folder at a time: the whole run holds ``out_dir/.lock``
-    (:mod:`pipeline.data.locking`); another waits up to ``lock_timeout_s`` seconds (0: not at
+    (:mod:`pipeline.locking`); another waits up to ``lock_timeout_s`` seconds (0: not at
     all), then raises :class:`~pipeline.errors.DatasetBusy` naming the holder. Outputs are
     written under temporary names of this run (pid + random) and moved into place at the
     end, the summary last, so a crash mid-run leaves the previous set intact (and no
@@ -295,6 +299,17 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def dataset_lock(settings: Settings, dataset_dir: Path | None = None) -> AbstractContextManager[None]:
+    """Exclusive lock of a dataset folder (bounded wait, re-entrant in a thread).
+
+    Every stage that writes into the dataset folder (ingest, validate, split) holds it, so
+    overlapping runs take turns instead of writing the same files at once.
+    """
+    folder = dataset_dir or settings.dataset_dir
+    return file_lock(folder / LOCK_FILE, what=f"dataset folder {folder}",
+                     timeout_s=settings.data.ingest.lock_timeout_s, setting="data.ingest.lock_timeout_s")
 
 
 def read_manifest(dataset_dir: Path) -> pd.DataFrame:

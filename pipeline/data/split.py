@@ -33,7 +33,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.features import hamming_distance, hashes_to_bytes
-from pipeline.data.manifest import MANIFEST_FILE, read_links, read_manifest, read_summary
+from pipeline.data.manifest import MANIFEST_FILE, dataset_lock, read_links, read_manifest, read_summary
 from pipeline.errors import LeakageError, SplitError
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,11 @@ def run_split(settings: Settings, dataset_dir: Path | None = None) -> dict[str, 
         SplitError: fewer than three patient groups (one per split) after grouping.
     """
     dataset_dir = dataset_dir or settings.dataset_dir
+    with dataset_lock(settings, dataset_dir):  # overlapping runs take turns (pipeline.locking)
+        return _split_locked(settings, dataset_dir)
+
+
+def _split_locked(settings: Settings, dataset_dir: Path) -> dict[str, Any]:
     manifest, manifest_sha = read_bound_manifest(dataset_dir)
     manifest = manifest.reset_index(drop=True)
     summary = read_summary(dataset_dir)

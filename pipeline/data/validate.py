@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.data.manifest import read_summary
+from pipeline.data.manifest import dataset_lock, read_summary
 from pipeline.data.split import read_bound_manifest
 from pipeline.errors import ValidationFailed
 
@@ -108,6 +108,11 @@ def run_validation(settings: Settings, dataset_dir: Path | None = None) -> dict[
         ValidationFailed: a critical expectation failed (or a warning with ``fail_on_warning``).
     """
     dataset_dir = dataset_dir or settings.dataset_dir
+    with dataset_lock(settings, dataset_dir):  # overlapping runs take turns (pipeline.locking)
+        return _validate_locked(settings, dataset_dir)
+
+
+def _validate_locked(settings: Settings, dataset_dir: Path) -> dict[str, Any]:
     summary = read_summary(dataset_dir)
     classes = list(summary.get("classes") or settings.data.classes or [])
     positive = summary.get("positive_class")

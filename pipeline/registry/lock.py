@@ -16,12 +16,8 @@ imports Prefect, so it takes that lock as a context-manager factory (:data:`Alia
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -29,6 +25,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import RegistryBusy
+from pipeline.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -46,42 +43,14 @@ def lock_path(settings: Settings) -> Path:
     return folder / "locks" / f"registry-{safe}.lock"
 
 
-@contextmanager
-def registry_file_lock(settings: Settings) -> Iterator[None]:
-    """Hold the registry's file lock for the ``with`` block.
+def registry_file_lock(settings: Settings) -> AbstractContextManager[None]:
+    """Hold the registry's file lock for the ``with`` block (not reentrant: a nested move waits like any other).
 
     Raises:
         RegistryBusy: another writer held it for ``promote.registry_lock_timeout_s`` (its pid is named).
     """
-    path = lock_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        _acquire(fd, path, settings.promote.registry_lock_timeout_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _acquire(fd: int, path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = path.read_text(errors="replace").strip() or "holder unknown"
-                raise RegistryBusy(
-                    f"the registry's alias lock {path} is held by another writer ({holder}); waited {timeout_s:g} s",
-                    hint="wait for that promotion, approval or rollback to finish (or stop it), or raise "
-                         "promote.registry_lock_timeout_s") from None
-            time.sleep(POLL_S)
+    return file_lock(lock_path(settings), what="the registry's alias lock", busy=RegistryBusy, reentrant=False,
+                     timeout_s=settings.promote.registry_lock_timeout_s, setting="promote.registry_lock_timeout_s")
 
 
 @contextmanager

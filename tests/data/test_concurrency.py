@@ -130,7 +130,7 @@ def test_two_threads_ingesting_one_dataset_at_once_leave_one_consistent_set(tmp_
 HOLD = """
 import sys, time
 from pathlib import Path
-from pipeline.data.locking import file_lock
+from pipeline.locking import file_lock
 with file_lock(Path(sys.argv[1]), what="test holder", timeout_s=1, setting="x"):
     print("locked", flush=True)
     time.sleep(60)
@@ -202,7 +202,7 @@ def test_a_stage_holding_the_dataset_lock_may_ingest_inside_it_while_other_threa
         make_settings: Callable[..., Settings]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.data.ingest import dataset_lock
+    from pipeline.data.manifest import dataset_lock
 
     settings = make_settings("data.version_with_dvc=false", "data.synthetic.n_patients=12",
                              "data.ingest.lock_timeout_s=0.5")

@@ -132,7 +132,8 @@ def test_deploy_schedule_and_ui_triggered_training_on_real_servers(stack: Stack,
     params = make_project(project, stack.mlflow_url, training_cron, monitoring_cron)
     env = {**os.environ, "PREFECT_API_URL": stack.prefect_api, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "XRAYOPS_PSEUDONYM_SALT": "test-salt-not-secret-0123456789abcdef"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "XRAYOPS_PSEUDONYM_SALT": "test-salt-not-secret-0123456789abcdef"}
     env.pop("XRAYOPS_PARAMS", None)  # the deployment's job variables must carry it
 
     # 1. xrayops deploy: work pool + scheduled deployments from the project folder

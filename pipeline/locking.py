@@ -1,11 +1,12 @@
-"""Advisory file locks that keep overlapping runs of one project from mixing a dataset's files.
+"""Advisory file locks that keep overlapping runs of one project from mixing their writes.
 
 Two runs of the training flow may overlap (a schedule and a manual run, a drift trigger).
-Each writes the same folders: the raw cohort (generation, ``dvc add``) and the dataset
-folder (images, manifest, quarantine, summary). Each such writer holds an exclusive
-``fcntl.flock`` on a lock file for the whole write; a second writer polls for it for at
-most ``timeout_s`` seconds, then fails with :class:`~pipeline.errors.DatasetBusy` naming
-the holder's pid (written into the lock file while held).
+They write the same folders — the raw cohort (generation, ``dvc add``), the dataset folder
+(images, manifest, quarantine, summary) — and move the same registry aliases. Each such
+writer holds an exclusive ``fcntl.flock`` on a lock file for the whole write; a second
+writer polls for it for at most ``timeout_s`` seconds, then fails with the caller's
+``busy`` error (:class:`~pipeline.errors.DatasetBusy`, :class:`~pipeline.errors.RegistryBusy`)
+naming the holder's pid (written into the lock file while held).
 
 ``flock`` locks belong to the open file: the kernel releases them when the holder's
 process ends, however it ends (``kill -9`` included), so a crash never leaves a stale
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import DatasetBusy
+from pipeline.errors import DatasetBusy, XrayopsError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ _held = threading.local()  # lock files this thread holds
 
 
 @contextmanager
-def file_lock(path: Path, *, what: str, timeout_s: float, setting: str) -> Iterator[None]:
+def file_lock(path: Path, *, what: str, timeout_s: float, setting: str,
+              busy: type[XrayopsError] = DatasetBusy, reentrant: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
 
     Args:
@@ -43,32 +45,36 @@ def file_lock(path: Path, *, what: str, timeout_s: float, setting: str) -> Itera
         what: what the lock protects, in words, for messages ("dataset folder /x").
         timeout_s: how long to wait for another holder; 0 = do not wait.
         setting: the setting that bounds the wait (named in the error's hint).
+        busy: the error raised when the wait runs out.
+        reentrant: a thread that holds the lock may enter again (False: it waits like anyone else).
 
     Raises:
-        DatasetBusy: another process (or another open of the file) held it for ``timeout_s``.
+        busy: another process (or another open of the file) held it for ``timeout_s``.
     """
     key = os.path.abspath(path)
     held = _held.__dict__.setdefault("paths", set())
-    if key in held:  # this thread holds it already (e.g. a flow task around ingest_records)
+    if reentrant and key in held:  # this thread holds it already (e.g. a flow task around ingest_records)
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _acquire(fd, path, what, timeout_s, setting)
+        _acquire(fd, path, what, timeout_s, setting, busy)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
-        held.add(key)
+        if reentrant:
+            held.add(key)
         try:
             yield
         finally:
-            held.discard(key)
+            if reentrant:
+                held.discard(key)
             os.ftruncate(fd, 0)  # the holder line goes with the holder (a crash leaves it: harmless)
     finally:
         os.close(fd)  # releases the lock
 
 
-def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str) -> None:
+def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str, busy: type[XrayopsError]) -> None:
     deadline = time.monotonic() + timeout_s
     announced = False
     while True:
@@ -78,8 +84,8 @@ def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str) -> 
         except BlockingIOError:
             holder = holder_of(path)
             if time.monotonic() >= deadline:
-                raise DatasetBusy(
-                    f"{what} is locked by another run ({holder}; lock file {path}); waited {timeout_s:g} s",
+                raise busy(
+                    f"{what} is held by another writer ({holder}; lock file {path}); waited {timeout_s:g} s",
                     hint=f"wait for that run to finish (or stop it), or raise {setting} to wait longer",
                 ) from None
             if not announced:

@@ -48,7 +48,8 @@ def test_three_runs_started_at_once_keep_data_and_registry_consistent(prefect_ha
     settings = load_settings(params)
     MlflowClient(tracking_uri=settings.tracking_uri).search_experiments()  # the database exists (see above)
     xrayops = Path(sys.executable).with_name("xrayops")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", "COLUMNS": "400",
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")},
+           "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", "COLUMNS": "400",
            "PREFECT_API_URL": PREFECT_API_URL.value()}
     began = time.monotonic()
     procs = []
@@ -86,7 +87,8 @@ def assert_data_consistent(settings: Settings, summaries: list[dict]) -> None:
 
 def assert_registry_consistent(settings: Settings, summaries: list[dict]) -> None:
     """One version per finished run, each registered once; aliases on versions that exist, the champion gated."""
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    # both URIs explicitly: an earlier test's mlflow.set_registry_uri leaves MLFLOW_REGISTRY_URI in the environment
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
     versions = client.search_model_versions(f"name='{settings.registered_model}'")
     run_ids = [v.run_id for v in versions]
     assert len(set(run_ids)) == len(run_ids), "a run registered twice"

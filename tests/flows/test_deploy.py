@@ -61,6 +61,7 @@ def test_the_server_stores_the_limit(prefect_harness: None, make_settings: Calla
                            job_variables={}, paused=True)
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(deployed.name)
+        client.delete_deployment(deployment.id)  # the harness server is shared: monitoring tests expect none
     assert deployment.global_concurrency_limit is not None
     assert deployment.global_concurrency_limit.limit == 2
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"

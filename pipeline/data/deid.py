@@ -25,6 +25,7 @@ import stat
 import uuid
 from pathlib import Path
 
+from pipeline.durable import fsync_path
 from pipeline.errors import SaltError
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,7 @@ def _create_salt_file(path: Path, env_var: str) -> None:
                             "must allow hard links, which make creating it atomic)",
                             hint=f"set {env_var} to a random value of at least {MIN_SALT_BYTES} bytes "
                             f"(e.g. `{NEW_SALT}`), or move paths.home to a local disk") from exc
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(path.parent)
         logger.info("created a local pseudonymisation salt under %s (set %s to share one)", path.parent, env_var)
     finally:
         tmp.unlink(missing_ok=True)

@@ -45,6 +45,7 @@ from pipeline.data.parallel import ordered_map
 from pipeline.data.quarantine import QUARANTINE_FILE, QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
+from pipeline.durable import fsync_path
 from pipeline.locking import file_lock
 
 if TYPE_CHECKING:
@@ -175,9 +176,9 @@ def _ingest_locked(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
     _write_links(temp[LINKS_FILE], dedup.links)
     _write_json(temp[SUMMARY_FILE], summary)
     for name in (LINKS_FILE, QUARANTINE_FILE, MANIFEST_FILE, SUMMARY_FILE):  # the summary last: it commits the set
-        _fsync(temp[name])
+        fsync_path(temp[name])
         os.replace(temp[name], out_dir / name)
-    _fsync(out_dir)
+    fsync_path(out_dir)
     return summary
 
 
@@ -290,15 +291,6 @@ def _file_sha256(path: Path) -> str:
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, sort_keys=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never publishes a file that is not there yet."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dataset_lock(settings: Settings, dataset_dir: Path | None = None) -> AbstractContextManager[None]:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.durable import fsync_path
 from pipeline.errors import ServingError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def append(log_dir: Path, rows: pd.DataFrame, time_column: str = "request_time")
         part_dir = log_dir / f"date={day}"
         if not part_dir.is_dir():
             part_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(part_dir.parent)
+            fsync_path(part_dir.parent)
         name = f"part-{datetime.now(UTC).strftime('%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
         written.append(_write_part(part.reset_index(drop=True), part_dir / name))
     return written
@@ -85,16 +86,8 @@ def _write_part(frame: pd.DataFrame, target: Path) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def part_files(log_dir: Path) -> list[Path]:

@@ -55,6 +55,7 @@ def check_outputs(layout: Layout, out: Path, console: str) -> None:
     assert not [s for s in layout.secrets if s.lower() in console.lower()], "identifying strings in the CLI output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_cli_ingest_validate_split_from_another_cwd(name: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,6 +74,7 @@ def _load_in_child(home: str, start: multiprocessing.synchronize.Barrier, result
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+@pytest.mark.slow
 def test_eight_processes_creating_the_salt_at_once_share_one_and_none_crashes(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")  # cheap starts, so all eight race on the same instant
     for round_ in range(10):

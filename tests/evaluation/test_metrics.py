@@ -55,6 +55,7 @@ def test_patient_weights_draw_whole_patients() -> None:
     assert (patient_weights(patients, 50, seed=3) == w).all()  # seeded
 
 
+@pytest.mark.slow
 def test_evaluate_scores_uses_the_patient_bootstrap(make_settings) -> None:
     from pipeline.evaluation.evaluate import Scored, evaluate_scores
 

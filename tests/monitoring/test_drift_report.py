@@ -33,7 +33,8 @@ def frame(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize(("ref_n", "cur_n", "method"), [pytest.param(400, 300, "K-S p_value", marks=pytest.mark.slow),
-                                                        (1500, 1200, "Wasserstein distance (normed)")])
+                                                        pytest.param(1500, 1200, "Wasserstein distance (normed)",
+                                                                     marks=pytest.mark.slow)])
 def test_drift_only_on_the_shifted_window_on_both_sides_of_the_method_switch(
         tmp_path: Path, ref_n: int, cur_n: int, method: str) -> None:
     reference = frame(ref_n, 1)
@@ -65,6 +66,7 @@ def test_not_enough_rows_gives_no_verdict_and_no_report(tmp_path: Path) -> None:
     assert "Not enough data" in summary_markdown(summary)
 
 
+@pytest.mark.slow
 def test_data_quality_flags_missing_and_out_of_range_values(tmp_path: Path) -> None:
     current = frame(200, 2)
     current.loc[:9, "mean"] = 1.7

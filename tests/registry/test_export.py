@@ -10,6 +10,7 @@ import pytest
 from pipeline.registry.export import ONNX_INPUT, ONNX_OUTPUT, export_onnx, export_saved_model, onnx_parity, onnx_session
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), [("xray_cnn", {"image_size": 48}), ("mnist_cnn", {"num_classes": 10})])
 def test_onnx_export_matches_keras(tmp_path: Path, name: str, options: dict) -> None:
     from pipeline.training.models import build_model

@@ -21,6 +21,7 @@ def test_class_weights_are_inverse_frequency() -> None:
     assert class_weights(np.array([0, 1, 2, 2]), 3)[2] == pytest.approx(4 / 6)
 
 
+@pytest.mark.slow
 def test_binary_metrics_have_stable_names_and_focal_loss(make_settings: Callable[..., Settings]) -> None:
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
     compile_model(model, make_settings("train.loss=focal"), num_classes=2)

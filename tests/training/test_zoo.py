@@ -94,6 +94,7 @@ def test_transfer_weights_from_a_local_file(tmp_path: Path) -> None:
         build_model("efficientnet_b0", image_size=32, weights=str(tmp_path / "missing.weights.h5"))
 
 
+@pytest.mark.slow
 def test_imagenet_weights_offline_name_the_file_to_place(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import urllib.error
 

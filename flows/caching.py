@@ -30,6 +30,7 @@ from typing import Any
 
 from flows.codegraph import PROJECT_ROOT, fingerprint
 from pipeline.config import Settings
+from pipeline.data.manifest import file_sha256
 
 STAMP_DIR = ".prefect-cache"
 CACHE_FORMAT = 1  # bump to invalidate every cache record
@@ -123,14 +124,6 @@ def _stamp_matches(settings: Settings, stage: str, key: str | None) -> bool:
     return key is not None and path.is_file() and path.read_text().strip() == key
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def ingest_intact(settings: Settings, version: Any) -> bool:
     """True when the dataset folder holds the ingest outputs a cache hit for this version would describe."""
     from pipeline.data.manifest import MANIFEST_FILE, read_summary
@@ -139,7 +132,7 @@ def ingest_intact(settings: Settings, version: Any) -> bool:
         return False
     manifest = settings.dataset_dir / MANIFEST_FILE
     recorded = read_summary(settings.dataset_dir).get("manifest_sha256")
-    return manifest.is_file() and recorded == _sha256(manifest)
+    return manifest.is_file() and recorded == file_sha256(manifest)
 
 
 def validate_intact(settings: Settings, ingest_summary: dict[str, Any]) -> bool:

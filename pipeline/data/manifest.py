@@ -266,7 +266,7 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
         "patients": int(df["patient_id"].nunique()),
         "classes": list(opts.classes),
         "label_counts": {k: int(v) for k, v in Counter(df["label"]).most_common()},
-        "manifest_sha256": _file_sha256(manifest),
+        "manifest_sha256": file_sha256(manifest),
         "content_sha256": content,
         "dataset_hash": dvc.get("dvc_md5") or f"sha256:{content}",
         "dvc_md5": dvc.get("dvc_md5"),
@@ -280,12 +280,19 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
     return summary
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (the manifest binding of summaries, certificates, caches)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def manifest_sha256(dataset_dir: Path) -> str | None:
+    """The sha256 of ``manifest.parquet`` as it is now; None when there is none."""
+    path = dataset_dir / MANIFEST_FILE
+    return file_sha256(path) if path.is_file() else None
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

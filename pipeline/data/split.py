@@ -360,18 +360,6 @@ def read_bound_manifest(dataset_dir: Path) -> tuple[pd.DataFrame, str]:
     return pd.read_parquet(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
 
 
-def manifest_sha256(dataset_dir: Path) -> str | None:
-    """The sha256 of ``manifest.parquet`` as it is now; None when there is none."""
-    path = dataset_dir / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_mismatch(recorded: str | None, current: str | None, what: str) -> str | None:
     """Why ``what`` (recorded for the manifest ``recorded``) does not describe the manifest ``current``."""
     if current is None:

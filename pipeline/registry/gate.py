@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.data.split import manifest_mismatch, manifest_sha256, verify_certificate
+from pipeline.data.manifest import manifest_sha256
+from pipeline.data.split import manifest_mismatch, verify_certificate
 from pipeline.data.validate import read_validation
 from pipeline.errors import LeakageError
 from pipeline.evaluation.evaluate import EvalResult, Scored, predict_proba

@@ -45,6 +45,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.errors import ServiceUnavailable
 from pipeline.registry.contract import CHAMPION, VersionRecord, approval_artifact, decision_artifact
+from pipeline.registry.read import get_alias
 from pipeline.tracking import mlflow_client
 
 logger = logging.getLogger(__name__)
@@ -188,12 +189,13 @@ def check_alias(settings: Settings, alias: str) -> Verdict:
     model = settings.registered_model
     try:
         client = _client(settings)
-        mv = _version_by_alias(client, model, alias)
+        mv = get_alias(settings, alias)  # only "not found" is None; other errors raise (fail closed)
         if mv is None:
             return Verdict(ALIAS_MISSING, f"no version of {model} holds alias '{alias}' (it was deleted, or the "
                            f"registered model does not exist); {_FIX}")
         ev = _evidence(settings, client, mv, alias)
-    except ServiceUnavailable:
+    except ServiceUnavailable as exc:
+        logger.warning("registry read for alias %s failed: %s", alias, str(exc)[:300])
         return Verdict(REGISTRY_UNREACHABLE, f"the model registry ({_where(settings)}) could not be read, so alias "
                        f"'{alias}' could not be verified; check that it is reachable (see the server log for the "
                        "error)")
@@ -213,25 +215,7 @@ def _client(settings: Settings) -> Any:
     try:
         return mlflow_client(settings)
     except Exception as exc:  # TrackingUnavailable or a broken URI: nothing can be checked
-        logger.warning("model registry unavailable: %s: %s", type(exc).__name__, str(exc)[:300])
-        raise ServiceUnavailable from exc
-
-
-def _version_by_alias(client: Any, model: str, alias: str) -> Any | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model, alias)
-    except MlflowException as exc:
-        code, text = str(exc.error_code), str(exc)
-        if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "alias" in text
-                                                 and "not found" in text):
-            return None
-        logger.warning("registry read of alias %s failed: %s", alias, text[:300])
-        raise ServiceUnavailable from exc
-    except Exception as exc:  # any other failure (connection, database): cannot check
-        logger.warning("registry read of alias %s failed: %s: %s", alias, type(exc).__name__, str(exc)[:300])
-        raise ServiceUnavailable from exc
+        raise ServiceUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _evidence(settings: Settings, client: Any, mv: Any, alias: str) -> Evidence:

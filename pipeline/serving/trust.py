@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -185,15 +186,40 @@ def _name(version: str | None) -> str:
 
 
 def check_alias(settings: Settings, alias: str) -> Verdict:
-    """Find the version holding ``alias`` and decide whether it may be served (see the module docstring)."""
+    """Find the version holding ``alias`` and decide whether it may be served (see the module docstring).
+
+    The alias and its evidence are separate registry reads, and a promotion running at the
+    same time writes several tags and aliases one after another (:func:`pipeline.registry.write.move_champion`).
+    So the read is checked like an optimistic transaction: the alias is read again after its
+    evidence and, when it moved meanwhile, everything is read afresh. A ``champion_not_promoted``
+    verdict (the one a promotion in flight can show for a moment: the new champion's alias
+    moved but its ``champion_since`` not yet written) is confirmed by one more read after
+    :data:`SETTLE_S`; a verdict that persists stands. Every read that fails fails closed.
+    """
+    verdict = _check_once(settings, alias)
+    if verdict.reason == NOT_PROMOTED:
+        time.sleep(SETTLE_S)
+        verdict = _check_once(settings, alias)
+    return verdict
+
+
+SETTLE_S = 0.5  # how long a promotion in flight may take between its alias move and its audit tag
+_SNAPSHOT_TRIES = 3
+
+
+def _check_once(settings: Settings, alias: str) -> Verdict:
     model = settings.registered_model
     try:
         client = _client(settings)
-        mv = get_alias(settings, alias)  # only "not found" is None; other errors raise (fail closed)
-        if mv is None:
-            return Verdict(ALIAS_MISSING, f"no version of {model} holds alias '{alias}' (it was deleted, or the "
-                           f"registered model does not exist); {_FIX}")
-        ev = _evidence(settings, client, mv, alias)
+        for _ in range(_SNAPSHOT_TRIES):
+            mv = get_alias(settings, alias)  # only "not found" is None; other errors raise (fail closed)
+            if mv is None:
+                return Verdict(ALIAS_MISSING, f"no version of {model} holds alias '{alias}' (it was deleted, or "
+                               f"the registered model does not exist); {_FIX}")
+            ev = _evidence(settings, client, mv, alias)
+            again = get_alias(settings, alias)
+            if again is not None and str(again.version) == str(mv.version):
+                break  # the alias did not move while its evidence was read
     except ServiceUnavailable as exc:
         logger.warning("registry read for alias %s failed: %s", alias, str(exc)[:300])
         return Verdict(REGISTRY_UNREACHABLE, f"the model registry ({_where(settings)}) could not be read, so alias "

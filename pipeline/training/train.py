@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest, read_summary
 from pipeline.data.split import read_split, verify_certificate
 from pipeline.data.versioning import DatasetVersion
+from pipeline.locking import file_lock
 from pipeline.tracking import code_version, ensure_experiment, loggable_params, mask_secrets, pip_requirements
 from pipeline.training.checkpoints import OWNER_FILE, claim_checkpoint_dir
 from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
@@ -493,12 +496,27 @@ def _curves_figure(hist: dict[str, list[float]]) -> Any:
 
 
 def _write_outputs(settings: Settings, result: TrainResult) -> None:
+    """Write the model and its ``train.json`` as one pair.
+
+    Overlapping runs of one project train into the same folder: each saves to its own
+    temporary names (pid + random), then both files are renamed under the folder's lock,
+    so a reader never sees one run's model beside another run's summary, and two writers
+    never rename the same temporary file.
+    """
     out = settings.model_dir
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MODEL_FILE}.tmp.keras"
-    result.model.save(tmp)
-    tmp.replace(out / MODEL_FILE)
-    (out / TRAIN_FILE).write_text(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_model = out / f".{MODEL_FILE}.{tag}.tmp.keras"
+    tmp_json = out / f".{TRAIN_FILE}.{tag}.tmp"
+    try:
+        result.model.save(tmp_model)
+        tmp_json.write_text(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        with _model_dir_lock(settings):
+            tmp_model.replace(out / MODEL_FILE)
+            tmp_json.replace(out / TRAIN_FILE)
+    finally:
+        tmp_model.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
 
 
 def load_trained(settings: Settings) -> TrainResult:
@@ -512,5 +530,13 @@ def load_trained(settings: Settings) -> TrainResult:
     path = out / TRAIN_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `xrayops train` first")
-    data = json.loads(path.read_text())
-    return TrainResult(**data, model=keras.models.load_model(out / MODEL_FILE, compile=False))
+    with _model_dir_lock(settings):  # the pair as one run wrote it (see _write_outputs)
+        data = json.loads(path.read_text())
+        model = keras.models.load_model(out / MODEL_FILE, compile=False)
+    return TrainResult(**data, model=model)
+
+
+def _model_dir_lock(settings: Settings) -> AbstractContextManager[None]:
+    out = settings.model_dir
+    return file_lock(out / ".train.lock", what=f"model folder {out}",
+                     timeout_s=settings.data.ingest.lock_timeout_s, setting="data.ingest.lock_timeout_s")

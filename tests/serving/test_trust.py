@@ -191,6 +191,46 @@ def test_a_rolled_back_or_superseded_version_pointed_at_by_hand_is_not_served(se
         restore_champion(settings, "1")
 
 
+def test_a_promotion_in_flight_never_reads_as_tampering(settings: Settings) -> None:
+    """Reads race a chain of real promotions (each version gated against the champion it replaces): the checker
+    reads the alias and its evidence separately while ``move_champion`` writes tags and aliases one after another;
+    every verdict must be "verified" (the CI saw ``champion_not_promoted`` for a version mid-move)."""
+    import threading
+
+    from pipeline.registry.read import get_alias
+    from pipeline.registry.write import move_champion
+    from pipeline.serving.trust import check_alias
+
+    done, errors, promoted = threading.Event(), [], []
+
+    def promote_chain() -> None:
+        try:
+            for _ in range(4):
+                current = str(get_alias(settings, CHAMPION).version)
+                mv = gated_copy(settings, champion(settings), compared_with=current)
+                move_champion(settings, mv.version, reason="race test", expected_champion=current)
+                promoted.append(str(mv.version))
+        except Exception as exc:  # noqa: BLE001 (surfaced below, in the test thread)
+            errors.append(exc)
+        finally:
+            done.set()
+
+    verdicts = []
+    writer = threading.Thread(target=promote_chain)
+    try:
+        writer.start()
+        while not done.is_set():
+            verdicts.append(check_alias(settings, CHAMPION))
+        writer.join()
+        assert not errors, errors
+        verdicts.append(check_alias(settings, CHAMPION))
+        bad = [(v.reason, v.detail[:200]) for v in verdicts if not v.trusted]
+        assert not bad, bad
+        assert str(verdicts[-1].version.version) == promoted[-1] and len(verdicts) >= 3, len(verdicts)
+    finally:
+        restore_champion(settings, "1")
+
+
 @pytest.mark.parametrize("policy", ["keep_serving", "stop"])
 def test_a_deleted_alias_is_reported_and_the_policy_decides_whether_to_serve(settings: Settings,
                                                                              policy: str) -> None:

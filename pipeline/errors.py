@@ -15,6 +15,7 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     │   └── OrchestratorUnavailable          the Prefect server (PREFECT_API_URL) does not answer
     ├── DataError                            the data → split path
     │   ├── SourceError (ValueError)         raw dataset not where or how the source expects it
+    │   │   └── LabelMismatch                the labels CSV and the files do not match (counts, no names)
     │   ├── VersioningError                  DVC could not version or fetch a dataset
     │   ├── DatasetBusy (TimeoutError)       another run holds the dataset's lock (ingest) too long
     │   ├── SaltError (ValueError)           pseudonymisation salt missing, empty or shorter than 32 bytes
@@ -85,6 +86,16 @@ class DataError(XrayopsError):
 
 class SourceError(DataError, ValueError):
     """The raw dataset is not where or how the source expects it."""
+
+
+class LabelMismatch(SourceError):
+    """The labels CSV and the files under the input folder do not match (more files without a row than
+    ``data.ingest.max_label_mismatches``). The message gives counts, CSV line numbers, file ordinals and a
+    diagnosis of the mismatch (absolute paths, another extension, letter case) — never a file name or a
+    patient id, which can carry PHI."""
+
+    hint = ("make each row of the labels CSV name its file as the source expects, or raise "
+            "data.ingest.max_label_mismatches to accept files without a row")
 
 
 class VersioningError(DataError, RuntimeError):

@@ -17,6 +17,7 @@ from pipeline.config import Settings
 from pipeline.data.deid import load_salt
 from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
 from pipeline.data.sources import Source, get_source
+from pipeline.data.sources.base import check_label_rows
 from pipeline.data.versioning import DatasetVersion, fetch, track
 from pipeline.errors import SourceError
 from pipeline.locking import file_lock
@@ -142,6 +143,8 @@ def _ingest(settings: Settings, version: DatasetVersion | None, show_progress: b
     )
     records = list(source.records(raw, labels))
     notes = getattr(source, "notes", None)
+    # before anything is written: a labels CSV that misses files would invent one patient per image
+    check_label_rows(notes, settings.data.source, settings.data.ingest.max_label_mismatches)
     extra = {
         "dataset": settings.dataset_name,
         "positive_class": positive,

@@ -13,6 +13,14 @@ label when all its records agree; conflicting cases are left out and listed.
 :func:`ingest_feedback` writes the adjudicated cases as a ``folder``-source dataset
 (``<data_dir>/raw/<monitor.feedback_dataset>/<LABEL>/<request_id>.png``), versions it with
 DVC, and reports each model version's accuracy on them.
+
+Labels become folder names, so a label is used only once it is one of the model's classes:
+:func:`record_feedback` checks it against the classes of the model that answered (the served
+version's registered ``classes``), :func:`ingest_feedback` checks every adjudicated label
+(records and ``adjudications.csv``) against the classes the dataset will be trained with
+(``data.classes``, else the ``folder`` source's), and :func:`write_dataset` builds no path
+from a label or a request id it has not checked. Anything else is a :class:`FeedbackError`
+that lists the valid classes.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,12 +69,46 @@ class FeedbackRecord:
     submitted_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedImage | None = None) -> Path:
-    """Append one record atomically (and keep the case's de-identified pixels when given)."""
-    if not _REQUEST_ID.match(record.request_id):
-        raise FeedbackError(f"request id {record.request_id!r} is not a 32-digit hex id from the API/UI")
+def check_label(label: object, classes: Sequence[str], what: str = "label") -> str:
+    """``label`` when it is one of ``classes`` (exactly), else a :class:`FeedbackError` listing them.
+
+    Feedback labels become class folder names of the feedback dataset: ``../../x`` would leave
+    it and a typo (``PNEUMONA``) would create a new class, so nothing else is accepted.
+    """
+    valid = [str(c) for c in classes]
+    if not valid:
+        raise FeedbackError("no model classes are known to check the feedback label against",
+                            hint="record feedback through the API/UI, which know the served model's classes")
+    if isinstance(label, str) and label in valid:
+        return label
+    shown = repr(label) if len(repr(label)) <= 40 else repr(label)[:37] + "..."
+    raise FeedbackError(f"{what} {shown} is not one of the model's classes: {', '.join(valid)}",
+                        hint=f"use one of {', '.join(valid)} (exact spelling and case)")
+
+
+def check_request_id(request_id: object) -> str:
+    """``request_id`` when it is a 32-digit hex id from the API/UI (it names the case's image file)."""
+    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        raise FeedbackError(f"request id {str(request_id)[:40]!r} is not a 32-digit hex id from the API/UI")
+    return request_id
+
+
+def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedImage | None = None, *,
+                    classes: Sequence[str]) -> Path:
+    """Append one record atomically (and keep the case's de-identified pixels when given).
+
+    ``classes`` are the classes of the model that answered (the served version's); the correct
+    and predicted labels must be among them.
+
+    Raises:
+        FeedbackError: a malformed request id or verdict, or a label that is not one of ``classes``
+            (the message lists them).
+    """
+    check_request_id(record.request_id)
     if record.verdict not in ("agree", "disagree"):
         raise FeedbackError(f"verdict must be 'agree' or 'disagree', got {record.verdict!r}")
+    check_label(record.correct_label, classes, "correct label")
+    check_label(record.predicted_label, classes, "predicted label")
     if record.verdict == "agree" and record.correct_label != record.predicted_label:
         raise FeedbackError("an 'agree' verdict must keep the predicted label")
     row = {**asdict(record), "comment": record.comment.strip()[:MAX_COMMENT], "has_image": image is not None}
@@ -140,7 +183,7 @@ def read_adjudications(feedback_dir: Path) -> pd.DataFrame | None:
                             hint="write it as a CSV with the header request_id,label") from None
     if not {"request_id", "label"} <= set(df.columns):
         raise FeedbackError(f"{path} must have the columns request_id,label (found {list(df.columns)})")
-    return df
+    return df.assign(request_id=df["request_id"].str.strip(), label=df["label"].str.strip())
 
 
 def accuracy_by_version(cases: pd.DataFrame) -> list[dict[str, Any]]:
@@ -168,23 +211,76 @@ def feedback_dataset_dir(settings: Settings) -> Path:
     return settings.resolve(Path(settings.paths.data_dir) / "raw" / settings.monitor.feedback_dataset)
 
 
-def write_dataset(cases: pd.DataFrame, feedback_dir: Path, dest: Path) -> dict[str, int]:
-    """Place each resolved case's image under ``dest/<LABEL>/<request_id>.png`` (idempotent)."""
+def feedback_classes(settings: Settings) -> tuple[str, ...]:
+    """The classes the feedback dataset is trained with: ``data.classes``, else the ``folder`` source's."""
+    from pipeline.data.sources.folder import FolderSource
+
+    return tuple(settings.data.classes or FolderSource().profile.classes)
+
+
+def check_adjudications(adjudications: pd.DataFrame | None, classes: Sequence[str]) -> None:
+    """Every row of ``adjudications.csv`` holds a valid request id and one of ``classes``.
+
+    Raises:
+        FeedbackError: naming the CSV lines (header = line 1) and the valid classes.
+    """
+    if adjudications is None:
+        return
+    problems = []
+    for line, (rid, label) in enumerate(zip(adjudications["request_id"], adjudications["label"], strict=True),
+                                        start=2):
+        if not (isinstance(rid, str) and _REQUEST_ID.match(rid)):
+            problems.append(f"line {line}: the request id is not a 32-digit hex id")
+        elif not (isinstance(label, str) and label in classes):
+            problems.append(f"line {line}: label {str(label)[:40]!r}")
+    if problems:
+        raise FeedbackError(f"{ADJUDICATIONS_FILE}: {len(problems)} row(s) are not usable "
+                            f"({'; '.join(problems[:5])}); a label must be one of the model's classes: "
+                            f"{', '.join(classes)}",
+                            hint=f"fix those rows of {ADJUDICATIONS_FILE} (request_id,label with label one of "
+                                 f"{', '.join(classes)}); nothing was written")
+
+
+def check_cases(cases: pd.DataFrame, classes: Sequence[str]) -> None:
+    """Every resolved case's label is one of ``classes`` (conflicts have none and are left out).
+
+    Raises:
+        FeedbackError: naming the cases (request ids) and the valid classes.
+    """
+    resolved = cases[cases["status"] != "conflict"] if len(cases) else cases
+    bad = [(rid, label) for rid, label in zip(resolved.get("request_id", []), resolved.get("label", []), strict=True)
+           if not (isinstance(label, str) and label in classes)]
+    if bad:
+        listed = "; ".join(f"{rid}: {str(label)[:40]!r}" for rid, label in bad[:5])
+        raise FeedbackError(f"{len(bad)} feedback case(s) have a label that is not one of the model's classes "
+                            f"({', '.join(classes)}): {listed}",
+                            hint=f"adjudicate those cases in {ADJUDICATIONS_FILE} (request_id,label) with one of "
+                                 f"{', '.join(classes)}; nothing was written")
+
+
+def write_dataset(cases: pd.DataFrame, feedback_dir: Path, dest: Path, classes: Iterable[str]) -> dict[str, int]:
+    """Place each resolved case's image under ``dest/<LABEL>/<request_id>.png`` (idempotent).
+
+    A label must be one of ``classes`` and a request id a 32-digit hex id before any path is built from it.
+    """
+    valid = tuple(classes)
     counts: dict[str, int] = {}
     missing = 0
     for case in cases[cases["status"] != "conflict"].itertuples():
-        src = feedback_dir / IMAGES_DIR / f"{case.request_id}.png"
+        request_id = check_request_id(case.request_id)
+        label = check_label(case.label, valid, f"label of case {request_id}")
+        src = feedback_dir / IMAGES_DIR / f"{request_id}.png"
         if not src.is_file():
             missing += 1
             continue
-        for other in dest.glob(f"*/{case.request_id}.png"):
-            if other.parent.name != case.label:
+        for other in dest.glob(f"*/{request_id}.png"):
+            if other.parent.name != label:
                 other.unlink()  # re-adjudicated to another label
-        target = dest / str(case.label) / f"{case.request_id}.png"
+        target = dest / label / f"{request_id}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         if not target.exists():
             shutil.copyfile(src, target)
-        counts[str(case.label)] = counts.get(str(case.label), 0) + 1
+        counts[label] = counts.get(label, 0) + 1
     return {**counts, "_missing_image": missing}
 
 
@@ -193,11 +289,15 @@ def ingest_feedback(settings: Settings) -> dict[str, Any]:
     from pipeline.data.versioning import track
 
     fb_dir = settings.feedback_log
+    classes = feedback_classes(settings)
     skipped: list[str] = []
     records = read_feedback(fb_dir, skipped)
-    cases = adjudicate(records, read_adjudications(fb_dir))
+    adjudications = read_adjudications(fb_dir)
+    check_adjudications(adjudications, classes)
+    cases = adjudicate(records, adjudications)
+    check_cases(cases, classes)  # before anything is written
     dest = feedback_dataset_dir(settings)
-    counts = write_dataset(cases, fb_dir, dest)
+    counts = write_dataset(cases, fb_dir, dest, classes)
     missing = counts.pop("_missing_image")
     version = None
     if counts and settings.data.version_with_dvc:

@@ -101,11 +101,11 @@ def feedback_form(service: Any, result: Any) -> None:
                                 model_version=result.model_version, predicted_label=result.label,
                                 probability=result.probability, verdict=verdict, correct_label=label,
                                 comment=comment or "")
-        try:
-            record_feedback(service.settings.feedback_log, record, image=result.image)
+        try:  # the label must be one of the served model's classes (it becomes a dataset folder name)
+            record_feedback(service.settings.feedback_log, record, image=result.image, classes=result.classes)
             st.session_state["feedback_saved"] = f"{verdict}: {label}"
         except FeedbackError as exc:
-            st.error(str(exc))
+            st.error(f"Feedback not saved: {exc}" + (f" ({exc.hint})" if exc.hint else ""))
     if st.session_state.get("feedback_saved"):
         st.success(f"Feedback saved ({st.session_state['feedback_saved']}) for request {result.request_id}.")
 

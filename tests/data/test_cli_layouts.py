@@ -35,6 +35,8 @@ def check_outputs(layout: Layout, out: Path, console: str) -> None:
     assert summary["ingested"] + summary["quarantined"] == summary["files_seen"]
     assert summary["quarantine_reasons"] == layout.reasons
     assert summary["excluded_by_label_mapping"] == layout.excluded
+    if summary.get("labels_csv", {}).get("threshold_applies"):  # the CSV names files: every mismatch counted
+        assert summary["labels_csv"]["files_without_row"] == layout.files_without_row
     with open(out / "quarantine.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == summary["quarantined"] and all(r["reason"] and r["path"].startswith("q") for r in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -15,16 +16,20 @@ from pipeline.data.imaging import decode_bytes
 from pipeline.errors import FeedbackError
 from pipeline.monitoring.feedback import (
     ADJUDICATIONS_FILE,
+    IMAGES_DIR,
     RECORDS_DIR,
     FeedbackRecord,
     accuracy_by_version,
     adjudicate,
+    feedback_dataset_dir,
     ingest_feedback,
     read_feedback,
     record_feedback,
     summary_markdown,
     wilson,
+    write_dataset,
 )
+from pipeline.serving.production_log import append
 from tests.serving.helpers import png
 from tests.serving.test_production_log import corrupt
 
@@ -35,15 +40,72 @@ def rec(rid: str, version: str, predicted: str, correct: str) -> FeedbackRecord:
                           correct_label=correct, comment="ok")
 
 
+XRAY = ("NORMAL", "PNEUMONIA")
+
+
 def test_records_are_validated_and_append_only(tmp_path: Path) -> None:
     rid = uuid.uuid4().hex
     with pytest.raises(FeedbackError, match="32-digit"):
-        record_feedback(tmp_path, rec("../../etc/passwd", "1", "A", "A"))
+        record_feedback(tmp_path, rec("../../etc/passwd", "1", "A", "A"), classes=("A", "B"))
     with pytest.raises(FeedbackError, match="agree"):
-        record_feedback(tmp_path, FeedbackRecord(rid, "m", "1", "A", 0.5, "agree", "B"))
-    record_feedback(tmp_path, rec(rid, "1", "A", "B"), image=decode_bytes(png(1), max_pixels=10**6))
-    record_feedback(tmp_path, rec(rid, "1", "A", "B"))
+        record_feedback(tmp_path, FeedbackRecord(rid, "m", "1", "A", 0.5, "agree", "B"), classes=("A", "B"))
+    record_feedback(tmp_path, rec(rid, "1", "A", "B"), image=decode_bytes(png(1), max_pixels=10**6),
+                    classes=("A", "B"))
+    record_feedback(tmp_path, rec(rid, "1", "A", "B"), classes=("A", "B"))
     assert len(read_feedback(tmp_path)) == 2 and (tmp_path / "images" / f"{rid}.png").is_file()
+
+
+@pytest.mark.parametrize("label", ["../../x", "PNEUMONA", "pneumonia", "", "NORMAL/../PNEUMONIA"])
+def test_a_label_outside_the_model_classes_is_rejected_when_recorded(tmp_path: Path, label: str) -> None:
+    with pytest.raises(FeedbackError, match="not one of the model's classes: NORMAL, PNEUMONIA") as err:
+        record_feedback(tmp_path, rec(uuid.uuid4().hex, "1", "NORMAL", label), classes=XRAY)
+    assert err.value.hint and "NORMAL, PNEUMONIA" in err.value.hint
+    assert list(tmp_path.iterdir()) == [], "nothing is written for a rejected label"
+    record_feedback(tmp_path, rec(uuid.uuid4().hex, "1", "NORMAL", "PNEUMONIA"), classes=XRAY)  # the valid label
+    assert read_feedback(tmp_path)["correct_label"].tolist() == ["PNEUMONIA"]
+
+
+def _old_record(feedback_dir: Path, rid: str, label: str) -> None:
+    """A record appended without validation (an older version, another tool): its image is kept too."""
+    row = {**asdict(rec(rid, "1", "NORMAL", label)), "has_image": True}
+    append(feedback_dir / RECORDS_DIR, pd.DataFrame([row]), time_column="submitted_at")
+    (feedback_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (feedback_dir / IMAGES_DIR / f"{rid}.png").write_bytes(png(3))
+
+
+@pytest.mark.parametrize("label", ["../../x", "PNEUMONA"])
+def test_invalid_labels_never_become_dataset_folders(make_settings: Callable[..., Settings], label: str) -> None:
+    settings = make_settings("data.version_with_dvc=false")
+    good, bad = uuid.uuid4().hex, uuid.uuid4().hex
+    record_feedback(settings.feedback_log, rec(good, "1", "NORMAL", "PNEUMONIA"),
+                    image=decode_bytes(png(2), max_pixels=10**6), classes=XRAY)
+    _old_record(settings.feedback_log, bad, label)
+    dest = feedback_dataset_dir(settings)
+    with pytest.raises(FeedbackError, match=rf"not one of the model's classes \(NORMAL, PNEUMONIA\): {bad}: "):
+        ingest_feedback(settings)
+    assert not dest.exists() and not (dest.parent / "x").exists() and not (dest.parent.parent / "x").exists()
+    # a senior reader's valid adjudication resolves the case; an invalid one is rejected with its line
+    (settings.feedback_log / ADJUDICATIONS_FILE).write_text(f"request_id,label\n{good},PNEUMONIA\n{bad},{label}\n")
+    with pytest.raises(FeedbackError, match=r"adjudications.csv: 1 row\(s\) are not usable \(line 3: label"):
+        ingest_feedback(settings)
+    assert not dest.exists()
+    (settings.feedback_log / ADJUDICATIONS_FILE).write_text(f"request_id,label\n{bad}, NORMAL\n")
+    summary = ingest_feedback(settings)
+    assert summary["images_by_label"] == {"PNEUMONIA": 1, "NORMAL": 1}
+    assert sorted(p.name for p in dest.iterdir()) == ["NORMAL", "PNEUMONIA"]
+
+
+def test_write_dataset_checks_each_label_before_building_a_path(tmp_path: Path) -> None:
+    rid = uuid.uuid4().hex
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / f"{rid}.png").write_bytes(png(1))
+    cases = pd.DataFrame([{"request_id": rid, "label": "../../x", "status": "adjudicated"}])
+    with pytest.raises(FeedbackError, match="NORMAL, PNEUMONIA"):
+        write_dataset(cases, tmp_path, tmp_path / "ds", XRAY)
+    cases = pd.DataFrame([{"request_id": "../x", "label": "NORMAL", "status": "adjudicated"}])
+    with pytest.raises(FeedbackError, match="32-digit"):
+        write_dataset(cases, tmp_path, tmp_path / "ds", XRAY)
+    assert not (tmp_path / "ds").exists() and not (tmp_path.parent / "x").exists()
 
 
 def test_adjudication_and_accuracy_by_version() -> None:
@@ -73,7 +135,8 @@ def test_ingest_builds_a_dvc_versioned_folder_dataset(dvc_project: Callable[...,
     truth = ["PNEUMONIA", "NORMAL", "NORMAL", "PNEUMONIA"]
     predicted = ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL"]
     for i, (rid, t, p) in enumerate(zip(ids, truth, predicted, strict=True)):
-        record_feedback(settings.feedback_log, rec(rid, "3", p, t), image=decode_bytes(png(i), max_pixels=10**6))
+        record_feedback(settings.feedback_log, rec(rid, "3", p, t), image=decode_bytes(png(i), max_pixels=10**6),
+                        classes=XRAY)
     summary = ingest_feedback(settings)
     dest = Path(summary["dataset_dir"])
     assert dest == settings.root / "data" / "raw" / settings.monitor.feedback_dataset
@@ -98,7 +161,7 @@ def test_feedback_flow_in_prefect(prefect_harness: None, make_settings: Callable
     settings = make_settings("data.version_with_dvc=false")
     rid = uuid.uuid4().hex
     record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
-                    image=decode_bytes(png(2), max_pixels=10**6))
+                    image=decode_bytes(png(2), max_pixels=10**6), classes=XRAY)
     summary = feedback_flow(FeedbackParameters(params_path=str(settings.root / "params.yaml")))
     assert summary["images_by_label"] == {"PNEUMONIA": 1} and summary["dvc"] is None
     assert summary["accuracy_by_version"][0]["accuracy"] == 0.0 and Path(summary["report"]).is_file()
@@ -110,7 +173,7 @@ def test_a_damaged_record_file_is_skipped_and_counted(make_settings: Callable[..
     ids = [uuid.uuid4().hex for _ in range(3)]
     for i, rid in enumerate(ids):
         record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
-                        image=decode_bytes(png(i), max_pixels=10**6))
+                        image=decode_bytes(png(i), max_pixels=10**6), classes=XRAY)
     bad = corrupt(settings.feedback_log / RECORDS_DIR)
     skipped: list[str] = []
     with caplog.at_level(logging.WARNING):

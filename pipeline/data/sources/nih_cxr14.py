@@ -11,6 +11,11 @@ PNEUMONIA, ``No Finding`` → NORMAL). An image takes the class its mapped findi
 two classes, are excluded and counted per finding (``excluded_labels``), never read.
 View position, age and sex are kept for slicing. ``train_val_list.txt`` / ``test_list.txt``,
 when present, give ``source_split`` (recorded, never used by our split).
+
+Rows name images by their bare file name. Rows without an image (a partial download) and
+images without a row (or with an empty ``Patient ID``) are counted in the summary
+(``labels_csv``); such an image has no label or patient and is quarantined, and
+ingestion stops when there are more than ``data.ingest.max_label_mismatches`` of them.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from pathlib import Path
 from pipeline.data.sources.base import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
+    LabelRows,
     MappedXraySource,
     RawRecord,
     list_files,
-    read_csv,
+    normalise_key,
+    read_csv_lines,
     require_dir,
 )
 from pipeline.errors import SourceError
@@ -56,18 +63,22 @@ class NihCxr14Source(MappedXraySource):
     def records(self, root: Path, labels: Path | None) -> Iterator[RawRecord]:
         require_dir(root, LAYOUT)
         label_file = find_label_file(root, labels)
-        rows = {r["Image Index"].strip(): r for r in read_csv(label_file, COLUMNS)}
+        index = LabelRows("Image Index", "Patient ID")
+        rows: dict[str, dict[str, str]] = {}
+        for line, r in read_csv_lines(label_file, COLUMNS):
+            key = index.add(line, r["Image Index"], usable=bool((r.get("Patient ID") or "").strip()))
+            if key:
+                rows[key] = r
         shipped = _shipped_splits(root)
-        seen: set[str] = set()
         for path in list_files(root, self.notes.ignored):
             if path == label_file or (path.parent == root and path.suffix.lower() not in (*IMAGE_SUFFIXES,
                                                                                           *DICOM_SUFFIXES)):
                 self.notes.ignored["metadata_files"] += 1
                 continue
-            row = rows.get(path.name)
+            index.find(path.relative_to(root).as_posix(), path.name)  # counts a file without a usable row
+            row = rows.get(normalise_key(path.name))
             label = None
             if row is not None:
-                seen.add(path.name)
                 label, findings = self.classify(row.get("Finding Labels") or "")
                 if label is None and findings:
                     self.notes.exclude(*findings)
@@ -82,7 +93,9 @@ class NihCxr14Source(MappedXraySource):
                 extra={"view_position": row.get("View Position"), "sex": row.get("Patient Gender"),
                        "age": row.get("Patient Age")},
             )
-        self.notes.label_rows_without_file = len(set(rows) - seen)
+        self.notes.set_labels_csv(index.report(
+            consequence="have no label or no patient id and are quarantined (missing_label / missing_patient)",
+            expected="by its bare file name, as in Data_Entry_2017.csv (e.g. 00000001_000.png)"))
 
 
 def _shipped_splits(root: Path) -> dict[str, str]:

@@ -83,6 +83,7 @@ def validate_key(settings: Settings, ingest_summary: dict[str, Any]) -> str | No
     params = settings.to_params()
     return "xrayops-validate-" + _digest({
         "format": CACHE_FORMAT, "manifest_sha256": manifest_sha, "validate": params["validate"],
+        "admission": params["data"]["admission"],  # the modality/photometric/view expectations
         "classes": params["data"]["classes"], "positive_class": params["data"]["positive_class"],
         "source": params["data"]["source"], "dataset_dir": str(settings.dataset_dir),
         "code": code_fingerprint(VALIDATE_CODE),

@@ -88,8 +88,9 @@ def ingest(settings: Settings, version: Any) -> dict[str, Any]:
         kwargs = {"mapper": mapper} if mapper else {}
         summary = run_ingest(settings, version, show_progress=False, **kwargs)
     write_stamp(settings, "ingest", ingest_key(settings, version))
-    get_run_logger().info("ingested %s of %s files (%s quarantined: %s)", summary["ingested"],
-                          summary["files_seen"], summary["quarantined"], summary["quarantine_reasons"])
+    get_run_logger().info("ingested %s of %s files (%s quarantined: %s; excluded by data.admission: %s)",
+                          summary["ingested"], summary["files_seen"], summary["quarantined"],
+                          summary["quarantine_reasons"], summary.get("excluded_by_policy", {}))
     return summary
 
 

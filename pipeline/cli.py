@@ -180,8 +180,9 @@ def ingest(
             prepare_raw(settings)
         version = version_raw(settings)
         summary = run_ingest(settings, version)
-        _dump({k: summary.get(k) for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons", "patients",
-                                           "excluded_by_label_mapping", "dataset_hash", "dvc_rev")})
+        _dump({k: summary.get(k) for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons",
+                                           "excluded_by_policy", "patients", "excluded_by_label_mapping",
+                                           "labels_csv", "dataset_hash", "dvc_rev")})
 
 
 def _abs(path: Path | None) -> str | None:

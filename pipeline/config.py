@@ -90,6 +90,39 @@ class IngestSection(_Section):
                           "unset = a random salt created once under <home>/secrets/).")
     lock_timeout_s: float = Field(gt=0, description="How long an ingest waits for another run that holds the same "
                                   "dataset's lock (ingesting or preparing it) before it fails naming that run's pid.")
+    max_label_mismatches: int = Field(ge=0, description="When a labels CSV is given: how many files without a row "
+                                      "(no label / patient id for them) ingestion tolerates before it stops with the "
+                                      "first mismatches listed; 0 = any. Rows without a file are counted only.")
+
+
+class AdmissionSection(_Section):
+    """Which DICOM files count as the images this task trains on (defaults: chest radiographs).
+
+    Judged from the header, before any pixel is decoded. A file outside the policy is not an
+    error (a CT in a PACS export is a valid file of another kind): it is excluded and counted
+    per reason in ``ingest_summary.json`` (``excluded_by_policy``) and listed in ``excluded.csv``;
+    serving refuses such an upload (``out_of_policy``).
+    """
+
+    modalities: list[str] = Field(min_length=1, description="Allowed Modality values (CR, DX; DX for presentation).")
+    body_parts: list[str] = Field(description="Allowed BodyPartExamined values (case-insensitive).")
+    allow_missing_body_part: bool = Field(description="Admit files without BodyPartExamined (many CR exports "
+                                          "leave it empty).")
+    views: list[str] = Field(min_length=1, description="Allowed ViewPosition values (PA, AP; add LL to admit "
+                             "laterals).")
+    allow_missing_view: bool = Field(description="Admit files without ViewPosition.")
+    max_frames: int = Field(ge=1, description="Most frames a file may hold (1: single-frame radiographs).")
+    photometric: list[str] = Field(min_length=1, description="Allowed PhotometricInterpretation values.")
+    presentation_intents: list[str] = Field(description="Allowed PresentationIntentType values (DX: FOR "
+                                            "PRESENTATION; FOR PROCESSING images are raw detector data); absent "
+                                            "is always allowed (CR has none).")
+    exclude_burned_in: bool = Field(description="Exclude files with BurnedInAnnotation=YES (identifying text drawn "
+                                    "into the pixels).")
+
+    @field_validator("modalities", "body_parts", "views", "photometric", "presentation_intents")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [str(x).strip().upper() for x in v]
 
 
 class DataSection(_Section):
@@ -111,6 +144,7 @@ class DataSection(_Section):
         "without a map keep their labels.")
     synthetic: SyntheticSection
     ingest: IngestSection
+    admission: AdmissionSection
 
 
 class ValidateSection(_Section):

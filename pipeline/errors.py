@@ -228,6 +228,8 @@ REJECTION_REASONS: dict[str, tuple[int, str]] = {
     "not_an_image": (415, "the content is not PNG, JPEG or DICOM (checked by content, not file name)"),
     "unsupported_image": (415, "an image mode or DICOM encoding the service cannot read"),
     "corrupt": (422, "truncated or unreadable image data"),
+    "out_of_policy": (422, "a DICOM file that data.admission does not admit (modality, body part, view, frames, "
+                           "colour, presentation intent, burned-in annotation)"),
     "colour_photograph": (422, "colour pixels where a grayscale radiograph is expected"),
     "too_small": (422, "the shorter side is below serve.min_side"),
     "implausible_geometry": (422, "the aspect ratio exceeds serve.max_aspect"),

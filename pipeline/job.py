@@ -106,6 +106,7 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
             "files_seen": ingest["files_seen"],
             "ingested": ingest["ingested"],
             "quarantined": ingest["quarantined"],
+            "excluded_by_policy": ingest.get("excluded_by_policy", {}),
             "patients": ingest["patients"],
             "validation_success": not validation["critical_failures"],
             "split": {"images": certificate["images"], "patients": certificate["patients"],

@@ -6,7 +6,7 @@ Reading is done in two steps so that nothing large is expanded before it is judg
    is inflated only as far as the header needs, in steps, never beyond :data:`MAX_HEADER_BYTES`
    (pydicom itself would inflate the whole body first: a small file promising gigapixels took
    the process to 3 GiB). Rows × Columns × frames × samples × bytes is then checked against the
-   caller's ``max_pixels`` (``decompression_bomb``) and the caller's policy (e.g. one frame)
+   caller's ``max_pixels`` (``too_large_image``) and the caller's policy (e.g. one frame)
    before any pixel byte is inflated or decoded.
 2. The pixel data element, located by us in the (inflated) bytes: a native value that ends
    early, or an encapsulated one without its sequence delimiter, is ``truncated``; a deflated
@@ -42,6 +42,7 @@ from pipeline.data.dicom_stream import (
     encapsulated_end,
     tag_at,
 )
+from pipeline.data.policy import AdmissionPolicy
 from pipeline.errors import BadImage
 
 MAX_HEADER_BYTES = 16 << 20  # an inflated header (everything before the pixel data) larger than this is refused
@@ -130,13 +131,15 @@ class DicomFile:
         return _int(self.ds.get("NumberOfFrames"), default=1)
 
 
-def read_header(data: bytes, *, max_pixels: int) -> DicomFile:
-    """Read the header (never the pixel data) and check the image it promises against ``max_pixels``.
+def read_header(data: bytes, *, max_pixels: int, policy: AdmissionPolicy | None = None) -> DicomFile:
+    """Read the header (never the pixel data); judge it by ``policy``, then the image it promises by ``max_pixels``.
 
     Raises:
+        OutOfPolicy: a readable file outside ``policy`` (a CT, a lateral, a multi-frame, …).
         BadImage: ``not_dicom``, ``truncated`` (cut inside the header), ``dicom_no_pixels``,
             ``unsupported_mode`` (float pixel data), ``corrupt_pixel_data`` (no image size),
-            ``decompression_bomb``.
+            ``too_large_image`` (the header promises more than ``max_pixels``), ``decompression_bomb``
+            (a deflated header that never ends).
     """
     from pydicom.filereader import _read_file_meta_info, read_preamble  # no public API reads the meta alone
 
@@ -149,6 +152,8 @@ def read_header(data: bytes, *, max_pixels: int) -> DicomFile:
         else:
             dcm = _plain_header(data)
         _check_pixel_element(dcm)
+        if policy is not None:
+            policy.check(dcm.ds)
         dcm.expected_bytes = _check_budget(dcm.ds, max_pixels)
     return dcm
 
@@ -296,7 +301,7 @@ def _check_budget(ds: Any, max_pixels: int) -> int:
     values = rows * cols * frames * samples
     nbytes = (values * bits + 7) // 8
     if values > max_pixels or nbytes > BYTES_PER_PIXEL_BUDGET * max_pixels:
-        raise BadImage("decompression_bomb", f"{cols}x{rows}, {frames} frame(s) x {samples} sample(s) x {bits} bit "
+        raise BadImage("too_large_image", f"{cols}x{rows}, {frames} frame(s) x {samples} sample(s) x {bits} bit "
                                              f"({nbytes} bytes) exceeds {max_pixels} pixels")
     return nbytes
 
@@ -414,20 +419,22 @@ SAFE_FIELDS = {
     "Manufacturer": "manufacturer",
     "PhotometricInterpretation": "photometric",
     "BodyPartExamined": "body_part",
-    "BurnedInAnnotation": "burned_in_annotation",  # YES: identifying text drawn into the pixels
 }
 
 
-def decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
+def decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int, policy: AdmissionPolicy | None = None
+                 ) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
     """One grayscale frame as ``bit_depth``-bit display values, the PHI-free header fields and the raw identifiers.
 
-    Multi-frame and colour files are refused from the header, before their pixel data is read.
+    Files outside ``policy`` (:mod:`pipeline.data.policy`), multi-frame and colour files are
+    refused from the header, before their pixel data is read.
 
     Raises:
+        OutOfPolicy: outside ``policy``.
         BadImage: any reason of :func:`read_header` and :func:`stored_pixels`; ``unsupported_mode``.
     """
     with quiet_pydicom():
-        dcm = read_header(data, max_pixels=max_pixels)
+        dcm = read_header(data, max_pixels=max_pixels, policy=policy)
         ds = dcm.ds
         with header_errors():
             if dcm.frames > 1:

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.dicom import decode_dicom
 from pipeline.data.png_inflate import PNG_SIGNATURE, with_stored_pixels
+from pipeline.data.policy import AdmissionPolicy
 from pipeline.errors import BadImage
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -103,8 +104,8 @@ def _looks_like_bare_dicom(head: bytes) -> bool:
 
 
 def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8,
-                 png_inflate: str = "isal") -> DecodedImage:
-    """Decode an image from bytes.
+                 png_inflate: str = "isal", dicom_policy: AdmissionPolicy | None = None) -> DecodedImage:
+    """Decode an image from bytes; a DICOM file is first judged by ``dicom_policy`` (from its header).
 
     ``png_inflate="isal"`` inflates PNG pixel data with ISA-L (:mod:`pipeline.data.png_inflate`:
     same pixels, faster); ``"pillow"`` leaves all of it to Pillow.
@@ -112,6 +113,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8,
     Raises:
         BadImage: empty, not an image, truncated, too many pixels, unsupported mode; for DICOM also
             not_dicom, dicom_no_pixels, no_decoder, corrupt_pixel_data (:mod:`pipeline.data.dicom`).
+        OutOfPolicy: a DICOM file outside ``dicom_policy`` (:mod:`pipeline.data.policy`).
     """
     if png_inflate not in PNG_INFLATERS:
         raise ValueError(f"png_inflate must be one of {PNG_INFLATERS}, not {png_inflate!r}")
@@ -119,7 +121,7 @@ def decode_bytes(data: bytes, *, max_pixels: int, dicom_bit_depth: int = 8,
         raise BadImage("empty_file", "the file has 0 bytes")
     kind = sniff_format(data[:256])
     if kind == "dicom":
-        return _decode_dicom(data, max_pixels=max_pixels, bit_depth=dicom_bit_depth)
+        return _decode_dicom(data, max_pixels=max_pixels, bit_depth=dicom_bit_depth, policy=dicom_policy)
     if kind is None:
         raise BadImage("not_an_image", "content is not PNG, JPEG or DICOM (checked by content, not name)")
     return _decode_raster(data, kind, max_pixels=max_pixels, fast=png_inflate == "isal")
@@ -173,8 +175,8 @@ def _is_gray(rgb: np.ndarray, tol: int = 2) -> bool:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int) -> DecodedImage:
-    pixels, meta, identifiers = decode_dicom(data, max_pixels=max_pixels, bit_depth=bit_depth)
+def _decode_dicom(data: bytes, *, max_pixels: int, bit_depth: int, policy: AdmissionPolicy | None) -> DecodedImage:
+    pixels, meta, identifiers = decode_dicom(data, max_pixels=max_pixels, bit_depth=bit_depth, policy=policy)
     return DecodedImage(pixels, bit_depth, "dicom", meta=meta, identifiers=identifiers)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.config import Settings
 from pipeline.data.deid import load_salt
 from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
+from pipeline.data.policy import AdmissionPolicy
 from pipeline.data.sources import Source, get_source
 from pipeline.data.sources.base import check_label_rows
 from pipeline.data.versioning import DatasetVersion, fetch, track
@@ -140,6 +141,7 @@ def _ingest(settings: Settings, version: DatasetVersion | None, show_progress: b
         workers=settings.data.ingest.workers,
         executor=settings.data.ingest.executor,
         png_inflate=settings.data.ingest.png_inflate,
+        policy=AdmissionPolicy.from_config(settings.data.admission) if source.profile.modality == "CXR" else None,
     )
     records = list(source.records(raw, labels))
     notes = getattr(source, "notes", None)

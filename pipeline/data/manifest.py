@@ -8,12 +8,15 @@ of images. Output under the dataset dir::
     images/<id[:2]>/<image_id>.<ext>   de-identified copies (hard links when safe)
     manifest.parquet                   one row per usable image
     quarantine.csv                     one row per unusable file (path,reason,detail)
+    excluded.csv                       one row per valid file outside data.admission (a CT, a lateral, …)
     patient_links.csv                  pseudonymised patient pairs sharing identical bytes
     ingest_summary.json                counts; files_seen = ingested + quarantined
     .lock                              held by the ingest writing the folder (one at a time)
 
 Accounting: ``files_seen`` counts every file the source hands to ingestion, and
-``ingested + quarantined = files_seen`` always (checked; a mismatch raises). Files a
+``ingested + quarantined + excluded = files_seen`` always (checked; a mismatch raises), where
+``excluded`` is the sum of ``excluded_by_policy`` (per :data:`pipeline.data.policy.POLICY_REASONS`:
+valid DICOM files the admission policy leaves out, judged from the header). Files a
 source leaves out on purpose are *not* files seen but are counted next to them:
 ``excluded_by_label_mapping`` (labels the task does not use, e.g. NIH findings other than
 Pneumonia / No Finding; per label in ``excluded_labels``) and ``ignored_files``
@@ -42,6 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.image_store import IMAGES_DIR
 from pipeline.data.parallel import ordered_map
+from pipeline.data.policy import POLICY_REASONS
 from pipeline.data.quarantine import QUARANTINE_FILE, QuarantineEntry, QuarantineWriter
 from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
 from pipeline.data.sources.base import RawRecord
@@ -56,6 +60,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILE = "manifest.parquet"
 SUMMARY_FILE = "ingest_summary.json"
 LINKS_FILE = "patient_links.csv"
+EXCLUDED_FILE = "excluded.csv"
 LOCK_FILE = ".lock"  # held for a whole ingest (pipeline.locking)
 TEMP_SUFFIX = ".tmp"
 __all__ = ["FEATURE_COLUMNS", "IngestOptions", "Mapper", "ingest_records", "read_links", "read_manifest",
@@ -111,15 +116,21 @@ def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
     with file_lock(out_dir / LOCK_FILE, what=f"dataset folder {out_dir}", timeout_s=lock_timeout_s,
                    setting="data.ingest.lock_timeout_s"):
         _remove_stale_temp_files(out_dir)
-        temp = {name: temp_name(out_dir / name) for name in (MANIFEST_FILE, QUARANTINE_FILE, LINKS_FILE, SUMMARY_FILE)}
+        temp = {name: temp_name(out_dir / name)
+                for name in (MANIFEST_FILE, QUARANTINE_FILE, EXCLUDED_FILE, LINKS_FILE, SUMMARY_FILE)}
         try:
             summary = _ingest_locked(records, out_dir, opts, extra_summary, progress, mapper, temp)
         finally:
             for path in temp.values():
                 path.unlink(missing_ok=True)
-    logger.info("ingested %d of %d files (%d quarantined)", summary["ingested"], summary["files_seen"],
-                summary["quarantined"])
+    logger.info("ingested %d of %d files; quarantined %d%s; excluded by data.admission %d%s", summary["ingested"],
+                summary["files_seen"], summary["quarantined"], _reasons(summary["quarantine_reasons"]),
+                sum(summary["excluded_by_policy"].values()), _reasons(summary["excluded_by_policy"]))
     return summary
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return f" ({', '.join(f'{k}: {v}' for k, v in counts.items())})" if counts else ""
 
 
 def temp_name(path: Path) -> Path:
@@ -142,7 +153,8 @@ def _ingest_locked(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
     files_seen = 0
     writer = pq.ParquetWriter(tmp_manifest, SCHEMA)
     batch: list[dict[str, Any]] = []
-    with QuarantineWriter(temp[QUARANTINE_FILE]) as quarantine:
+    with QuarantineWriter(temp[QUARANTINE_FILE]) as quarantine, \
+            QuarantineWriter(temp[EXCLUDED_FILE], POLICY_REASONS) as excluded:
         read = functools.partial(read_one, out_dir=out_dir, opts=opts)
         outcomes = mapper(read, records) if mapper else \
             ordered_map(read, records, workers=opts.workers, executor=opts.executor)
@@ -151,6 +163,9 @@ def _ingest_locked(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
                 files_seen += 1
                 if progress:
                     progress(1)
+                if outcome.excluded:
+                    excluded.add(outcome.excluded)
+                    continue
                 if outcome.quarantine:
                     if outcome.quarantine.reason == "decode_error":  # the detail names the error type only
                         logger.warning("decoder failed on one file (%s); quarantined as decode_error",
@@ -171,11 +186,11 @@ def _ingest_locked(records: Iterable[RawRecord], out_dir: Path, opts: IngestOpti
             writer.close()
         n_rows = _drop_conflicts(tmp_manifest, dedup.conflicted_refs(), quarantine)
     counts = dict(sorted(quarantine.counts.items()))
-    summary = _summary(out_dir, tmp_manifest, files_seen, n_rows, counts, opts,
-                       {**(extra_summary or {}), "patient_links": len(dedup.links)})
+    summary = _summary(out_dir, tmp_manifest, files_seen, n_rows, counts, dict(sorted(excluded.counts.items())),
+                       opts, {**(extra_summary or {}), "patient_links": len(dedup.links)})
     _write_links(temp[LINKS_FILE], dedup.links)
     _write_json(temp[SUMMARY_FILE], summary)
-    for name in (LINKS_FILE, QUARANTINE_FILE, MANIFEST_FILE, SUMMARY_FILE):  # the summary last: it commits the set
+    for name in (LINKS_FILE, QUARANTINE_FILE, EXCLUDED_FILE, MANIFEST_FILE, SUMMARY_FILE):  # the summary last
         fsync_path(temp[name])
         os.replace(temp[name], out_dir / name)
     fsync_path(out_dir)
@@ -250,11 +265,11 @@ def _drop_conflicts(manifest: Path, conflicts: dict[str, str], quarantine: Quara
 
 
 def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts: dict[str, int],
-             opts: IngestOptions, extra: dict[str, Any]) -> dict[str, Any]:
+             excluded: dict[str, int], opts: IngestOptions, extra: dict[str, Any]) -> dict[str, Any]:
     df = pd.read_parquet(manifest, columns=["patient_id", "label", "sha256"])
-    quarantined = sum(counts.values())
-    if n_rows + quarantined != files_seen:
-        raise RuntimeError(f"ingest accounting error: {n_rows} + {quarantined} != {files_seen}")
+    quarantined, n_excluded = sum(counts.values()), sum(excluded.values())
+    if n_rows + quarantined + n_excluded != files_seen:
+        raise RuntimeError(f"ingest accounting error: {n_rows} + {quarantined} + {n_excluded} != {files_seen}")
     content = hashlib.sha256("\n".join(sorted(df["sha256"])).encode()).hexdigest()
     dvc = extra.get("dvc") or {}
     summary = {
@@ -263,6 +278,9 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
         "ingested": n_rows,
         "quarantined": quarantined,
         "quarantine_reasons": counts,
+        "excluded_by_policy": excluded,
+        "admission": _policy_summary(opts),
+        "profile_modality": opts.profile.modality,
         "patients": int(df["patient_id"].nunique()),
         "classes": list(opts.classes),
         "label_counts": {k: int(v) for k, v in Counter(df["label"]).most_common()},
@@ -278,6 +296,17 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
     }
     summary["files_found"] = files_seen + int(summary["excluded_by_label_mapping"])
     return summary
+
+
+def _policy_summary(opts: IngestOptions) -> dict[str, Any] | None:
+    """The admission policy the files were judged by (sorted lists), so validation checks the same."""
+    p = opts.policy
+    if p is None:
+        return None
+    return {"modalities": sorted(p.modalities), "body_parts": sorted(p.body_parts), "views": sorted(p.views),
+            "photometric": sorted(p.photometric), "max_frames": p.max_frames,
+            "allow_missing_body_part": p.allow_missing_body_part, "allow_missing_view": p.allow_missing_view,
+            "presentation_intents": sorted(p.presentation_intents), "exclude_burned_in": p.exclude_burned_in}
 
 
 def file_sha256(path: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -28,12 +28,12 @@ REASONS = {
     "unsupported_mode": "pixel format not supported (e.g. CMYK, float, multi-frame)",
     "colour_image": "a colour photograph where grayscale radiographs are expected",
     "too_small": "an image side is below data.ingest.min_size",
-    "too_large_image": "an image side exceeds the source's largest size (validation's size range)",
+    "too_large_image": "an image side exceeds the source's largest size (validation's size range), or a DICOM "
+                       "header promises more than data.ingest.max_pixels (refused before any pixel is read)",
     "dicom_no_pixels": "DICOM file without pixel data",
     "not_dicom": "DICOM signature, but the header does not parse",
     "no_decoder": "DICOM transfer syntax without an installed decoder (detail: the syntax and the package to install)",
     "corrupt_pixel_data": "the decoder failed on the DICOM pixel data, or its codestream contradicts the header",
-    "burned_in_annotation": "DICOM BurnedInAnnotation=YES: identifying text may be drawn into the pixels",
     "decode_error": "the decoder failed unexpectedly on this file (detail names the error type)",
     "missing_label": "no label for this file",
     "unknown_label": "label not in data.classes",
@@ -56,18 +56,20 @@ def quarantine_ref(ref: str, salt: bytes) -> str:
 
 
 class QuarantineWriter:
-    """Append-only ``quarantine.csv`` writer that counts reasons."""
+    """Append-only ``quarantine.csv`` writer that counts reasons (``reasons``: the allowed codes;
+    :data:`pipeline.data.policy.POLICY_REASONS` for ``excluded.csv``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reasons: Mapping[str, str] = REASONS) -> None:
         self.path = path
+        self.reasons = reasons
         self.counts: Counter[str] = Counter()
         self._fh = open(path, "w", newline="")
         self._writer = csv.writer(self._fh)
         self._writer.writerow(COLUMNS)
 
     def add(self, entry: QuarantineEntry) -> None:
-        if entry.reason not in REASONS:
-            raise ValueError(f"unknown quarantine reason {entry.reason!r}")
+        if entry.reason not in self.reasons:
+            raise ValueError(f"unknown reason {entry.reason!r} for {self.path.name}")
         self._writer.writerow((entry.path, entry.reason, entry.detail))
         self.counts[entry.reason] += 1
 

@@ -18,6 +18,7 @@ from pipeline.data.deid import age_band, pseudonymise
 from pipeline.data.features import IMAGE_FEATURES, describe
 from pipeline.data.image_store import store_image
 from pipeline.data.imaging import PNG_INFLATERS, DecodedImage, decode_bytes
+from pipeline.data.policy import AdmissionPolicy, OutOfPolicy
 from pipeline.data.quarantine import QuarantineEntry, quarantine_ref
 from pipeline.data.sources.base import RawRecord, SourceProfile
 from pipeline.errors import BadImage
@@ -40,7 +41,7 @@ class IngestOptions:
     workers: int
     executor: str = "auto"  # pipeline.data.parallel: auto | process | thread
     png_inflate: str = "isal"  # pipeline.data.png_inflate: isal | pillow
-    exclude_burned_in: bool = True  # DICOM BurnedInAnnotation=YES: identifying text in the pixels
+    policy: AdmissionPolicy | None = None  # data.admission: which DICOM files are admitted (None: any)
 
     def __post_init__(self) -> None:  # a wrong value would otherwise quarantine every PNG as decode_error
         if self.png_inflate not in PNG_INFLATERS:
@@ -49,10 +50,12 @@ class IngestOptions:
 
 @dataclass
 class Outcome:
-    """A manifest row (accepted file) or a quarantine entry (rejected file)."""
+    """A manifest row (accepted file), a quarantine entry (unusable file) or an exclusion (a valid
+    file outside the admission policy, e.g. a CT: listed in ``excluded.csv``)."""
 
     row: dict[str, Any] | None = None
     quarantine: QuarantineEntry | None = None
+    excluded: QuarantineEntry | None = None
 
 
 def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> Outcome:
@@ -65,6 +68,7 @@ def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> Outcome:
         data = record.path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         image = _decode(data, opts)
+        _check_view(record, opts)
         _check_image(image, opts)
         label = record.label
         if not label and record.label_by_uid:
@@ -73,6 +77,8 @@ def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> Outcome:
         patient = record.patient_key or image.identifiers.get("patient_id") or None
         if not patient:
             raise BadImage("missing_patient", "no patient id in the label file or the DICOM header")
+    except OutOfPolicy as exc:
+        return Outcome(excluded=QuarantineEntry(qref, exc.reason, exc.detail))
     except BadImage as exc:
         return Outcome(quarantine=QuarantineEntry(qref, exc.reason, exc.detail))
     except OSError as exc:
@@ -120,7 +126,7 @@ def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
     content; ingestion logs it in the parent process)."""
     try:
         return decode_bytes(data, max_pixels=opts.max_pixels, dicom_bit_depth=opts.dicom_bit_depth,
-                            png_inflate=opts.png_inflate)
+                            png_inflate=opts.png_inflate, dicom_policy=opts.policy)
     except BadImage:
         raise
     except MemoryError:
@@ -129,9 +135,15 @@ def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
         raise BadImage("decode_error", f"{type(exc).__name__} while decoding") from None
 
 
+def _check_view(record: RawRecord, opts: IngestOptions) -> None:
+    """A view the source's CSV declares (PNG/JPEG sources) is judged like a DICOM header's ViewPosition."""
+    view = _clean(record.extra.get("view_position"))
+    if opts.policy is not None and view and view.upper() not in opts.policy.views:
+        raise OutOfPolicy("view", f"view_position {view[:16]} in the labels CSV; admitted: "
+                                  f"{', '.join(sorted(opts.policy.views))} (data.admission.views)")
+
+
 def _check_image(image: DecodedImage, opts: IngestOptions) -> None:
-    if opts.exclude_burned_in and str(image.meta.get("burned_in_annotation") or "").upper() == "YES":
-        raise BadImage("burned_in_annotation", "DICOM BurnedInAnnotation=YES: the pixels may show identifying text")
     if image.channels == 3 and not opts.profile.allow_colour:
         raise BadImage("colour_image", "colour pixels where grayscale radiographs are expected")
     if min(image.width, image.height) < opts.min_size:

@@ -8,7 +8,9 @@ Critical: row count within ``[min_rows, max_rows]`` (the floor only guards again
 or unsplittable dataset), non-null ids/labels, labels in the class set, unique sha256 and
 image ids, image sides within the ingest size range (recorded by ingest, so
 ``xrayops validate DIR`` judges DIR by the source it came from), bit depth 8/16, 1 or 3
-channels, per-image mean in [0, 1] and std in [0, 0.5], at least one image per patient.
+channels, per-image mean in [0, 1] and std in [0, 0.5], at least one image per patient; for
+radiograph sources also modality, photometric interpretation and view within ``data.admission``
+(missing values pass: a PNG has no photometric field), so a manifest with CT rows fails.
 Warning: fewer rows than ``warn_min_rows``, mixed bit depths, mean/std outside the
 expected ranges, a patient with more than ``max_images_per_patient`` images, a class with
 no images, positive-class prevalence outside ``prevalence_range``.
@@ -53,8 +55,9 @@ class Check:
 
 
 def build_checks(settings: Settings, classes: list[str], positive: str | None,
-                 size_range: tuple[int, int]) -> list[Check]:
-    """The expectation suite for a manifest of ``classes``."""
+                 size_range: tuple[int, int], radiographs: bool = True) -> list[Check]:
+    """The expectation suite for a manifest of ``classes`` (``radiographs``: a chest X-ray source, whose rows
+    must also be what ``data.admission`` admits)."""
     import great_expectations.expectations as gxe
 
     v = settings.validate_
@@ -72,6 +75,13 @@ def build_checks(settings: Settings, classes: list[str], positive: str | None,
         gxe.ExpectColumnValuesToBeBetween(column="std", min_value=0.0, max_value=0.5),
         gxe.ExpectColumnValuesToBeBetween(column="patient_image_count", min_value=1),
     ]
+    if radiographs:  # a CT or a lateral that reached the manifest (an old ingest, a lax policy) stops here
+        policy = settings.data.admission
+        crit += [
+            gxe.ExpectColumnValuesToBeInSet(column="modality", value_set=[*policy.modalities, "CXR"]),
+            gxe.ExpectColumnValuesToBeInSet(column="photometric", value_set=policy.photometric),
+            gxe.ExpectColumnValuesToBeInSet(column="view_position", value_set=policy.views),
+        ]
     warn: list[Any] = [
         gxe.ExpectTableRowCountToBeBetween(min_value=v.warn_min_rows, max_value=v.max_rows),
         gxe.ExpectColumnUniqueValueCountToBeBetween(column="bit_depth", min_value=1, max_value=1),
@@ -120,7 +130,8 @@ def _validate_locked(settings: Settings, dataset_dir: Path) -> dict[str, Any]:
     if not classes:
         classes = sorted(manifest["label"].dropna().unique())
     size_range = tuple(settings.validate_.size_range or summary.get("size_range") or _source_size_range(settings))
-    checks = build_checks(settings, classes, positive, size_range)  # type: ignore[arg-type]
+    modality = summary.get("profile_modality") or _source_profile(settings).modality
+    checks = build_checks(settings, classes, positive, size_range, radiographs=modality == "CXR")  # type: ignore[arg-type]
     out_dir = dataset_dir / "validation"
     result = _run_gx(checks, gx_frame(manifest, positive), out_dir)
     result.update({"dataset": summary.get("dataset"), "rows": int(len(manifest)), "manifest_sha256": manifest_sha})
@@ -134,9 +145,13 @@ def _validate_locked(settings: Settings, dataset_dir: Path) -> dict[str, Any]:
 
 
 def _source_size_range(settings: Settings) -> tuple[int, int]:
+    return _source_profile(settings).size_range
+
+
+def _source_profile(settings: Settings) -> Any:
     from pipeline.data.sources import get_source
 
-    return get_source(settings).profile.size_range
+    return get_source(settings).profile
 
 
 def describe_failures(result: dict[str, Any], names: list[str]) -> str:
@@ -191,7 +206,7 @@ def _summarise(validation: Any, ctx: Any, out_dir: Path) -> dict[str, Any]:
         res = r.result or {}
         observed = res.get("observed_value")
         if observed is None and "unexpected_count" in res:
-            observed = f"{res['unexpected_count']} unexpected ({res.get('unexpected_percent', 0):.2f}%)"
+            observed = f"{res['unexpected_count']} unexpected ({res.get('unexpected_percent') or 0:.2f}%)"
         checks.append({
             "name": name,
             "severity": (cfg.meta or {}).get("severity", "critical"),

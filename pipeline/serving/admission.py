@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline.config import ServeSection
 from pipeline.data.imaging import BadImage, DecodedImage, decode_bytes
+from pipeline.data.policy import AdmissionPolicy, OutOfPolicy
 from pipeline.errors import Rejected
 
 _FROM_DECODER = {
@@ -18,6 +19,7 @@ _FROM_DECODER = {
     "truncated": "corrupt",
     "dicom_no_pixels": "corrupt",
     "decompression_bomb": "too_many_pixels",
+    "too_large_image": "too_many_pixels",
     "unsupported_mode": "unsupported_image",
     "no_decoder": "unsupported_image",
     "corrupt_pixel_data": "corrupt",
@@ -25,8 +27,10 @@ _FROM_DECODER = {
 }
 
 
-def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8) -> DecodedImage:
-    """Decode and check one upload.
+def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8,
+          policy: AdmissionPolicy | None = None) -> DecodedImage:
+    """Decode and check one upload; a DICOM upload is judged by ``policy`` (``data.admission``, the rule
+    ingestion applies) from its header, before any pixel is decoded.
 
     Raises:
         Rejected: with a reason code from :data:`pipeline.errors.REJECTION_REASONS`.
@@ -34,7 +38,9 @@ def admit(data: bytes, cfg: ServeSection, *, dicom_bit_depth: int = 8) -> Decode
     if len(data) > cfg.max_upload_bytes:
         raise Rejected("too_large", f"{len(data)} bytes > serve.max_upload_bytes={cfg.max_upload_bytes}")
     try:
-        image = decode_bytes(data, max_pixels=cfg.max_pixels, dicom_bit_depth=dicom_bit_depth)
+        image = decode_bytes(data, max_pixels=cfg.max_pixels, dicom_bit_depth=dicom_bit_depth, dicom_policy=policy)
+    except OutOfPolicy as exc:
+        raise Rejected("out_of_policy", f"{exc.reason}: {exc.detail}") from None
     except BadImage as exc:
         raise Rejected(_FROM_DECODER.get(exc.reason, "corrupt"), exc.detail or exc.reason) from None
     image.identifiers.clear()  # raw DICOM identifiers are never needed (nor kept) by serving

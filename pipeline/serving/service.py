@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage
+from pipeline.data.policy import AdmissionPolicy
 from pipeline.errors import ExplainUnavailable, Rejected
 from pipeline.serving.admission import admit
 from pipeline.serving.model_store import ModelStore
@@ -67,6 +68,7 @@ class InferenceService:
         self.settings = settings
         self.store = store
         self.writer = writer
+        self.policy = AdmissionPolicy.from_config(settings.data.admission)
 
     def predict(self, data: bytes, *, request_id: str | None = None, view_position: str | None = None,
                 explain: bool = False, source: str = "api") -> PredictionResult:
@@ -80,11 +82,15 @@ class InferenceService:
         request_id = request_id or uuid.uuid4().hex
         predictor = self.store.require()
         try:
-            image = admit(data, self.settings.serve, dicom_bit_depth=self.settings.data.ingest.dicom_bit_depth)
+            image = admit(data, self.settings.serve, dicom_bit_depth=self.settings.data.ingest.dicom_bit_depth,
+                          policy=self.policy)
+            view = image.meta.get("view_position") or clean_view_position(view_position)
+            if view and view not in self.policy.views:  # a declared lateral: the model was not trained on it
+                raise Rejected("out_of_policy", f"view: {view}; admitted: {', '.join(sorted(self.policy.views))} "
+                                                "(data.admission.views)")
         except Rejected as exc:
             self.log_rejection(request_id, exc, predictor.version, source)
             raise
-        view = image.meta.get("view_position") or clean_view_position(view_position)
         image.meta = {**image.meta, "view_position": view}
         gray = image.gray01()
         x = predictor.preprocess(image, gray)

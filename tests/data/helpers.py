@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,7 @@ def write_jpeg(path: Path, index: int, k: int = 0, positive: bool = False) -> Pa
 
 def dicom_bytes(pixels: np.ndarray | None, *, patient_id: str | None, sop_uid: str | None = None,
                 photometric: str = "MONOCHROME2", bits_stored: int = 12, phi: dict[str, str] | None = None,
-                window: tuple[float, float] | None = None, view: str = "PA") -> bytes:
+                window: tuple[float, float] | None = None, view: str | None = "PA", modality: str = "DX") -> bytes:
     """A DICOM Part-10 file (DX, explicit VR little endian) with the given pixels and header."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -76,8 +77,9 @@ def dicom_bytes(pixels: np.ndarray | None, *, patient_id: str | None, sop_uid: s
         ds.PatientID = patient_id
     for key, value in (phi or {}).items():
         setattr(ds, key, value)
-    ds.Modality = "DX"
-    ds.ViewPosition = view
+    ds.Modality = modality
+    if view is not None:
+        ds.ViewPosition = view
     ds.Manufacturer = "ACME Imaging"
     if pixels is not None:
         arr = np.asarray(pixels)
@@ -130,3 +132,15 @@ def find_tokens(roots: list[Path], tokens: list[str]) -> dict[str, list[str]]:
                 if token.lower().encode() in low or token.lower() in path.as_posix().lower():
                     hits.setdefault(token, []).append(str(path))
     return hits
+
+
+def chest_policy(**changes: object) -> Any:
+    """The admission policy of the project's ``params.yaml`` (``data.admission``), with ``changes``."""
+    import dataclasses
+
+    from pipeline.config import load_settings
+    from pipeline.data.policy import AdmissionPolicy
+
+    params = Path(__file__).resolve().parents[2] / "params.yaml"
+    policy = AdmissionPolicy.from_config(load_settings(params).data.admission)
+    return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]

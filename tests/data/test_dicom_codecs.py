@@ -29,9 +29,10 @@ from pipeline.data.imaging import decode_bytes
 from pipeline.data.ingest import run_ingest
 from pipeline.errors import BadImage, Rejected
 from pipeline.serving.admission import admit
-from tests.data.helpers import write_dicom
+from tests.data.helpers import chest_policy, write_dicom
 
 MAX = 100_000_000
+ANY_MODALITY = "[CR, DX, CT, MR, OT, US, NM, XA, RF, MG, RTDOSE]"
 MR_SMALL = "MR_small.dcm"  # Explicit VR Little Endian: the uncompressed sibling of the MR_small_* files
 
 # file, its transfer syntax, the uncompressed file holding the same pixels (lossless) or None (lossy / no sibling)
@@ -198,10 +199,10 @@ def test_burned_in_annotation_is_excluded_unless_allowed(tmp_path: Path, exclude
         records.append(RawRecord(path, path.name, "NORMAL", None))
     opts = IngestOptions(source="test", classes=("NORMAL", "PNEUMONIA"), profile=XRAY_PROFILE,
                          salt=b"burned-in-test-salt-" * 2, min_size=32, max_pixels=MAX, max_bytes=1 << 20,
-                         dicom_bit_depth=8, workers=1, exclude_burned_in=exclude)
+                         dicom_bit_depth=8, workers=1, policy=chest_policy(exclude_burned_in=exclude))
     summary = ingest_records(records, tmp_path / "ds", opts)
-    assert summary["ingested"] == (2 if exclude else 3)
-    assert summary["quarantine_reasons"] == ({"burned_in_annotation": 1} if exclude else {})
+    assert summary["ingested"] == (2 if exclude else 3) and summary["quarantined"] == 0
+    assert summary["excluded_by_policy"] == ({"burned_in": 1} if exclude else {})
 
 
 # --------------------------------------------------------------------------- bounded memory
@@ -295,7 +296,7 @@ def test_a_deflated_gigapixel_promise_is_refused_with_bounded_memory(make_settin
     bomb = deflated_dicom(20000, 40000)
     assert len(bomb) < 2_000_000
     raised, peak, rss = measured(lambda: decode_bytes(bomb, max_pixels=MAX))
-    assert isinstance(raised, BadImage) and raised.reason == "decompression_bomb", raised
+    assert isinstance(raised, BadImage) and raised.reason == "too_large_image", raised
     assert peak < 32 and rss < 200, (peak, rss)
     serve = make_settings().serve
     raised, peak, rss = measured(lambda: admit(bomb, serve))
@@ -337,7 +338,8 @@ def test_quarantined_dicom_files_print_nothing(make_settings: Callable[..., Sett
         lines.append(f"{name},NORMAL")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
     settings = make_settings("data.source=dicom", f"data.input={root}", "data.version_with_dvc=false",
-                             "data.ingest.workers=1")
+                             "data.ingest.workers=1", f"data.admission.modalities={ANY_MODALITY}",
+                             "data.admission.body_parts=[CHEST, WHOLE BODY]")  # pydicom's samples: NM, MR, RTDOSE
     caplog.set_level(logging.DEBUG)
     for name in ("pydicom", "pylibjpeg", "libjpeg", "openjpeg"):
         caplog.set_level(logging.DEBUG, logger=name)  # everything they emit would be captured

@@ -106,6 +106,8 @@ def test_predictions_match_the_model_and_the_locked_threshold(api: tuple[str, Se
     (png(21)[:300], 422, "corrupt"),
     (encode(np.full((1200, 1200), 0.3)), 413, "too_many_pixels"),
     (b"\x89PNG\r\n\x1a\n" + bytes(400_000), 413, "too_large"),
+    (dicom_bytes(xray01(22, side=80), patient_id="P", modality="CT"), 422, "out_of_policy"),  # data.admission
+    (dicom_bytes(xray01(23, side=80), patient_id="P", view="LL"), 422, "out_of_policy"),
 ])
 def test_rejections_are_4xx_with_a_reason(api: tuple[str, Settings], data: bytes, status: int, reason: str) -> None:
     url, _ = api
@@ -118,14 +120,16 @@ def test_every_outcome_is_logged_without_pixels_or_phi(api: tuple[str, Settings]
     url, settings = api
     log_dir = settings.production_log
     before = production_log.count_rows(log_dir)
-    dicom = dicom_bytes(xray01(30, side=80), patient_id="MRN-LEAK-99", phi=PHI, view="LL")
+    dicom = dicom_bytes(xray01(30, side=80), patient_id="MRN-LEAK-99", phi=PHI, view="AP")
     assert post(url, dicom).status_code == 200
     assert post(url, png(31), form={"view_position": "pa"}).status_code == 200
     assert post(url, colour_png()).status_code == 422
+    lateral = post(url, png(32), form={"view_position": "ll"})  # a declared lateral: not what the model learned
+    assert lateral.status_code == 422 and lateral.json()["error"]["reason"] == "out_of_policy"
     assert wait_rows(log_dir, before + 2) == before + 2
     rows = production_log.read(log_dir)
     last = rows.tail(2)
-    assert list(last["view_position"]) == ["LL", "PA"] or list(last["view_position"]) == ["PA", "LL"]
+    assert sorted(last["view_position"]) == ["AP", "PA"]
     assert {"mean", "entropy", "sharpness", "emb_pc1", "emb_pc4", "probability", "model_version"} <= set(rows.columns)
     assert rows["emb_pc1"].notna().all() and (rows["model_version"] == "1").all()
     text = rows.to_csv()
@@ -133,7 +137,7 @@ def test_every_outcome_is_logged_without_pixels_or_phi(api: tuple[str, Settings]
     assert not any(rows[c].dtype == object and rows[c].astype(str).str.len().max() > 64 for c in rows.columns)
     time.sleep(0.3)
     rejected = production_log.read(log_dir / production_log.REJECTED_DIR)
-    assert "colour_photograph" in set(rejected["reason"]) and "mean" not in rejected.columns
+    assert {"colour_photograph", "out_of_policy"} <= set(rejected["reason"]) and "mean" not in rejected.columns
 
 
 def test_bounded_concurrent_load_has_no_errors(api: tuple[str, Settings]) -> None:

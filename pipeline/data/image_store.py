@@ -42,7 +42,9 @@ _PNG_MAX_CHUNK = (1 << 31) - 1  # the PNG limit on a chunk's length
 def store_image(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Path, image_id: str) -> str:
     """Write the de-identified image; the original file is linked only when it holds nothing but the image.
 
-    The name is the content hash, so an existing file already holds these pixels.
+    The name is the content hash of the original. A linked original is clean, so an existing file
+    of its name is too; a file written instead of a link is reused only when it holds exactly the
+    bytes to store (a dataset ingested by an older version may hold a link to an unclean original).
     """
     clean = clean_bytes(image, data)
     linked = clean is None
@@ -60,8 +62,8 @@ def store_image(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Pa
             except OSError:  # another file system, or links not allowed: copy instead
                 break
         clean = data  # the bytes judged clean (the file may have changed since it was read)
-    if dest.exists():
-        return rel
+    if _holds(dest, clean):  # an earlier ingest wrote it; anything else there (a link an older
+        return rel           # version made of a PNG with private chunks) is replaced below
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")  # unique to this writer
     try:
@@ -70,6 +72,13 @@ def store_image(image: DecodedImage, data: bytes, record: RawRecord, out_dir: Pa
     finally:
         tmp.unlink(missing_ok=True)
     return rel
+
+
+def _holds(dest: Path, content: bytes) -> bool:
+    try:
+        return dest.stat().st_size == len(content) and dest.read_bytes() == content
+    except FileNotFoundError:
+        return False
 
 
 def clean_bytes(image: DecodedImage, data: bytes) -> bytes | None:

@@ -117,3 +117,19 @@ def test_hostile_png_chunk_lengths_do_not_break_the_walk() -> None:
     assert png_chunks(data[:-12]) is None  # no IEND
     assert png_chunks(data[:8] + data[33:]) is None  # IHDR not first
     assert png_chunks(b"") is None and png_chunks(data[:8] + b"\x00" * 3) is None
+
+
+def test_a_dataset_an_older_version_linked_to_an_unclean_png_is_cleaned_on_reingest(tmp_path: Path) -> None:
+    """Older versions hard-linked PNGs whose only extra chunks were private: re-ingesting replaces that link."""
+    raw, ds = tmp_path / "raw", tmp_path / "ds"
+    raw.mkdir()
+    data = _files()["private.png"]
+    (raw / "private.png").write_bytes(data)
+    image_id = hashlib.sha256(data).hexdigest()[:16]
+    old = ds / IMAGES_DIR / image_id[:2] / f"{image_id}.png"
+    old.parent.mkdir(parents=True)
+    old.hardlink_to(raw / "private.png")  # what the old store left behind
+    assert ingest_records([RawRecord(raw / "private.png", "private.png", "NORMAL", "S1")], ds, _opts())["ingested"]
+    stored = _stored(ds, data)
+    assert stored.stat().st_ino != (raw / "private.png").stat().st_ino and NAME not in stored.read_bytes()
+    assert NAME in (raw / "private.png").read_bytes()  # the original is untouched

@@ -1,6 +1,8 @@
 """The monitoring flow: drift of production inputs vs the champion's reference → report, alert, retraining.
 
-Tasks are thin wrappers of :mod:`pipeline.monitoring.drift`. When the drift share exceeds
+Tasks are thin wrappers of :mod:`pipeline.monitoring.drift`. The summary also carries label-free
+estimates (``label_free``: CBPE performance, BBSE prevalence, embedding MMD; see
+:mod:`pipeline.monitoring.estimation`); their alerts are logged as warnings. When the drift share exceeds
 ``monitor.drift_share_threshold`` the flow emits the Prefect event ``xrayops.drift.detected``
 (automations can react to it), ends in a ``Completed`` state named ``Drift detected``, and —
 when ``monitor.retrain_on_drift`` is set — starts the training deployment
@@ -109,6 +111,10 @@ def monitoring_flow(params: MonitoringParameters | None = None) -> Any:
     settings = params.settings()
     summary = drift_report(settings, params.window_hours, params.last_k)
     publish(summary)
+    raised = [k for k, v in (summary.get("label_free") or {}).get("alerts", {}).items() if v]
+    if raised:
+        get_run_logger().warning("label-free monitoring alerts on v%s: %s (summary.json → label_free)",
+                                 summary.get("model_version"), ", ".join(raised))
     if not summary.get("drift_detected"):
         return summary
     summary["alert"] = alert(summary)

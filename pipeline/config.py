@@ -258,6 +258,16 @@ class MonitorSection(_Section):
                                      "is detected and retrain_on_drift is set.")
     feedback_dataset: str = Field(description="Raw dataset (folder source, <data_dir>/raw/<name>) built from "
                                   "adjudicated clinician feedback by `xrayops feedback ingest`.")
+    estimation_resamples: int = Field(ge=1, description="Bootstrap resamples of the label-free estimates' "
+                                      "intervals (CBPE performance, BBSE prevalence).")
+    cbpe_auc_drop_alert: float = Field(ge=0, le=1, description="Alert when the CBPE-estimated AUC of the window "
+                                       "is lower than the reference's realised AUC by more than this.")
+    prevalence_change_alert: float = Field(ge=0, le=1, description="Alert when the BBSE-estimated prevalence of "
+                                           "the window differs from the reference prevalence by more than this.")
+    mmd_alpha: float = Field(gt=0, lt=1, description="Embedding drift when the MMD permutation p-value on the "
+                             "emb_pc* columns is below this.")
+    mmd_permutations: int = Field(ge=1, description="Permutations of the MMD test (seeded with base.seed).")
+    mmd_max_rows: int = Field(ge=2, description="Rows per side in the MMD test (a seeded sample of larger sets).")
 
 
 class ServeSection(_Section):

@@ -27,8 +27,15 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Settings
+from pipeline.config import MonitorSection, Settings
 from pipeline.data.features import IMAGE_FEATURES
+from pipeline.monitoring.estimation import (
+    LABEL_COLUMN,
+    add_label_free_section,
+    label_free_markdown,
+    label_free_metrics,
+    label_free_summary,
+)
 from pipeline.registry.contract import PCA_ARTIFACT, REFERENCE_ARTIFACT
 from pipeline.serving.predictor import EMB_PREFIX, EmbeddingPCA
 
@@ -50,12 +57,15 @@ def input_columns(reference: pd.DataFrame, current: pd.DataFrame) -> list[str]:
 
 
 def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, *,
-                 share_threshold: float, min_rows: int, context: dict[str, Any] | None = None) -> dict[str, Any]:
+                 share_threshold: float, min_rows: int, context: dict[str, Any] | None = None,
+                 label_free: tuple[MonitorSection, int, float] | None = None) -> dict[str, Any]:
     """Run the Evidently report; writes ``report.html``, ``report.json`` and ``summary.json`` into ``out_dir``.
 
     The drift share counts drifted *input* columns (image features + embedding PCs);
     prediction drift (probability distribution, positive rate) and data-quality checks are
     reported beside it. Fewer than ``min_rows`` current rows gives ``status="insufficient_data"``.
+    ``label_free`` = (monitor settings, seed, interval level) adds the label-free estimates (CBPE,
+    BBSE, embedding MMD; :mod:`pipeline.monitoring.estimation`) as ``summary["label_free"]``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -91,6 +101,10 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path, 
                    method=sorted({s["method"] for s in columns.values() if s["method"]}),
                    prediction=_prediction_drift(reference, current, status),
                    data_quality=_quality(snap))
+    if label_free is not None:
+        cfg, seed, level = label_free
+        summary["label_free"] = label_free_summary(reference, current, cfg, seed=seed, level=level)
+        add_label_free_section(out_dir / "report.html", summary["label_free"])
     write_summary(out_dir, summary)
     logger.info("drift: %d/%d input columns drifted (share %.2f, threshold %.2f) → %s", len(drifted), len(columns),
                 share, share_threshold, "DRIFT" if summary["drift_detected"] else "no drift")
@@ -233,6 +247,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"- probability distribution: {'drifted' if pred['probability']['drifted'] else 'stable'}")
     dq = summary.get("data_quality", {})
     lines.append(f"- data quality: {'ok' if dq.get('ok') else 'FAILED: ' + '; '.join(dq.get('failed', []))}")
+    lines += label_free_markdown(summary.get("label_free"))
     if summary.get("rejected_share") is not None:
         lines.append(f"- rejected requests in window: {summary['rejected_share']:.1%}")
     if summary.get("rows_by_source"):
@@ -250,7 +265,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def reference_profile(frame: pd.DataFrame, probability: np.ndarray, threshold: float | None,
                       embedding_pcs: np.ndarray | None = None) -> pd.DataFrame:
-    """Reference rows: image features of training/validation images, embedding PCs and the model's outputs."""
+    """Reference rows: image features of training/validation images, embedding PCs and the model's outputs;
+    for a binary model also ``y_true``, the label of held-out (validation) rows (empty for training rows).
+    """
     ref = frame[[c for c in DRIFT_FEATURES if c in frame.columns]].astype(float).reset_index(drop=True)
     if probability.ndim == 1:
         ref["probability"] = probability
@@ -262,6 +279,9 @@ def reference_profile(frame: pd.DataFrame, probability: np.ndarray, threshold: f
             ref[f"{EMB_PREFIX}{i + 1}"] = embedding_pcs[:, i]
     if "split" in frame.columns:
         ref["split"] = frame["split"].to_numpy()
+        if probability.ndim == 1 and "label_index" in frame.columns:  # labels of held-out rows (CBPE/BBSE)
+            held_out = (frame["split"] != "train").to_numpy()
+            ref[LABEL_COLUMN] = np.where(held_out, frame["label_index"].to_numpy(dtype=float), np.nan)
     return ref
 
 
@@ -384,6 +404,7 @@ def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Pat
             rate = summary.get("prediction", {}).get("positive_rate", {}).get("current")
             if rate is not None:
                 metrics["positive_rate"] = rate
+            metrics.update(label_free_metrics(summary.get("label_free")))
         mlflow.log_metrics(metrics)
         for name in ("report.html", "report.json", "summary.json"):
             if (out_dir / name).is_file():
@@ -411,7 +432,8 @@ def monitor_champion(settings: Settings, *, hours: float | None = None, last_k: 
     context = {"model_name": settings.registered_model, "model_version": str(version.version), "alias": alias,
                **info}
     summary = drift_report(reference, current, out_dir, share_threshold=settings.monitor.drift_share_threshold,
-                           min_rows=settings.monitor.min_rows, context=context)
+                           min_rows=settings.monitor.min_rows, context=context,
+                           label_free=(settings.monitor, settings.base.seed, settings.evaluate.ci_level))
     if summary["status"] == "no_data" and traffic == "production":
         summary["message"] += (f". Predictions served by `xrayops serve` / `xrayops ui` are logged to "
                                f"{settings.production_log}; the simulated traffic of `xrayops run` is kept apart "

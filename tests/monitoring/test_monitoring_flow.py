@@ -51,6 +51,10 @@ def test_drift_flow_flags_only_the_shifted_batch(prefect_harness: None, champion
     calm = state.result()
     assert state.name == "Completed" and calm["status"] == "ok" and calm["current_rows"] == 60
     assert not calm["drift_detected"] and calm["drift_share"] <= 0.3, calm["drifted_columns"]
+    label_free = calm["label_free"]  # the champion's reference profile logs y_true of its validation rows
+    assert label_free["cbpe"]["status"] == label_free["bbse"]["status"] == "ok", label_free["bbse"]
+    assert label_free["embedding_mmd"]["columns"] == [f"emb_pc{i}" for i in range(1, 5)]
+    assert label_free["cbpe"]["reference"]["rows"] == label_free["bbse"]["reference"]["rows"] > 0
     html = Path(calm["report_html"])
     assert html.is_file() and html.parent.parent == tmp_path / "reports" / "drift"
     client = MlflowClient(tracking_uri=settings.tracking_uri)

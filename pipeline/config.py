@@ -28,6 +28,9 @@ OVERRIDES_ENV = "XRAYOPS_SET"  # "section.field=value;…" applied before --set 
 PARAMS_FILE = "params.yaml"
 
 
+SubgroupAttribute = Literal["site", "manufacturer", "view", "sex", "age_band"]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -219,6 +222,11 @@ class EvaluateSection(_Section):
     calibration_bins: int = Field(ge=2, description="Bins of the reliability diagram / ECE.")
     gradcam_examples: int = Field(ge=0, description="Images per cell of the Grad-CAM grid.")
     gradcam_sanity_max_rank_corr: float = Field(description="Max rank correlation trained vs randomised.")
+    subgroup_attributes: list[SubgroupAttribute] = Field(
+        description="Attributes reported per subgroup (site = the manifest's site column, else source; view = "
+        "view_position); absent columns are skipped and said so.")
+    subgroup_min_patients: int = Field(ge=1, description="Categories with fewer test patients are pooled into "
+                                       "'other' (never shown by name).")
 
 
 class PromoteSection(_Section):
@@ -239,6 +247,14 @@ class PromoteSection(_Section):
         description="Prefect global concurrency limit (limit 1) the flows also take around alias moves, for a "
         "registry server shared by several machines (the file lock under paths.home covers one machine); it must "
         "exist: `prefect gcl create registry-write --limit 1`. null = the file lock only.")
+    subgroup_by: SubgroupAttribute = Field(description="Attribute whose subgroups the subgroup criteria check.")
+    subgroup_min_patients: int = Field(ge=1, description="Subgroups with fewer test patients are not checked by "
+                                       "the subgroup criteria (they are still reported).")
+    subgroup_sensitivity_ci_floor: float | None = Field(
+        ge=0, le=1, description="Floor on the sensitivity CI lower bound in every checked subgroup; null = off.")
+    subgroup_auc_margin: float | None = Field(
+        ge=0, description="Worst-subgroup non-inferiority: the challenger's worst checked subgroup AUC must be >= "
+        "the re-scored champion's worst minus this margin; null = off.")
 
 
 class MonitorSection(_Section):

@@ -18,6 +18,7 @@ import pandas as pd
 from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest
 from pipeline.data.split import read_split
+from pipeline.evaluation.calibration import calibration_fit, decision_curve
 from pipeline.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -26,8 +27,16 @@ from pipeline.evaluation.metrics import (
     confusion_matrix,
     multiclass_metrics,
     patient_weights,
+    percentile_interval,
 )
-from pipeline.registry.contract import EVALUATION_ARTIFACT, OPERATING_POINT_ARTIFACT, plot_artifact
+from pipeline.evaluation.subgroups import SubgroupSpec, subgroup_table
+from pipeline.registry.contract import (
+    DECISION_CURVE_ARTIFACT,
+    EVALUATION_ARTIFACT,
+    OPERATING_POINT_ARTIFACT,
+    SUBGROUPS_ARTIFACT,
+    plot_artifact,
+)
 from pipeline.training.inputs import InputSpec, check_files, load_images, split_frame
 from pipeline.training.train import TrainResult
 
@@ -58,10 +67,13 @@ class EvalResult:
     test: Scored | None = field(default=None, repr=False)
     explain: dict[str, Any] | None = None  # Grad-CAM sanity check (see pipeline.evaluation.explain)
     figures: dict[str, Any] = field(default_factory=dict, repr=False)  # extra figures (Grad-CAM grid)
+    subgroups: dict[str, Any] | None = None  # binary: per-subgroup metrics + CIs (pipeline.evaluation.subgroups)
+    decision_curve: dict[str, Any] | None = None  # binary: net benefit vs threshold (pipeline.evaluation.calibration)
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "metrics": self.metrics, "ci": self.ci, "operating_point": self.operating_point,
-                "slices": self.slices, "n_test": self.n_test, "explain": self.explain}
+                "slices": self.slices, "n_test": self.n_test, "explain": self.explain, "subgroups": self.subgroups,
+                "decision_curve": self.decision_curve}
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -92,6 +104,8 @@ def evaluate_scores(settings: Settings, val: Scored, test: Scored, num_classes: 
         ci = bootstrap_ci(lambda w: binary_metrics(test.y, test.proba, thr, bins=cfg.calibration_bins, w=w),
                           weights, cfg.ci_level)
         slices = _slices(test, lambda f, y, p: binary_metrics(y, p, thr, bins=cfg.calibration_bins))
+        _add_calibration_fit(test, weights, cfg.ci_level, metrics, ci)
+        op = threshold_derivation(op, val, cfg.sensitivity_floor, cfg.fixed_threshold)
         task = "binary"
     else:
         op = None
@@ -100,8 +114,36 @@ def evaluate_scores(settings: Settings, val: Scored, test: Scored, num_classes: 
         ci = bootstrap_ci(lambda w: multiclass_metrics(test.y, test.proba, w), weights, cfg.ci_level)
         slices = _slices(test, lambda f, y, p: multiclass_metrics(y, p))
         task = "multiclass"
-    return EvalResult(task, _round(metrics), {k: [round(a, 4), round(b, 4)] for k, (a, b) in ci.items()},
-                      op, slices, int(len(test.y)), test)
+    result = EvalResult(task, _round(metrics), {k: [round(a, 4), round(b, 4)] for k, (a, b) in ci.items()},
+                        op, slices, int(len(test.y)), test)
+    if op is not None:
+        spec = SubgroupSpec(cfg.subgroup_attributes, cfg.subgroup_min_patients, cfg.bootstrap_resamples,
+                            settings.base.seed, cfg.ci_level, cfg.calibration_bins)
+        result.subgroups = subgroup_table(test.frame, test.y, test.proba, op["threshold"], spec)
+        result.decision_curve = decision_curve(test.y, test.proba, operating_threshold=op["threshold"])
+    return result
+
+
+def _add_calibration_fit(test: Scored, weights: np.ndarray, level: float, metrics: dict[str, Any],
+                         ci: dict[str, Any]) -> None:
+    """Calibration slope and intercept (logistic recalibration) with patient-level CIs, beside ECE/Brier."""
+    for name, value in calibration_fit(test.y, test.proba).items():
+        metrics[name] = float(value[0])
+    for name, values in calibration_fit(test.y, test.proba, weights).items():
+        ci[name] = percentile_interval(values, level)
+
+
+def threshold_derivation(op: dict[str, Any], val: Scored, sensitivity_floor: float,
+                         fixed_threshold: float) -> dict[str, Any]:
+    """The operating point with how it was derived: criterion, the set it was chosen on, and that set's size."""
+    y = np.asarray(val.y, dtype=int)
+    patients = int(val.frame["patient_id"].nunique()) if "patient_id" in val.frame else None
+    parameter = ({"fixed_threshold": fixed_threshold} if op["policy"] == "fixed" or "fixed" in op["reason"]
+                 else {"sensitivity_floor": sensitivity_floor} if op["policy"] == "sensitivity_floor" else {})
+    return {**op, "criterion": op["reason"], "parameters": parameter, "derived_on": "validation",
+            "validation_images": int(len(y)), "validation_patients": patients,
+            "validation_positives": int((y == 1).sum()),
+            "applied_to": "test and serving unchanged (locked with the version; never re-tuned on test)"}
 
 
 def _slices(scored: Scored, fn: Any) -> list[dict[str, Any]]:
@@ -194,6 +236,10 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.set_tag("operating_threshold", f"{result.operating_point['threshold']:.6f}")
         if result.slices:
             mlflow.log_table(pd.DataFrame(result.slices), "evaluation/slices.json")
+        if result.subgroups is not None:
+            mlflow.log_dict(result.subgroups, SUBGROUPS_ARTIFACT)
+        if result.decision_curve is not None:
+            mlflow.log_dict(result.decision_curve, DECISION_CURVE_ARTIFACT)
         sanity = (result.explain or {}).get("sanity")
         if sanity and sanity.get("rank_corr") is not None:
             mlflow.log_metric("gradcam_sanity_rank_corr", sanity["rank_corr"])

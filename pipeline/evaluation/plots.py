@@ -1,5 +1,5 @@
 """Evaluation figures (matplotlib, headless): ROC, PR, confusion matrix, reliability diagram,
-per-slice table and the Grad-CAM grid."""
+per-slice table, decision curve and the Grad-CAM grid."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def evaluation_figures(result: Any, val: Any) -> dict[str, Any]:
         figs["confusion"] = confusion_figure(m, [str(i) for i in range(len(m))])
     if result.slices:
         figs["slices"] = slice_table_figure(result.slices)
+    if getattr(result, "decision_curve", None):
+        figs["decision_curve"] = decision_curve_figure(result.decision_curve)
     return figs
 
 
@@ -85,6 +87,27 @@ def reliability_figure(y: np.ndarray, p: np.ndarray, bins: int = 10) -> Any:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.plot(conf, acc, marker="o")
     ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability (test)")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def decision_curve_figure(curve: dict[str, Any]) -> Any:
+    """Net benefit of the model, treat-all and treat-none against the threshold probability."""
+    plt = _plt()
+    t = curve["thresholds"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(t, curve["model"], label="model")
+    ax.plot(t, curve["treat_all"], "k:", lw=1, label="treat all")
+    ax.plot(t, curve["treat_none"], "k-", lw=0.8, label="treat none")
+    op = curve.get("operating_point")
+    if op:
+        ax.scatter([op["threshold"]], [op["net_benefit"]], color="red", zorder=3,
+                   label=f"locked threshold {op['threshold']:.3f}")
+    prevalence = curve.get("prevalence") or 0.0
+    ax.set_ylim(-0.05, max(0.05, prevalence * 1.1))
+    ax.set(xlabel="threshold probability", ylabel="net benefit", title="Decision curve (test)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     plt.close(fig)
     return fig

@@ -43,6 +43,8 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
 EVALUATION_ARTIFACT = "evaluation/metrics.json"
 OPERATING_POINT_ARTIFACT = "evaluation/operating_point.json"
+SUBGROUPS_ARTIFACT = "evaluation/subgroups.json"
+DECISION_CURVE_ARTIFACT = "evaluation/decision_curve.json"
 PLOTS_DIR = "plots"
 REFERENCE_ARTIFACT = "reference/profile.parquet"
 PCA_ARTIFACT = "reference/embedding_pca.npz"

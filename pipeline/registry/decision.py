@@ -7,7 +7,7 @@ difference to the champion or None, the data checks) and the ``promote`` setting
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -80,6 +80,10 @@ class Evidence:
     champion_version: str | None = None  # None: no champion to compare with
     delta: Mapping[str, Any] | None = None  # paired bootstrap vs the champion: {"delta_<metric>", "ci", "resamples"}
     inputs: dict[str, Any] = field(default_factory=dict)  # recorded with the decision
+    # binary: the challenger's subgroup rows of promote.subgroup_by ({"group", "patients", "metrics", "ci"}, see
+    # pipeline.evaluation.subgroups) and the re-scored champion's AUC per group on the same images
+    subgroups: Sequence[Mapping[str, Any]] | None = None
+    champion_subgroup_auc: Mapping[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- the decision (pure)
@@ -118,8 +122,8 @@ def decide(evidence: Evidence, cfg: PromoteSection, *, model: str, challenger_ve
     (≥ ``min_accuracy``). With a champion: the paired Δ (AUC, or accuracy for multi-class) lower
     bound > −``auc_margin`` (non-inferiority) and, with ``require_superiority``, > 0. Always: the
     data checks (``split_patient_overlap``, ``split_certificate_match``, ``split_manifest_match``,
-    ``data_validation``, ``validation_manifest_match``). A missing, NaN or degenerate value fails its
-    criterion.
+    ``data_validation``, ``validation_manifest_match``). Optional binary subgroup criteria: see
+    :func:`subgroup_criteria`. A missing, NaN or degenerate value fails its criterion.
     """
     m, ci = evidence.metrics, evidence.ci
     criteria: list[Criterion] = []
@@ -140,6 +144,8 @@ def decide(evidence: Evidence, cfg: PromoteSection, *, model: str, challenger_ve
                                   _gt(low, -cfg.auc_margin)))
         if cfg.require_superiority:
             criteria.append(Criterion(f"{name} (superiority)", _rounded(low), "> 0", _gt(low, 0)))
+    if evidence.task == "binary":
+        criteria += subgroup_criteria(evidence, cfg)
     d = evidence.data
     criteria += [
         Criterion("split_patient_overlap", d.patient_overlap, "== 0 (certificate verified)",
@@ -158,3 +164,43 @@ def decide(evidence: Evidence, cfg: PromoteSection, *, model: str, challenger_ve
         "" if has_champion else " (no champion: absolute floors only)")
     return GateDecision(model, str(challenger_version), evidence.champion_version, criteria, promote, reason,
                         inputs=evidence.inputs)
+
+
+# --------------------------------------------------------------------------- subgroup criteria (optional, binary)
+
+
+def subgroup_criteria(evidence: Evidence, cfg: PromoteSection) -> list[Criterion]:
+    """The subgroup criteria that ``cfg`` turns on (none by default).
+
+    Checked groups: those of ``cfg.subgroup_by`` with ≥ ``cfg.subgroup_min_patients`` test patients.
+    ``subgroup_sensitivity_ci_low[<attr>=<group>]``: each checked group's sensitivity CI lower bound ≥
+    ``subgroup_sensitivity_ci_floor``. ``worst_subgroup_auc (non-inferiority)``, with a champion: the
+    challenger's lowest group AUC ≥ the re-scored champion's lowest AUC over the same groups −
+    ``subgroup_auc_margin`` (groups with one class, whose AUC is undefined, are left out of both). No
+    checkable group fails the criterion (fail closed).
+    """
+    attr, n = cfg.subgroup_by, cfg.subgroup_min_patients
+    checked = [r for r in evidence.subgroups or [] if (r.get("patients") or 0) >= n]
+    criteria: list[Criterion] = []
+    floor = cfg.subgroup_sensitivity_ci_floor
+    if floor is not None:
+        for r in checked:
+            low = _low((r.get("ci") or {}).get("sensitivity"))
+            criteria.append(Criterion(f"subgroup_sensitivity_ci_low[{attr}={r['group']}]", _rounded(low),
+                                      f">= {floor} ({r['patients']} patients)", _ge(low, floor)))
+        if not checked:
+            criteria.append(Criterion(f"subgroup_sensitivity_ci_low[{attr}]", None,
+                                      f">= {floor} in every {attr} group with >= {n} patients (none found)", False))
+    margin = cfg.subgroup_auc_margin
+    if margin is not None and evidence.champion_version is not None:
+        champion = evidence.champion_subgroup_auc or {}
+        pairs = [((r.get("metrics") or {}).get("auc"), champion.get(str(r["group"]))) for r in checked]
+        pairs = [(new, old) for new, old in pairs if _finite(new) and _finite(old)]
+        worst_new = min((new for new, _ in pairs), default=None)
+        worst_old = min((old for _, old in pairs), default=None)
+        bound = worst_old - margin if worst_old is not None else None
+        criteria.append(Criterion("worst_subgroup_auc (non-inferiority)", _rounded(worst_new),
+                                  f">= champion's worst {attr} group AUC {_rounded(worst_old)} - {margin} "
+                                  f"({len(pairs)} groups with >= {n} patients)",
+                                  bound is not None and _ge(worst_new, bound)))
+    return criteria

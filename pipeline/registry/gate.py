@@ -7,7 +7,9 @@ are not trusted). Criteria: (a) sensitivity at the locked threshold has its CI l
 bootstrap has its lower bound > −``auc_margin`` (non-inferiority) and, with
 ``require_superiority``, > 0; (c) ECE ≤ ``max_ece``; (d) the split certificate verifies, shows
 zero patient overlap, is the split the challenger was trained on and was written for the
-current manifest; (e) data validation passed, on the current manifest. With no champion only
+current manifest; (e) data validation passed, on the current manifest; (f) optional, off by default:
+subgroup floors and worst-subgroup non-inferiority (:func:`~pipeline.registry.decision.subgroup_criteria`;
+the champion's per-group AUC comes from the same re-scoring). With no champion only
 the absolute floors apply — never a rubber stamp; and "no champion" means the registry said
 so: a registry that fails to answer stops the gate (:class:`~pipeline.errors.RegistryUnavailable`).
 
@@ -30,6 +32,7 @@ from pipeline.data.validate import read_validation
 from pipeline.errors import LeakageError
 from pipeline.evaluation.evaluate import EvalResult, Scored, predict_proba
 from pipeline.evaluation.metrics import binary_metrics, paired_delta_accuracy, paired_delta_auc
+from pipeline.evaluation.subgroups import rows_of, subgroup_auc
 from pipeline.registry.contract import CHAMPION, VersionTags
 from pipeline.registry.decision import Criterion, DataChecks, Evidence, GateDecision, decide  # noqa: F401 (re-exported)
 from pipeline.registry.read import get_alias, load_version_model
@@ -70,8 +73,10 @@ def gather_evidence(settings: Settings, challenger: Any, evaluation: EvalResult,
     data = data_checks(dataset_dir, trained_on)
     if data.problems:
         inputs["data_problems"] = list(data.problems)
+    subgroups = rows_of(evaluation.subgroups, settings.promote.subgroup_by) if evaluation.subgroups else None
     return Evidence(evaluation.task, evaluation.metrics, evaluation.ci, data,
-                    str(champion.version) if champion is not None else None, delta, inputs)
+                    str(champion.version) if champion is not None else None, delta, inputs,
+                    subgroups=subgroups, champion_subgroup_auc=inputs.get("champion_subgroup_auc"))
 
 
 def gate(settings: Settings, challenger: Any, evaluation: EvalResult, dataset_dir: Path | None = None) -> GateDecision:
@@ -95,6 +100,8 @@ def _versus_champion(settings: Settings, champion: Any, evaluation: EvalResult, 
         thr = 0.5 if thr is None else thr
         inputs["champion_rescored"] = {k: round(v, 4) for k, v in binary_metrics(test.y, p_champ, thr).items()
                                        if v == v}
+        inputs["champion_subgroup_auc"] = subgroup_auc(test.frame, test.y, p_champ, settings.promote.subgroup_by,
+                                                       ev.subgroup_min_patients)
         delta = paired_delta_auc(test.y, test.proba, p_champ, patients, **boot)
     else:
         delta = paired_delta_accuracy(test.y, test.proba, p_champ, patients, **boot)

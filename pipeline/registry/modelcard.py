@@ -20,9 +20,11 @@ from pipeline.config import Settings
 from pipeline.errors import RegistryError
 from pipeline.registry.contract import (
     CARD_DIR,  # noqa: F401 (re-exported)
+    DECISION_CURVE_ARTIFACT,
     GRADCAM_ARTIFACT,
     OPERATING_POINT_ARTIFACT,
     RELIABILITY_ARTIFACT,
+    SUBGROUPS_ARTIFACT,
     ExportTags,
     VersionRecord,
     card_path,
@@ -57,8 +59,8 @@ class CardInputs:
 
 def render(c: CardInputs) -> str:
     """The card as markdown."""
-    parts = [_header(c), _intended_use(c), _data(c), _split(c), _performance(c), _slices(c), _operating_point(c),
-             _calibration(c), _explainability(c), _promotion(c), _limitations(c)]
+    parts = [_header(c), _intended_use(c), _data(c), _split(c), _performance(c), _slices(c), _subgroups(c),
+             _operating_point(c), _calibration(c), _explainability(c), _promotion(c), _limitations(c)]
     return "\n\n".join(p for p in parts if p).strip() + "\n"
 
 
@@ -141,23 +143,54 @@ def _slices(c: CardInputs) -> str:
     return "## Per-slice performance\n\n" + head + "\n" + "\n".join(rows)
 
 
+SUBGROUP_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "ece", "calibration_slope")
+
+
+def _subgroups(c: CardInputs) -> str:
+    table = c.evaluation.get("subgroups") or {}
+    rows = table.get("groups") or []
+    if not rows:
+        return ""
+    head = ("| attribute | group | patients | images | " + " | ".join(SUBGROUP_KEYS) + " |\n|"
+            + "---|" * (4 + len(SUBGROUP_KEYS)))
+    lines = [f"| {r['attribute']} | {r['group']} | {r['patients']} | {r['images']} | "
+             + " | ".join(f"{_num(r['metrics'].get(k))} ({_ci(r['ci'].get(k))})" for k in SUBGROUP_KEYS) + " |"
+             for r in rows]
+    skipped = {a: v["skipped"] for a, v in (table.get("attributes") or {}).items() if "skipped" in v}
+    note = f"\n\nNot reported: {_fmt_dict(skipped)}." if skipped else ""
+    level = round(100 * float(table.get("ci_level") or 0.95))
+    return (f"## Subgroup performance\n\nTest split at the locked threshold; value ({level} % patient-level "
+            "bootstrap CI within the group). Categories with fewer than "
+            f"{table.get('min_patients')} patients are pooled into `other` (not named); missing values are "
+            f"`unknown`. Artifact `{SUBGROUPS_ARTIFACT}`.\n\n" + head + "\n" + "\n".join(lines) + note)
+
+
 def _operating_point(c: CardInputs) -> str:
     op = c.evaluation.get("operating_point")
     if not op:
         return "## Operating point\n\nMulti-class: the predicted class is the arg-max (no threshold)."
+    derived = (f" Derivation: criterion `{op['criterion']}`, parameters {_fmt_dict(op.get('parameters'))}, on the "
+               f"{op.get('derived_on')} split ({op.get('validation_images')} images, {op.get('validation_patients')} "
+               f"patients, {op.get('validation_positives')} positive)." if op.get("criterion") else "")
     return ("## Operating point\n\n"
             f"Threshold **{op['threshold']:.4f}** (policy `{op['policy']}`: {op['reason']}), chosen on the validation "
             f"split (sensitivity {_num(op.get('val_sensitivity'))}, specificity {_num(op.get('val_specificity'))}) "
             f"and locked into the version (tag `operating_threshold`, artifact `{OPERATING_POINT_ARTIFACT}`); "
-            "serving uses the same value.")
+            "serving uses the same value." + derived)
 
 
 def _calibration(c: CardInputs) -> str:
     m, ci = c.evaluation.get("metrics", {}), c.evaluation.get("ci", {})
     if m.get("ece") is None:
         return ""
+    fit = (f" Logistic recalibration: slope {_num(m.get('calibration_slope'))} ({_ci(ci.get('calibration_slope'))};"
+           f" 1 = ideal, < 1 = overconfident), intercept {_num(m.get('calibration_intercept'))} "
+           f"({_ci(ci.get('calibration_intercept'))}; 0 = ideal)." if "calibration_slope" in m else "")
+    curve = (c.evaluation.get("decision_curve") or {}).get("operating_point")
+    dca = (f" Net benefit at the locked threshold {_num(curve.get('net_benefit'))} (decision curve: artifact "
+           f"`{DECISION_CURVE_ARTIFACT}`)." if curve else "")
     return (f"## Calibration\n\nExpected calibration error {m['ece']:.3f} ({_ci(ci.get('ece'))}), Brier score "
-            f"{_num(m.get('brier'))}. Reliability diagram: run artifact `{RELIABILITY_ARTIFACT}`.")
+            f"{_num(m.get('brier'))}.{fit} Reliability diagram: run artifact `{RELIABILITY_ARTIFACT}`.{dca}")
 
 
 def _explainability(c: CardInputs) -> str:

@@ -31,7 +31,8 @@ def cfg(**over: Any) -> PromoteSection:
     base = {"registered_model": "m", "min_auc": 0.75, "min_accuracy": 0.9, "sensitivity_ci_floor": 0.7,
             "auc_margin": 0.02, "require_superiority": False, "max_ece": 0.2, "require_approval": False,
             "approval_timeout_s": 60, "approval_poll_s": 1, "export_onnx": False, "registry_lock_timeout_s": 5,
-            "registry_write_limit": None}
+            "registry_write_limit": None, "subgroup_by": "site", "subgroup_min_patients": 20,
+            "subgroup_sensitivity_ci_floor": None, "subgroup_auc_margin": None}
     return PromoteSection(**{**base, **over})
 
 

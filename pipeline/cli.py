@@ -663,6 +663,58 @@ def registry_card(
         typer.echo(f"model card: {path}", err=True)
 
 
+# --------------------------------------------------------------------------- audit log
+
+audit_app = typer.Typer(help="The hash-chained audit log of registry and serving actions.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+AuditPathOpt = Annotated[Path | None, typer.Option("--path", help="Audit log file (default: paths.audit_log).")]
+
+
+def _audit_log(path: Path | None, params: Path | None, sets: list[str] | None) -> Any:
+    from pipeline.audit import AuditLog
+
+    return AuditLog(path) if path is not None else AuditLog.of(settings_for(params, sets))
+
+
+@audit_app.command("verify")
+def audit_verify(path: AuditPathOpt = None, sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """Check the chain: exit 0 with a summary when intact, 1 naming the first bad line otherwise."""
+    with friendly_errors():
+        log = _audit_log(path, params, sets)
+        try:
+            verdict = log.verify()
+        except FileNotFoundError:
+            if path is not None:
+                raise
+            typer.echo(f"audit log {log.path}: no records yet")
+            return
+        typer.echo(verdict.summary(), err=not verdict.ok)
+        if not verdict.ok:
+            raise typer.Exit(1)
+
+
+@audit_app.command("show")
+def audit_show(
+    last: Annotated[int, typer.Option("--last", "-n", min=1, help="How many records, newest last.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON lines.")] = False,
+    path: AuditPathOpt = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Print the last records of the audit log (it is not verified here: `xrayops audit verify`)."""
+    with friendly_errors():
+        for r in _audit_log(path, params, sets).records(last):
+            if as_json:
+                typer.echo(json.dumps(r, sort_keys=True))
+                continue
+            details = r.get("details") or {}
+            phase = f" [{details['phase']}]" if isinstance(details, dict) and "phase" in details else ""
+            rest = {k: v for k, v in details.items() if k != "phase"} if isinstance(details, dict) else details
+            typer.echo(f"{r.get('seq')!s:>5} {r.get('time', '-')} {r.get('action', '?')}{phase} "
+                       f"{r.get('model') or '-'} v{r.get('version') or '-'} by {r.get('actor') or '-'}  "
+                       f"{json.dumps(rest, sort_keys=True) if rest else r.get('unreadable', '')}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

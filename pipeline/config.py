@@ -58,6 +58,9 @@ class PathsSection(_Section):
     feedback_log: str | None = Field(description="Clinician feedback folder; null = <home>/feedback.")
     simulation_log: str | None = Field(description="Simulated-traffic log of the main job's drift demo, kept apart "
                                        "from the production log; null = <home>/simulation-log.")
+    audit_log: str | None = Field(description="Append-only, hash-chained audit log of registry and "
+                                  "serving actions (JSON lines); null = <home>/audit/audit.jsonl. Point every "
+                                  "writer at one shared file when several machines move the registry.")
 
 
 class SyntheticSection(_Section):
@@ -424,6 +427,10 @@ class Settings(_Section):
     @property
     def simulation_log(self) -> Path:
         return self.resolve(self.paths.simulation_log or self.home / "simulation-log")
+
+    @property
+    def audit_log(self) -> Path:
+        return self.resolve(self.paths.audit_log or self.home / "audit" / "audit.jsonl")
 
     @property
     def registered_model(self) -> str:

@@ -34,6 +34,7 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     ├── RegistryError                        the model registry
     │   ├── RegistryUnavailable (+ServiceUnavailable)  the registry answered with an error, not "not found"
     │   ├── RegistryBusy (TimeoutError)      another writer held the registry's alias lock too long
+    │   ├── AuditError                       the audit log cannot be appended to (or its lock is held too long)
     │   └── PromotionError                   an alias move that would break the registry's rules
     │       └── StaleGateDecision            the champion changed since the version was gated
     ├── DeployError                          Prefect deployments could not be applied
@@ -192,6 +193,11 @@ class RegistryBusy(RegistryError, TimeoutError):
 
 class StaleGateDecision(PromotionError):
     """The champion changed after the version was gated: its decision compared it with another model."""
+
+
+class AuditError(RegistryError):
+    """The audit log could not be appended to (unwritable, its lock held too long, or its end is not intact):
+    registry moves stop rather than go unrecorded (see :mod:`pipeline.audit`)."""
 
 
 class DeployError(XrayopsError, RuntimeError):

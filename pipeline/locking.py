@@ -37,7 +37,8 @@ _held = threading.local()  # lock files this thread holds
 
 @contextmanager
 def file_lock(path: Path, *, what: str, timeout_s: float, setting: str,
-              busy: type[XrayopsError] = DatasetBusy, reentrant: bool = True) -> Iterator[None]:
+              busy: type[XrayopsError] = DatasetBusy, reentrant: bool = True,
+              poll_s: float = POLL_S) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
 
     Args:
@@ -47,6 +48,7 @@ def file_lock(path: Path, *, what: str, timeout_s: float, setting: str,
         setting: the setting that bounds the wait (named in the error's hint).
         busy: the error raised when the wait runs out.
         reentrant: a thread that holds the lock may enter again (False: it waits like anyone else).
+        poll_s: how often a waiter tries again (short for locks held only milliseconds).
 
     Raises:
         busy: another process (or another open of the file) held it for ``timeout_s``.
@@ -59,7 +61,7 @@ def file_lock(path: Path, *, what: str, timeout_s: float, setting: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _acquire(fd, path, what, timeout_s, setting, busy)
+        _acquire(fd, path, what, timeout_s, setting, busy, poll_s)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%F %T')}\n".encode(), 0)
         if reentrant:
@@ -74,7 +76,8 @@ def file_lock(path: Path, *, what: str, timeout_s: float, setting: str,
         os.close(fd)  # releases the lock
 
 
-def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str, busy: type[XrayopsError]) -> None:
+def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str, busy: type[XrayopsError],
+             poll_s: float = POLL_S) -> None:
     deadline = time.monotonic() + timeout_s
     announced = False
     while True:
@@ -91,7 +94,7 @@ def _acquire(fd: int, path: Path, what: str, timeout_s: float, setting: str, bus
             if not announced:
                 logger.info("waiting up to %g s for %s: another run holds it (%s)", timeout_s, what, holder)
                 announced = True
-            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 def holder_of(path: Path) -> str:

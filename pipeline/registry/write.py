@@ -7,6 +7,11 @@ version whose gate verdict is ``pass`` (and that a reviewer approved when
 ordered so an interruption leaves them consistent: ``previous-champion`` is set to the old
 champion *before* ``champion`` moves. Every move and rollback is recorded on the versions.
 Tag keys and artifact paths are :mod:`pipeline.registry.contract`'s.
+
+Every action is also appended to the hash-chained audit log (:mod:`pipeline.audit`), failing
+closed: alias moves and rollback write an ``intent`` record before the registry is touched and
+``done``/``failed`` after; registration, gate decisions and approvals are recorded once MLflow
+holds them, and an audit write that fails raises before any alias moves.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import audit
 from pipeline.config import Settings
+from pipeline.connections import mask_uri
 from pipeline.errors import PromotionError, RegistryError, StaleGateDecision
 from pipeline.evaluation.evaluate import EvalResult
 from pipeline.registry.contract import (
@@ -74,7 +81,12 @@ def register_version(settings: Settings, trained: TrainResult, evaluation: EvalR
                                      description=describe(trained, evaluation), model_id=model_id)
     _wait_ready(client, name, mv.version)
     _set_tags(client, name, mv.version, export_tags(settings, trained, evaluation))
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    audit.record(settings, audit.REGISTER, version=mv.version, details={
+        "run_id": trained.run_id, "source": mask_uri(trained.model_uri), "model_arch": trained.model_name,
+        "dataset": trained.dataset.get("name"), "dvc_md5": trained.dataset.get("dvc_md5")})
+    with audit.audited(settings, audit.ALIAS_MOVE, version=mv.version,
+                       details={"aliases": {CHALLENGER: str(mv.version)}}):
+        client.set_registered_model_alias(name, CHALLENGER, mv.version)
     logger.info("registered %s version %s (alias %s)", name, mv.version, CHALLENGER)
     publish_card(settings, mv.version)
     return client.get_model_version(name, mv.version)
@@ -164,6 +176,9 @@ def record_decision(settings: Settings, version: Any, decision: GateDecision, ru
                        champion=decision.champion_version, reason=decision.reason)
     _set_tags(client, settings.registered_model, version.version, tags.to_tags())
     client.log_dict(run_id, decision.to_dict(), decision_artifact(version.version))
+    audit.record(settings, audit.GATE_DECISION, version=version.version, details={
+        "verdict": GateTags.PASS if decision.promote else GateTags.FAIL, "failed": decision.failed,
+        "champion_version": decision.champion_version, "reason": decision.reason, "decided_at": decision.decided_at})
     publish_card(settings, version.version)
 
 
@@ -172,6 +187,8 @@ def record_approval(settings: Settings, version: Any, approval: dict[str, Any]) 
     client = configure_mlflow(settings)
     _set_tags(client, settings.registered_model, version.version, ApprovalTags.of(approval).to_tags())
     client.log_dict(version.run_id, approval, approval_artifact(version.version))
+    audit.record(settings, audit.APPROVAL, version=version.version, actor=approval.get("reviewer") or None,
+                 details={key: approval.get(key) for key in ("status", "approved", "comment", "decided_at")})
     publish_card(settings, version.version)
 
 
@@ -276,16 +293,19 @@ def move_champion(settings: Settings, version: str, *, reason: str,
         now = datetime.now(UTC).isoformat(timespec="seconds")
         replaced = old_version if old_version != version else None
         expected = {**before, CHAMPION: version}
-        try:
-            if replaced is not None:
-                _set_tags(client, name, version, ChampionTags(previous_version=replaced).to_tags())
-                client.set_registered_model_alias(name, PREVIOUS, replaced)
-                expected[PREVIOUS] = replaced
-            client.set_registered_model_alias(name, CHAMPION, version)
-        except MlflowException as exc:
-            changed_tag = record if replaced is not None else None
-            raise _undo(settings, client, before, changed_tag, f"move champion to v{version}", exc) from exc
-        _confirm(settings, expected, f"champion → v{version}")
+        moves = {PREVIOUS: replaced, CHAMPION: version} if replaced is not None else {CHAMPION: version}
+        with audit.audited(settings, audit.ALIAS_MOVE, version=version,
+                           details={"aliases": moves, "before": before, "reason": reason}):
+            try:
+                if replaced is not None:
+                    _set_tags(client, name, version, ChampionTags(previous_version=replaced).to_tags())
+                    client.set_registered_model_alias(name, PREVIOUS, replaced)
+                    expected[PREVIOUS] = replaced
+                client.set_registered_model_alias(name, CHAMPION, version)
+            except MlflowException as exc:
+                changed_tag = record if replaced is not None else None
+                raise _undo(settings, client, before, changed_tag, f"move champion to v{version}", exc) from exc
+            _confirm(settings, expected, f"champion → v{version}")
         try:
             _set_tags(client, name, version, ChampionTags(since=now, reason=reason).to_tags())
         except MlflowException as exc:
@@ -375,19 +395,24 @@ def rollback(settings: Settings, *, reason: str, actor: str, lock: AliasLock | N
         before = aliases(settings)
         earlier = target.champion.previous_version
         expected = {**before, CHAMPION: str(previous.version)}
-        try:
-            for run_id in {current.run_id, previous.run_id}:
-                client.log_dict(run_id, record, rollback_artifact(now))
-            client.set_registered_model_alias(name, CHAMPION, previous.version)
-            if earlier and earlier not in (str(previous.version), str(current.version)):
-                client.set_registered_model_alias(name, PREVIOUS, earlier)
-                expected[PREVIOUS] = earlier
-            else:
-                client.delete_registered_model_alias(name, PREVIOUS)
-                expected.pop(PREVIOUS, None)
-        except MlflowException as exc:
-            raise _undo(settings, client, before, None, f"roll back to v{previous.version}", exc) from exc
-        _confirm(settings, expected, f"rollback to v{previous.version}")
+        keep_earlier = bool(earlier) and earlier not in (str(previous.version), str(current.version))
+        moves = {CHAMPION: str(previous.version), PREVIOUS: earlier if keep_earlier else None}
+        with audit.audited(settings, audit.ROLLBACK, version=previous.version, actor=actor, details={
+                "from_version": str(current.version), "to_version": str(previous.version), "reason": reason,
+                "aliases": moves, "before": before}):
+            try:
+                for run_id in {current.run_id, previous.run_id}:
+                    client.log_dict(run_id, record, rollback_artifact(now))
+                client.set_registered_model_alias(name, CHAMPION, previous.version)
+                if keep_earlier:
+                    client.set_registered_model_alias(name, PREVIOUS, earlier)
+                    expected[PREVIOUS] = earlier
+                else:
+                    client.delete_registered_model_alias(name, PREVIOUS)
+                    expected.pop(PREVIOUS, None)
+            except MlflowException as exc:
+                raise _undo(settings, client, before, None, f"roll back to v{previous.version}", exc) from exc
+            _confirm(settings, expected, f"rollback to v{previous.version}")
         _audit(client, name, current.version, RollbackTags(at=now, reason=reason, by=actor).to_tags(),
                f"Rolled back {now} by {actor}: {reason}")
         _audit(client, name, previous.version,

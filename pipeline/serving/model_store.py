@@ -13,6 +13,10 @@ of :data:`pipeline.serving.trust.REASONS`, ``detail``: words for people, never e
 exception goes to the log). It keeps *serving* that model, except when the alias is gone and
 ``serve.on_alias_missing`` is ``stop``. Versions are told apart by number *and* training run and
 model source, so a registry recreated with the same version numbers is loaded afresh.
+
+Each time the served version changes (a first load, a swap, a stop because the alias is gone,
+:meth:`ModelStore.stop`) a ``serving_start`` / ``serving_stop`` record goes to the audit log
+(:mod:`pipeline.audit`; best-effort: a failed write is logged and serving goes on).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pipeline import audit
 from pipeline.config import Settings
 from pipeline.errors import NotReady
 from pipeline.serving.predictor import Predictor
@@ -51,6 +56,7 @@ class ModelStore:
         self._loaded: Predictor | None = None  # the last verified and loaded version
         self._identity: tuple[str, str | None, str | None] | None = None
         self._serving = False
+        self._recorded: tuple[str, str | None, str | None] | None = None  # identity last audited as served
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,29 +90,48 @@ class ModelStore:
     def refresh(self) -> bool:
         """Check the alias now; verify, load and swap in a moved version. Returns True when the model changed."""
         with self._load_lock:
-            self.last_check = time.time()
-            verdict = check_alias(self.settings, self.alias)
-            if not verdict.trusted:
-                self._problem(verdict.reason or NOT_READY, verdict.detail)
-                return False
-            version = verdict.version
-            if self._loaded is not None and self._identity == version_identity(version):
-                self._ok()
-                return False
-            try:
-                predictor = self._loader(self.settings, version, alias=self.alias)
-            except Exception:
-                logger.exception("alias %s → v%s: load failed; still serving %s", self.alias, version.version,
-                                 self._describe())
-                self._problem(LOAD_FAILED, f"{self.settings.registered_model} v{version.version} holds alias "
-                              f"'{self.alias}' and is verified but could not be loaded (see the server log)")
-                return False
-            previous = self._describe()
-            self._loaded, self._identity, self.loaded_at = predictor, version_identity(version), time.time()
+            changed = self._check()
+            self._record_serving()
+            return changed
+
+    def _check(self) -> bool:
+        self.last_check = time.time()
+        verdict = check_alias(self.settings, self.alias)
+        if not verdict.trusted:
+            self._problem(verdict.reason or NOT_READY, verdict.detail)
+            return False
+        version = verdict.version
+        if self._loaded is not None and self._identity == version_identity(version):
             self._ok()
-            logger.info("serving %s v%s (alias %s; was %s)", predictor.model_name, predictor.version, self.alias,
-                        previous)
-            return True
+            return False
+        try:
+            predictor = self._loader(self.settings, version, alias=self.alias)
+        except Exception:
+            logger.exception("alias %s → v%s: load failed; still serving %s", self.alias, version.version,
+                             self._describe())
+            self._problem(LOAD_FAILED, f"{self.settings.registered_model} v{version.version} holds alias "
+                          f"'{self.alias}' and is verified but could not be loaded (see the server log)")
+            return False
+        previous = self._describe()
+        self._loaded, self._identity, self.loaded_at = predictor, version_identity(version), time.time()
+        self._ok()
+        logger.info("serving %s v%s (alias %s; was %s)", predictor.model_name, predictor.version, self.alias,
+                    previous)
+        return True
+
+    def _record_serving(self, why: str | None = None) -> None:
+        """Audit a change of the served model: ``serving_stop`` of the old one, ``serving_start`` of the new."""
+        served = self._identity if self.current is not None else None
+        if served == self._recorded:
+            return
+        if self._recorded is not None:
+            audit.record_serving(self.settings, audit.SERVING_STOP, self._recorded[0],
+                                 {"alias": self.alias, "why": why or self.reason or "replaced"})
+        if served is not None:
+            audit.record_serving(self.settings, audit.SERVING_START, served[0],
+                                 {"alias": self.alias, "run_id": served[1],
+                                  "replaces": self._recorded[0] if self._recorded else None})
+        self._recorded = served
 
     def _describe(self) -> str:
         return f"v{self._loaded.version}" if self._loaded is not None else "nothing"
@@ -144,10 +169,14 @@ class ModelStore:
                 logger.exception("alias check failed unexpectedly")
 
     def stop(self) -> None:
+        """Stop polling and serving (the server shuts down)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        with self._load_lock:
+            self._serving = False
+            self._record_serving("shutdown")
 
     def status(self) -> dict[str, Any]:
         """What ``/readyz`` reports."""

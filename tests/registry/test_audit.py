@@ -153,8 +153,12 @@ def test_an_outcome_that_cannot_be_recorded_says_the_move_was_done(reg: Settings
     assert actions(reg) == [("alias_move", "intent", str(v1.version))]
 
 
-def test_a_failed_move_is_recorded_as_failed(reg: Settings) -> None:
-    from pipeline.errors import PromotionError
+def test_refused_moves_write_nothing_and_failed_ones_are_recorded_as_failed(
+        reg: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.errors import PromotionError, RegistryError
 
     v1 = new_version(reg)
     move_champion(reg, v1.version, reason="first")
@@ -164,6 +168,21 @@ def test_a_failed_move_is_recorded_as_failed(reg: Settings) -> None:
     with pytest.raises(PromotionError):  # stale gate: refused under the lock, before the intent
         move_champion(reg, v2.version, reason="stale", expected_champion="999")
     assert [a for a, _, _ in actions(reg)] == ["alias_move", "alias_move"]
+
+    v3 = new_version(reg, gated_against=str(v1.version))
+    real = MlflowClient.set_registered_model_alias
+
+    def fail_champion(self: MlflowClient, name: str, alias: str, version: Any) -> Any:
+        if alias == CHAMPION:
+            raise MlflowException("INTERNAL_ERROR: injected", error_code="INTERNAL_ERROR")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_champion)
+    with pytest.raises(RegistryError):
+        move_champion(reg, v3.version, reason="third")
+    last = AuditLog.of(reg).records()[-1]
+    assert (last["action"], last["details"]["phase"], last["version"]) == ("alias_move", "failed", str(v3.version))
+    assert last["details"]["error"] == "RegistryUnavailable" and verdict(reg).ok
 
 
 # --------------------------------------------------------------------------- tampering

@@ -71,6 +71,10 @@ class SyntheticSection(_Section):
     bit_depth: Literal[8, 16] = Field(description="PNG bit depth of the generated images.")
     bad_files: int = Field(ge=0, description="Deliberately bad files to add (corrupt, empty, tiny, ...).")
     shift: float = Field(ge=0, description="Acquisition shift (exposure/contrast/noise); 0 = training-like.")
+    preset: Literal["realistic", "easy"] = Field(
+        description="easy: the first one-site cohort a small CNN separates perfectly; realistic: three sites "
+        "(scanners, AP share, prevalence), subtle-to-obvious lesions, benign look-alikes and a spurious "
+        "'portable' marker at one site (see pipeline.data.synthetic).")
 
     @field_validator("images_per_patient")
     @classmethod

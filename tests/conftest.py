@@ -24,6 +24,7 @@ TINY = [
     "data.synthetic.n_patients=48",
     "data.synthetic.images_per_patient=[1, 3]",
     "data.synthetic.image_size=64",
+    "data.synthetic.preset=easy",  # tests assert behaviour, not a cohort's difficulty
     "data.ingest.workers=2",
     "validate.min_rows=10",
     "train.image_size=64",

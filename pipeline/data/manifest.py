@@ -84,6 +84,7 @@ SCHEMA = pa.schema(
         ("source", pa.string()),
         ("source_split", pa.string()),
         ("view_position", pa.string()),
+        ("site", pa.string()),
         ("sex", pa.string()),
         ("age_band", pa.string()),
         ("modality", pa.string()),

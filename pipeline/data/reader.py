@@ -112,10 +112,11 @@ def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str
         "source": opts.source,
         "source_split": record.source_split,
         "view_position": _clean(extra.get("view_position") or image.meta.get("view_position")),
+        "site": _clean(extra.get("site")),
         "sex": _clean(extra.get("sex")),
         "age_band": age_band(_to_float(extra.get("age"))),
         "modality": image.meta.get("modality") or opts.profile.modality,
-        "manufacturer": image.meta.get("manufacturer"),
+        "manufacturer": image.meta.get("manufacturer") or _clean(extra.get("manufacturer")),
         "photometric": image.meta.get("photometric"),
     }
 

@@ -6,9 +6,24 @@ split must be by patient. Pneumonia images carry localised, patchy opacities ins
 lung field. Each image adds acquisition variation (exposure, noise, small rotation and
 shift); ``shift`` > 0 simulates a different scanner/protocol for drift monitoring.
 
+Two presets (``data.synthetic.preset``):
+
+- ``realistic``: three sites (:data:`SITES`) with their own scanner
+  (manufacturer, noise, blur, exposure, collimation, laterality marker), share of AP
+  (portable) views and disease prevalence; patient sex and age (older when sick); lesions
+  whose size and contrast spread from obvious to barely visible; benign look-alikes (a
+  nodule, a plate-like streak) in some normal images; AP views with a magnified heart and
+  more scatter. Site B stamps a "portable" bar on most of its sick patients' images and few
+  of the others': a spurious cue correlated with the label that a shortcut learner can use
+  (:func:`has_portable_marker` tells which images carry it, for shortcut tests).
+  Not the default yet: the default CNN does not start learning on it on every seed before
+  early stopping (test AUC 0.60–0.94 across seeds and lesion settings tried).
+- ``easy`` (the default): the first cohort (one site, high-contrast lesions); a small CNN
+  separates it perfectly (test AUC 1.0), which makes a gate's ΔAUC degenerate.
+
 Layout written under ``root``::
 
-    root/patients.csv                      file,patient_id,label,view_position,sex,age
+    root/patients.csv                      file,patient_id,label,view_position,sex,age,site,manufacturer
     root/<LABEL>/<patient_id>_<k>.png
 
 The patient ids look like real MRNs on purpose: ingestion must pseudonymise them.
@@ -56,6 +71,33 @@ class CohortSpec:
     bad_files: int
     shift: float
     seed: int
+    preset: str = "easy"  # data.synthetic.preset: realistic | easy
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital of the realistic cohort: its scanner and its patients."""
+
+    name: str
+    manufacturer: str
+    share: float  # of patients
+    prevalence_factor: float  # × data.synthetic.prevalence
+    pa_share: float  # the rest are AP (portable) views
+    noise: float
+    gain: float
+    gamma: float
+    blur: float  # 0 = sharp; 1 = half resolution
+    collimation: float  # dark border, share of the side
+    marker_corner: int  # 0..3: where the laterality marker is stamped
+    portable_cue: tuple[float, float]  # P(portable bar | sick), P(portable bar | well)
+
+
+SITES = (
+    Site("site-A", "Acme DR-3000", 0.45, 0.70, 0.88, 0.018, 1.00, 1.00, 0.35, 0.02, 0, (0.0, 0.0)),
+    Site("site-B", "Borealis CR-P", 0.35, 1.45, 0.30, 0.034, 0.90, 1.10, 0.55, 0.06, 1, (0.85, 0.15)),
+    Site("site-C", "Cobalt DX-9", 0.20, 0.90, 0.65, 0.024, 1.08, 0.94, 0.45, 0.035, 2, (0.0, 0.0)),
+)
+PRESETS = ("realistic", "easy")
 
 
 @dataclass(frozen=True)
@@ -67,10 +109,16 @@ class Patient:
     view_position: str
     n_images: int
     index: int
+    site: str = ""
+    manufacturer: str = ""
 
 
 def plan_patients(spec: CohortSpec) -> list[Patient]:
     """Decide patients, labels and image counts (deterministic in the seed)."""
+    if spec.preset not in PRESETS:
+        raise ValueError(f"data.synthetic.preset must be one of {PRESETS}, not {spec.preset!r}")
+    if spec.preset == "realistic":
+        return _plan_realistic(spec)
     rng = np.random.default_rng([spec.seed, 0])
     n_pos = max(1, round(spec.n_patients * spec.prevalence))
     labels = np.array([CLASSES[1]] * n_pos + [CLASSES[0]] * (spec.n_patients - n_pos))
@@ -92,8 +140,51 @@ def plan_patients(spec: CohortSpec) -> list[Patient]:
     return patients
 
 
+def _plan_realistic(spec: CohortSpec) -> list[Patient]:
+    """Sites first, then each patient's label from the site's prevalence, then sex, age and view."""
+    rng = np.random.default_rng([spec.seed, 0, 1])
+    shares = np.array([site.share for site in SITES])
+    lo, hi = spec.images_per_patient
+    patients = []
+    for i in range(spec.n_patients):
+        site = SITES[int(rng.choice(len(SITES), p=shares / shares.sum()))]
+        sick = rng.random() < min(0.95, spec.prevalence * site.prevalence_factor)
+        label = CLASSES[int(sick)]
+        patients.append(Patient(
+            patient_id=f"MRN{int(rng.integers(10**6, 10**7)):07d}{i:04d}",
+            label=label,
+            sex=str(rng.choice(["F", "M"])),
+            age=int(np.clip(rng.normal(62 if sick else 50, 17), 1, 99)),
+            view_position="PA" if rng.random() < site.pa_share else "AP",
+            n_images=int(rng.integers(lo, hi + 1)),
+            index=i,
+            site=site.name,
+            manufacturer=site.manufacturer,
+        ))
+    if len({p.label for p in patients}) < 2:  # tiny cohorts: both classes, always
+        first = patients[0]
+        patients[0] = Patient(**{**first.__dict__, "label": CLASSES[1 - CLASSES.index(first.label)]})
+    return patients
+
+
+def site_of(patient: Patient) -> Site | None:
+    return next((site for site in SITES if site.name == patient.site), None)
+
+
+def has_portable_marker(patient: Patient, k: int, spec: CohortSpec) -> bool:
+    """Whether image ``k`` carries site B's "portable" bar (the spurious cue)."""
+    site = site_of(patient)
+    if spec.preset != "realistic" or site is None:
+        return False
+    p_sick, p_well = site.portable_cue
+    rng = np.random.default_rng([spec.seed, 4, patient.index, k])
+    return bool(rng.random() < (p_sick if patient.label == CLASSES[1] else p_well))
+
+
 def render_image(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     """Render image ``k`` of ``patient`` as float32 in [0, 1]."""
+    if spec.preset == "realistic":
+        return _render_realistic(patient, k, spec)
     s = spec.image_size
     prng = np.random.default_rng([spec.seed, 1, patient.index])  # habitus: shared by the patient
     irng = np.random.default_rng([spec.seed, 2, patient.index, k, int(spec.shift * 1000)])
@@ -130,6 +221,102 @@ def render_image(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
 
     img = _acquire(img, irng, spec.shift)
     return img
+
+
+def _render_realistic(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
+    """The realistic preset: the anatomy of the easy one, then site, view and lesion variation."""
+    s = spec.image_size
+    site = site_of(patient) or SITES[0]
+    prng = np.random.default_rng([spec.seed, 1, patient.index, 7])
+    irng = np.random.default_rng([spec.seed, 2, patient.index, k, int(spec.shift * 1000), 7])
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    angle = np.deg2rad(irng.normal(0, 3.0))
+    dx, dy = irng.normal(0, 0.02, size=2)
+    xc, yc = xx - 0.5 - dx, yy - 0.5 - dy
+    xr = xc * np.cos(angle) - yc * np.sin(angle) + 0.5
+    yr = xc * np.sin(angle) + yc * np.cos(angle) + 0.5
+    ap = patient.view_position == "AP"
+
+    torso_w = prng.uniform(0.34, 0.48)
+    img = np.full((s, s), 0.06, np.float32)
+    torso = ((xr - 0.5) / torso_w) ** 2 + ((yr - 0.62) / 0.62) ** 2 < 1
+    img[torso] = prng.uniform(0.46, 0.56)
+    lung_w, lung_h = prng.uniform(0.12, 0.18), prng.uniform(0.23, 0.32)
+    lung_y = prng.uniform(0.45, 0.53)
+    lung_level = prng.uniform(0.17, 0.25) + (0.04 if ap else 0.0)  # AP: scatter, less air contrast
+    lungs = []
+    for side in (-1, 1):
+        cx = 0.5 + side * prng.uniform(0.15, 0.2)
+        lung = ((xr - cx) / lung_w) ** 2 + ((yr - lung_y) / lung_h) ** 2 < 1
+        lungs.append((lung, cx))
+        img[lung] = lung_level
+    heart_w = prng.uniform(0.1, 0.15) * (1.18 if ap else 1.0)  # AP magnifies the heart
+    heart = ((xr - 0.53) / heart_w) ** 2 + ((yr - 0.62) / 0.12) ** 2 < 1
+    img[heart] = np.maximum(img[heart], 0.6)
+    spine = np.abs(xr - 0.5) < 0.028
+    img[spine & torso] = 0.72
+    ribs = 0.5 + 0.5 * np.sin((yr + 0.08 * np.abs(xr - 0.5)) * np.pi * 18 + prng.uniform(0, 6.28))
+    lung_mask = lungs[0][0] | lungs[1][0]
+    img[lung_mask] += 0.07 * ribs[lung_mask] ** 4
+    texture = _smooth_noise(irng, s, scale=max(2, s // 24))
+
+    if patient.label == CLASSES[1]:  # lesions from obvious to barely visible
+        subtle = prng.random() < 0.2  # one in five barely visible: what keeps the AUC below 1
+        strength = prng.uniform(0.02, 0.06) if subtle else 0.2 + 0.25 * prng.beta(1.5, 1.5)
+        for _ in range(int(prng.integers(1, 4))):
+            lung, cx = lungs[int(prng.integers(0, 2))]
+            bx = cx + prng.uniform(-0.5, 0.5) * lung_w + irng.normal(0, 0.01)
+            by = lung_y + prng.uniform(-0.2, 0.6) * lung_h + irng.normal(0, 0.01)
+            r = prng.uniform(0.03, 0.09)
+            blob = np.exp(-(((xr - bx) ** 2 + (yr - by) ** 2) / (2 * r**2)))
+            img = img + lung * blob * strength * (0.6 + 0.8 * texture)
+    elif prng.random() < 0.25:  # benign look-alikes in well patients
+        lung, cx = lungs[int(prng.integers(0, 2))]
+        bx, by = cx + prng.uniform(-0.4, 0.4) * lung_w, lung_y + prng.uniform(-0.3, 0.5) * lung_h
+        if prng.random() < 0.5:  # a small nodule
+            r = prng.uniform(0.015, 0.03)
+            img = img + lung * np.exp(-(((xr - bx) ** 2 + (yr - by) ** 2) / (2 * r**2))) * prng.uniform(0.08, 0.18)
+        else:  # a plate-like streak
+            streak = np.exp(-((yr - by - 0.3 * (xr - bx)) ** 2) / (2 * 0.006**2)) * (np.abs(xr - bx) < 0.08)
+            img = img + lung * streak * prng.uniform(0.06, 0.14)
+
+    img = _acquire_at(img, irng, spec.shift, site)
+    _stamp(img, site.marker_corner, s, value=0.95)  # laterality marker
+    if has_portable_marker(patient, k, spec):
+        h, w = max(2, s // 40), max(6, s // 6)
+        img[s // 20:s // 20 + h, s // 2 - w // 2:s // 2 + w // 2] = 0.9
+    return img
+
+
+def _acquire_at(img: np.ndarray, rng: np.random.Generator, shift: float, site: Site) -> np.ndarray:
+    """A site's acquisition: blur, exposure, gamma, noise, collimation; ``shift`` as in :func:`_acquire`."""
+    s = img.shape[0]
+    low = max(8, int(s * (1 - 0.5 * site.blur)))
+    blurred = np.asarray(
+        Image.fromarray(img.astype(np.float32), mode="F").resize((low, low), Image.Resampling.BILINEAR)
+        .resize((s, s), Image.Resampling.BILINEAR),
+        dtype=np.float32,
+    )
+    gain = rng.normal(site.gain, 0.06) * (1 + 0.35 * shift)
+    gamma = rng.normal(site.gamma, 0.07) * (1 - 0.25 * min(shift, 2))
+    offset = rng.normal(0, 0.025) + 0.08 * shift
+    out = np.clip(blurred * gain + offset, 0, 1) ** max(gamma, 0.2)
+    out = out + rng.normal(0, site.noise + 0.02 * shift, size=out.shape).astype(np.float32)
+    border = int(round(s * site.collimation * rng.uniform(0.6, 1.4)))
+    if border:
+        out[:border, :] *= 0.15
+        out[-border:, :] *= 0.15
+        out[:, :border] *= 0.15
+        out[:, -border:] *= 0.15
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def _stamp(img: np.ndarray, corner: int, s: int, value: float) -> None:
+    size, pad = max(3, s // 18), max(2, s // 16)
+    y = pad if corner in (0, 1) else s - pad - size
+    x = pad if corner in (0, 2) else s - pad - size
+    img[y:y + size, x:x + size // 3 + 1] = value  # an "L"-like glyph
+    img[y + size - max(1, size // 4):y + size, x:x + size] = value
 
 
 def _add_opacities(img, xr, yr, lungs, lung_w, lung_h, lung_y, prng, irng, s) -> np.ndarray:
@@ -196,10 +383,12 @@ def generate_cohort(root: Path, spec: CohortSpec) -> dict[str, int]:
             rel = f"{p.label}/{p.patient_id}_{k:02d}.png"
             save_png(to_pixels(render_image(p, k, spec), spec.bit_depth), root / rel)
             rows.append({"file": rel, "patient_id": p.patient_id, "label": p.label,
-                         "view_position": p.view_position, "sex": p.sex, "age": p.age})
+                         "view_position": p.view_position, "sex": p.sex, "age": p.age,
+                         "site": p.site, "manufacturer": p.manufacturer})
     bad = _write_bad_files(root, spec, rows) if spec.bad_files else []
     with open(root / "patients.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file", "patient_id", "label", "view_position", "sex", "age"])
+        writer = csv.DictWriter(fh, fieldnames=["file", "patient_id", "label", "view_position", "sex", "age",
+                                                "site", "manufacturer"])
         writer.writeheader()
         writer.writerows(r for r in rows if r.get("file"))
     counts = {"patients": len(patients), "images": len(rows) - len(bad), "bad_files": len(bad)}
@@ -208,7 +397,7 @@ def generate_cohort(root: Path, spec: CohortSpec) -> dict[str, int]:
     return counts
 
 
-GENERATOR_VERSION = 2  # bump whenever rendering changes, so cached cohorts are regenerated
+GENERATOR_VERSION = 3  # bump whenever rendering changes, so cached cohorts are regenerated
 
 
 def _spec_json(spec: CohortSpec) -> dict[str, object]:

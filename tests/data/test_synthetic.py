@@ -82,3 +82,66 @@ def test_regeneration_is_skipped_when_spec_unchanged(tmp_path: Path) -> None:
     mtime = first.stat().st_mtime_ns
     generate_cohort(tmp_path, spec())
     assert first.stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------- the realistic preset
+
+
+def test_realistic_cohort_has_sites_with_their_own_prevalence_views_and_scanners() -> None:
+    from collections import Counter
+
+    from pipeline.data.synthetic import SITES
+
+    patients = plan_patients(spec(n_patients=900, preset="realistic"))
+    by_site = Counter(p.site for p in patients)
+    assert set(by_site) == {s.name for s in SITES} and all(n > 100 for n in by_site.values())
+    prevalence = {s.name: np.mean([p.label == "PNEUMONIA" for p in patients if p.site == s.name]) for s in SITES}
+    ap_share = {s.name: np.mean([p.view_position == "AP" for p in patients if p.site == s.name]) for s in SITES}
+    assert prevalence["site-B"] > prevalence["site-C"] > prevalence["site-A"], prevalence  # differs by site
+    assert ap_share["site-B"] > 0.5 > ap_share["site-A"], ap_share  # portable views where patients are sicker
+    assert {p.manufacturer for p in patients} == {s.manufacturer for s in SITES}
+    age = {label: np.mean([p.age for p in patients if p.label == label]) for label in ("NORMAL", "PNEUMONIA")}
+    assert age["PNEUMONIA"] > age["NORMAL"] + 5
+
+
+def test_the_spurious_portable_marker_follows_the_label_at_one_site_only() -> None:
+    from pipeline.data.synthetic import has_portable_marker
+
+    s = spec(n_patients=900, preset="realistic")
+    patients = plan_patients(s)
+
+    def rate(site: str, label: str) -> float:
+        return float(np.mean([has_portable_marker(p, 0, s) for p in patients if p.site == site and p.label == label]))
+
+    assert rate("site-B", "PNEUMONIA") > 0.7 and rate("site-B", "NORMAL") < 0.3
+    assert rate("site-A", "PNEUMONIA") == rate("site-A", "NORMAL") == 0.0
+    sick_b = next(p for p in patients if p.site == "site-B" and p.label == "PNEUMONIA" and has_portable_marker(p, 0, s))
+    image = render_image(sick_b, 0, s)
+    side = s.image_size
+    assert image[side // 20, side // 2] > 0.85  # the bar is drawn where has_portable_marker says
+
+
+def test_realistic_lesions_range_from_obvious_to_barely_visible() -> None:
+    """The lesion signal (sick image − the same anatomy rendered well) spreads over an order of magnitude."""
+    import dataclasses
+
+    s = spec(n_patients=300, preset="realistic", image_size=64)
+    signals = []
+    for p in [p for p in plan_patients(s) if p.label == "PNEUMONIA"][:80]:
+        well = dataclasses.replace(p, label="NORMAL")
+        diff = render_image(p, 0, s) - render_image(well, 0, s)
+        signals.append(float(np.percentile(diff[s.image_size // 8:], 99)))  # below the portable bar
+    assert min(signals) < 0.08 and max(signals) > 0.4 and max(signals) > 6 * min(signals), sorted(signals)
+
+
+def test_realistic_cohort_reaches_the_manifest_with_site_and_manufacturer(tmp_path: Path) -> None:
+    rows = generate_cohort(tmp_path / "raw", spec(preset="realistic"))
+    assert rows["patients"] == 20
+    listed = list(csv.DictReader(open(tmp_path / "raw" / "patients.csv")))
+    assert {r["site"] for r in listed} <= {"site-A", "site-B", "site-C"} and all(r["manufacturer"] for r in listed)
+    assert digest(tmp_path / "raw") != digest(_easy(tmp_path / "easy"))
+
+
+def _easy(root: Path) -> Path:
+    generate_cohort(root, spec())
+    return root

@@ -19,7 +19,7 @@ def _synthetic(settings: Settings) -> Source:
     spec = CohortSpec(
         n_patients=syn.n_patients, images_per_patient=tuple(syn.images_per_patient), prevalence=syn.prevalence,
         image_size=syn.image_size, bit_depth=syn.bit_depth, bad_files=syn.bad_files, shift=syn.shift,
-        seed=settings.base.seed,
+        seed=settings.base.seed, preset=syn.preset,
     )
     return SyntheticSource(spec)
 

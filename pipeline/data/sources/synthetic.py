@@ -8,7 +8,8 @@ from pathlib import Path
 from pipeline.data.sources.base import XRAY_PROFILE, RawRecord, list_files, read_csv, require_dir
 from pipeline.data.synthetic import CohortSpec, generate_cohort
 
-LAYOUT = "ROOT/patients.csv (file,patient_id,label,view_position,sex,age) + ROOT/<LABEL>/*.png"
+LAYOUT = ("ROOT/patients.csv (file,patient_id,label,view_position,sex,age[,site,manufacturer]) + "
+          "ROOT/<LABEL>/*.png")
 
 
 class SyntheticSource:
@@ -35,5 +36,5 @@ class SyntheticSource:
                 ref=ref,
                 label=row.get("label") or None,
                 patient_key=row.get("patient_id") or None,
-                extra={k: row.get(k) or None for k in ("view_position", "sex", "age")},
+                extra={k: row.get(k) or None for k in ("view_position", "sex", "age", "site", "manufacturer")},
             )

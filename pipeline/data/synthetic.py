@@ -188,13 +188,7 @@ def render_image(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     s = spec.image_size
     prng = np.random.default_rng([spec.seed, 1, patient.index])  # habitus: shared by the patient
     irng = np.random.default_rng([spec.seed, 2, patient.index, k, int(spec.shift * 1000)])
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-    # acquisition: rotation and shift per image
-    angle = np.deg2rad(irng.normal(0, 2.5))
-    dx, dy = irng.normal(0, 0.015, size=2)
-    xc, yc = xx - 0.5 - dx, yy - 0.5 - dy
-    xr = xc * np.cos(angle) - yc * np.sin(angle) + 0.5
-    yr = xc * np.sin(angle) + yc * np.cos(angle) + 0.5
+    xr, yr = _pose(irng, s, angle_sd=2.5, shift_sd=0.015)
 
     torso_w = prng.uniform(0.36, 0.46)
     img = np.full((s, s), 0.06, np.float32)
@@ -223,18 +217,22 @@ def render_image(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     return img
 
 
+def _pose(irng: np.random.Generator, s: int, *, angle_sd: float, shift_sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (0..1) of an image rotated and shifted by one acquisition's random pose."""
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    angle = np.deg2rad(irng.normal(0, angle_sd))
+    dx, dy = irng.normal(0, shift_sd, size=2)
+    xc, yc = xx - 0.5 - dx, yy - 0.5 - dy
+    return xc * np.cos(angle) - yc * np.sin(angle) + 0.5, xc * np.sin(angle) + yc * np.cos(angle) + 0.5
+
+
 def _render_realistic(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     """The realistic preset: the anatomy of the easy one, then site, view and lesion variation."""
     s = spec.image_size
     site = site_of(patient) or SITES[0]
     prng = np.random.default_rng([spec.seed, 1, patient.index, 7])
     irng = np.random.default_rng([spec.seed, 2, patient.index, k, int(spec.shift * 1000), 7])
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-    angle = np.deg2rad(irng.normal(0, 3.0))
-    dx, dy = irng.normal(0, 0.02, size=2)
-    xc, yc = xx - 0.5 - dx, yy - 0.5 - dy
-    xr = xc * np.cos(angle) - yc * np.sin(angle) + 0.5
-    yr = xc * np.sin(angle) + yc * np.cos(angle) + 0.5
+    xr, yr = _pose(irng, s, angle_sd=3.0, shift_sd=0.02)
     ap = patient.view_position == "AP"
 
     torso_w = prng.uniform(0.34, 0.48)

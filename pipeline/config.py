@@ -29,6 +29,7 @@ PARAMS_FILE = "params.yaml"
 
 
 SubgroupAttribute = Literal["site", "manufacturer", "view", "sex", "age_band"]
+QualityFeature = Literal["mean", "std", "p05", "p50", "p95", "contrast", "entropy", "sharpness", "aspect"]
 
 
 class _Section(BaseModel):
@@ -234,6 +235,30 @@ class EvaluateSection(_Section):
         "view_position); absent columns are skipped and said so.")
     subgroup_min_patients: int = Field(ge=1, description="Categories with fewer test patients are pooled into "
                                        "'other' (never shown by name).")
+    failure_top_k: int = Field(ge=0, description="Most confident false positives and false negatives listed in "
+                               "the failure analysis (by image_id only).")
+    quality_features: list[QualityFeature] = Field(
+        description="Manifest image-quality features whose quantile bins get error rates in the failure analysis.")
+    quality_bins: int = Field(ge=2, description="Quantile bins per quality feature; bins with fewer than "
+                              "subgroup_min_patients test patients are merged with a neighbour.")
+    shortcut_masks: dict[str, list[tuple[float, float, float, float]]] = Field(
+        description="Shortcut test: named regions, each a list of [x0, y0, x1, y1] rectangles in relative "
+        "coordinates (0-1), masked (and shuffled within site) before re-scoring the test set; {} = off.")
+    shortcut_shuffle_within_site: bool = Field(
+        description="Also re-score with each region's content swapped between test images of the same site.")
+    shortcut_auc_drop_alert: float = Field(ge=0, le=1, description="Flag a shortcut when masking a region lowers "
+                                           "test AUC by more than this.")
+
+    @field_validator("shortcut_masks")
+    @classmethod
+    def _relative_rects(cls, v: dict[str, list[tuple[float, float, float, float]]]
+                        ) -> dict[str, list[tuple[float, float, float, float]]]:
+        for name, rects in v.items():
+            for x0, y0, x1, y1 in rects:
+                if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                    raise ValueError(f"mask {name!r}: rectangle {[x0, y0, x1, y1]} must be [x0, y0, x1, y1] with "
+                                     "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        return v
 
 
 class PromoteSection(_Section):

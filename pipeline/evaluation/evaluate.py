@@ -19,6 +19,7 @@ from pipeline.config import Settings
 from pipeline.data.manifest import read_manifest
 from pipeline.data.split import read_split
 from pipeline.evaluation.calibration import calibration_fit, decision_curve
+from pipeline.evaluation.failures import FailureSpec, failure_analysis, failure_summary
 from pipeline.evaluation.metrics import (
     binary_metrics,
     bootstrap_ci,
@@ -33,6 +34,7 @@ from pipeline.evaluation.subgroups import SubgroupSpec, subgroup_table
 from pipeline.registry.contract import (
     DECISION_CURVE_ARTIFACT,
     EVALUATION_ARTIFACT,
+    FAILURE_ANALYSIS_ARTIFACT,
     OPERATING_POINT_ARTIFACT,
     SUBGROUPS_ARTIFACT,
     plot_artifact,
@@ -69,11 +71,12 @@ class EvalResult:
     figures: dict[str, Any] = field(default_factory=dict, repr=False)  # extra figures (Grad-CAM grid)
     subgroups: dict[str, Any] | None = None  # binary: per-subgroup metrics + CIs (pipeline.evaluation.subgroups)
     decision_curve: dict[str, Any] | None = None  # binary: net benefit vs threshold (pipeline.evaluation.calibration)
+    failures: dict[str, Any] | None = None  # binary: failure analysis (pipeline.evaluation.failures)
 
     def to_json(self) -> dict[str, Any]:
         return {"task": self.task, "metrics": self.metrics, "ci": self.ci, "operating_point": self.operating_point,
                 "slices": self.slices, "n_test": self.n_test, "explain": self.explain, "subgroups": self.subgroups,
-                "decision_curve": self.decision_curve}
+                "decision_curve": self.decision_curve, "failure_analysis": failure_summary(self.failures)}
 
 
 def predict_proba(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -172,6 +175,7 @@ def run_evaluate(settings: Settings, trained: TrainResult, dataset_dir: Path | N
     test = score_split(trained.model, settings, dataset_dir, "test", ispec)
     result = evaluate_scores(settings, val, test, len(trained.classes))
     explain_result(settings, trained.model, result, dataset_dir, ispec)
+    analyse_failures(settings, trained.model, result, dataset_dir, ispec)
     _write(settings, result)
     _log_to_mlflow(settings, trained.run_id, result, val)
     logger.info("test metrics: %s", {k: v for k, v in result.metrics.items() if k != "confusion"})
@@ -209,6 +213,17 @@ def explain_result(settings: Settings, model: Any, result: EvalResult, dataset_d
                        explained.sanity["rank_corr"], cfg.gradcam_sanity_max_rank_corr)
 
 
+def analyse_failures(settings: Settings, model: Any, result: EvalResult, dataset_dir: Path, ispec: InputSpec) -> None:
+    """Confident errors, error rates by subgroup/quality bin and the shortcut test (sets ``result.failures``;
+    binary only; the test images are decoded once more and re-scored once per mask)."""
+    test = result.test
+    if result.operating_point is None or test is None or not len(test.y):
+        return
+    images = load_images(check_files(dataset_dir, test.frame["path"].tolist()), ispec)
+    result.failures = failure_analysis(test.frame, test.y, test.proba, result.operating_point["threshold"],
+                                       FailureSpec.from_settings(settings), lambda x: predict_proba(model, x), images)
+
+
 def _write(settings: Settings, result: EvalResult) -> None:
     out = settings.model_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +255,8 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.log_dict(result.subgroups, SUBGROUPS_ARTIFACT)
         if result.decision_curve is not None:
             mlflow.log_dict(result.decision_curve, DECISION_CURVE_ARTIFACT)
+        if result.failures is not None:
+            mlflow.log_dict(result.failures, FAILURE_ANALYSIS_ARTIFACT)
         sanity = (result.explain or {}).get("sanity")
         if sanity and sanity.get("rank_corr") is not None:
             mlflow.log_metric("gradcam_sanity_rank_corr", sanity["rank_corr"])

@@ -21,6 +21,7 @@ from pipeline.errors import RegistryError
 from pipeline.registry.contract import (
     CARD_DIR,  # noqa: F401 (re-exported)
     DECISION_CURVE_ARTIFACT,
+    FAILURE_ANALYSIS_ARTIFACT,
     GRADCAM_ARTIFACT,
     OPERATING_POINT_ARTIFACT,
     RELIABILITY_ARTIFACT,
@@ -60,7 +61,7 @@ class CardInputs:
 def render(c: CardInputs) -> str:
     """The card as markdown."""
     parts = [_header(c), _intended_use(c), _data(c), _split(c), _performance(c), _slices(c), _subgroups(c),
-             _operating_point(c), _calibration(c), _explainability(c), _promotion(c), _limitations(c)]
+             _operating_point(c), _calibration(c), _failures(c), _explainability(c), _promotion(c), _limitations(c)]
     return "\n\n".join(p for p in parts if p).strip() + "\n"
 
 
@@ -191,6 +192,31 @@ def _calibration(c: CardInputs) -> str:
            f"`{DECISION_CURVE_ARTIFACT}`)." if curve else "")
     return (f"## Calibration\n\nExpected calibration error {m['ece']:.3f} ({_ci(ci.get('ece'))}), Brier score "
             f"{_num(m.get('brier'))}.{fit} Reliability diagram: run artifact `{RELIABILITY_ARTIFACT}`.{dca}")
+
+
+def _failures(c: CardInputs) -> str:
+    summary = c.evaluation.get("failure_analysis")
+    if not summary:
+        return ""
+    overall = summary["overall"]
+    worst = "\n".join(f"| {key.replace('_', ' ')} | {r['attribute']} | {r['group']} | {r['patients']} | "
+                      f"{_num(r[key])} ({_ci(r[f'{key}_ci'])}) |"
+                      for key in ("fp_rate", "fn_rate") for r in summary[f"highest_{key}"])
+    shortcut = summary.get("shortcut") or {}
+    masks = "\n".join(f"| {name} | {variant} | {_num(v['auc'])} | {_num(v['sensitivity'])} | {_num(v['delta_auc'])} "
+                      f"({_ci(v['delta_auc_ci'])}) | {'**SHORTCUT**' if v['flagged'] else 'no'} |"
+                      for name, variants in (shortcut.get("masks") or {}).items() for variant, v in variants.items())
+    shortcut_text = (f"\n\nShortcut test (regions masked with one constant, or shuffled between images of one site, "
+                     f"then the test set re-scored; flagged when AUC drops by more than {shortcut.get('alert_drop')}):"
+                     "\n\n| region | variant | AUC | sensitivity | ΔAUC (CI) | shortcut |\n|---|---|---|---|---|---|\n"
+                     + masks if masks else f"\n\nShortcut test: {shortcut.get('status', 'not run')}.")
+    return ("## Failure analysis\n\n"
+            f"Error rates at the locked threshold: false positives among negatives {_num(overall['fp_rate'])} "
+            f"({_ci(overall['fp_rate_ci'])}), false negatives among positives {_num(overall['fn_rate'])} "
+            f"({_ci(overall['fn_rate_ci'])}). Highest by subgroup or image-quality bin (patient-level CIs):\n\n"
+            "| rate | attribute | group | patients | value (CI) |\n|---|---|---|---|---|\n" + worst + shortcut_text
+            + f"\n\nMost confident errors (by de-identified image id), all rates and bins: artifact "
+              f"`{summary.get('artifact', FAILURE_ANALYSIS_ARTIFACT)}`.")
 
 
 def _explainability(c: CardInputs) -> str:

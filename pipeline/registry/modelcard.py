@@ -264,6 +264,10 @@ def _limitations(c: CardInputs) -> str:
         items.append("Slices with fewer than 30 test images are unreliable: " + ", ".join(small[:8]) + ".")
     if (c.evaluation.get("explain") or {}).get("status") == "fail":
         items.append("Grad-CAM failed its randomisation sanity check: do not read the heatmaps as explanations.")
+    flagged = (((c.evaluation.get("failure_analysis") or {}).get("shortcut")) or {}).get("flagged")
+    if flagged:
+        items.append("Shortcut suspected: test AUC drops when these regions are masked or shuffled: "
+                     + ", ".join(flagged) + " (see Failure analysis).")
     if c.record.export.onnx == ExportTags.PARITY_FAILED:
         items.append("The ONNX export did not match Keras within 1e-4; serve it with the TensorFlow engine.")
     if c.data_source == "synthetic" or c.summary.get("source") == "synthetic":

@@ -248,6 +248,9 @@ def test_summary_and_model_card_section() -> None:
     assert "## Failure analysis" in card and "**SHORTCUT**" in card and "PAT-" not in card
     assert "| top_band | mask | 0.500 |" in card
     assert modelcard._failures(SimpleNamespace(evaluation={})) == ""
+    inputs = SimpleNamespace(evaluation=json.loads(json.dumps({"failure_analysis": summary})), slices=[],
+                             record=SimpleNamespace(export=SimpleNamespace(onnx=None)), data_source="", summary={})
+    assert "Shortcut suspected" in modelcard._limitations(inputs) and "top_band/mask" in modelcard._limitations(inputs)
 
 
 @pytest.mark.slow

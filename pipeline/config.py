@@ -230,6 +230,19 @@ class EvaluateSection(_Section):
     calibration_bins: int = Field(ge=2, description="Bins of the reliability diagram / ECE.")
     gradcam_examples: int = Field(ge=0, description="Images per cell of the Grad-CAM grid.")
     gradcam_sanity_max_rank_corr: float = Field(description="Max rank correlation trained vs randomised.")
+    explain_methods: list[Literal["gradcam", "integrated_gradients", "smoothgrad"]] = Field(
+        min_length=1, description="Explanation methods whose examples, randomisation sanity check and lung-field "
+        "mass evaluation logs (gradcam is always the model card's headline).")
+    ig_steps: int = Field(ge=2, description="Integrated Gradients: trapezoid intervals between baseline and image.")
+    ig_baseline: Literal["black", "blur"] = Field(
+        description="Integrated Gradients baseline: all-zero image or the image under a strong Gaussian blur "
+        "(black is degenerate for models that standardise each image: their attributions sum to ~0).")
+    ig_sanity_max_rank_corr: float = Field(description="Integrated Gradients: max rank corr trained vs randomised.")
+    smoothgrad_samples: int = Field(ge=0, description="SmoothGrad noisy copies per image (0 = vanilla gradient).")
+    smoothgrad_sigma: float = Field(ge=0, description="SmoothGrad noise σ as a share of the image's value range.")
+    smoothgrad_sanity_max_rank_corr: float = Field(description="SmoothGrad: max rank corr trained vs randomised.")
+    explain_batch_size: int = Field(ge=1, description="Images per gradient call for IG steps and SmoothGrad "
+                                    "samples (bounds memory).")
     subgroup_attributes: list[SubgroupAttribute] = Field(
         description="Attributes reported per subgroup (site = the manifest's site column, else source; view = "
         "view_position); absent columns are skipped and said so.")

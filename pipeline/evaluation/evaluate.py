@@ -183,9 +183,15 @@ def run_evaluate(settings: Settings, trained: TrainResult, dataset_dir: Path | N
 
 
 def explain_result(settings: Settings, model: Any, result: EvalResult, dataset_dir: Path, ispec: InputSpec) -> None:
-    """Grad-CAM grid of TP/FP/TN/FN test examples + the randomisation sanity check (sets ``result.explain``)."""
+    """Example grids of TP/FP/TN/FN test images for each of ``evaluate.explain_methods``, with each method's
+    randomisation sanity check and lung-field mass (sets ``result.explain``; Grad-CAM's result stays at the top)."""
     from pipeline.errors import GradCamError
-    from pipeline.evaluation.explain import explain_examples
+    from pipeline.evaluation.attribution import (
+        METHOD_TITLES,
+        AttributionOptions,
+        explain_examples_by_method,
+        sanity_thresholds,
+    )
     from pipeline.evaluation.plots import gradcam_grid_figure
 
     cfg, test = settings.evaluate, result.test
@@ -199,18 +205,35 @@ def explain_result(settings: Settings, model: Any, result: EvalResult, dataset_d
         return load_images(check_files(dataset_dir, [paths[i] for i in indices]), ispec)
 
     try:
-        explained = explain_examples(model, load, test.y, test.proba, threshold, per_cell=cfg.gradcam_examples,
-                                     max_rank_corr=cfg.gradcam_sanity_max_rank_corr, seed=settings.base.seed)
+        by_method = explain_examples_by_method(
+            model, load, test.y, test.proba, threshold, per_cell=cfg.gradcam_examples,
+            methods=sanity_thresholds(cfg), options=AttributionOptions.from_config(cfg, settings.base.seed),
+            seed=settings.base.seed)
     except GradCamError as exc:
-        logger.warning("Grad-CAM unavailable: %s", exc)
+        logger.warning("explanations unavailable: %s", exc)
         result.explain = {"status": "unavailable", "reason": str(exc)}
         return
-    result.explain = {"status": "pass" if explained.sanity["passed"] else "fail", "sanity": explained.sanity,
-                      "examples": {cell: len(v) for cell, v in explained.cells.items()}}
-    result.figures["gradcam_grid"] = gradcam_grid_figure(explained.cells, explained.sanity)
-    if not explained.sanity["passed"]:
-        logger.warning("Grad-CAM sanity check failed: rank corr %s > %s (heatmaps barely depend on the weights)",
-                       explained.sanity["rank_corr"], cfg.gradcam_sanity_max_rank_corr)
+    methods = {name: ex.summary() for name, ex in by_method.items()}
+    headline = by_method.get("gradcam")
+    result.explain = {**({"status": methods["gradcam"]["status"], "sanity": headline.sanity,
+                          "examples": {cell: len(v) for cell, v in headline.cells.items()}}
+                         if headline else {"status": "not_run"}), "methods": methods}
+    for name, ex in by_method.items():
+        result.figures["gradcam_grid" if name == "gradcam" else f"{name}_grid"] = gradcam_grid_figure(
+            ex.cells, ex.sanity, method=METHOD_TITLES[name])
+        if not ex.sanity["passed"]:
+            logger.warning("%s sanity check failed: rank corr %s > %s (maps barely depend on the weights)",
+                           METHOD_TITLES[name], ex.sanity["rank_corr"], ex.sanity["threshold"])
+
+
+def explain_metrics(explain: dict[str, Any] | None) -> dict[str, float]:
+    """Flat MLflow metrics of each method: sanity rank correlation, lung-field mass, IG completeness error."""
+    out = {}
+    for name, m in ((explain or {}).get("methods") or {}).items():
+        values = {"sanity_rank_corr": m["sanity"].get("rank_corr"), "lung_mass": m["lung_mass"].get("mean"),
+                  "completeness_rel_error": (m.get("completeness") or {}).get("max_relative_error")}
+        out.update({f"explain_{name}_{k}": float(v) for k, v in values.items() if v is not None})
+    return out
 
 
 def analyse_failures(settings: Settings, model: Any, result: EvalResult, dataset_dir: Path, ispec: InputSpec) -> None:
@@ -261,6 +284,7 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
         if sanity and sanity.get("rank_corr") is not None:
             mlflow.log_metric("gradcam_sanity_rank_corr", sanity["rank_corr"])
         if result.explain:
+            mlflow.log_metrics(explain_metrics(result.explain))
             mlflow.log_dict(result.explain, "evaluation/explain.json")
             mlflow.set_tag("gradcam_sanity", result.explain["status"])
         assert result.test is not None

@@ -144,8 +144,9 @@ def slice_table_figure(slices: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def gradcam_grid_figure(cells: dict[str, list[dict[str, Any]]], sanity: dict[str, Any] | None = None) -> Any:
-    """Rows = confusion cells (TP/FP/TN/FN or correct/wrong), columns = examples (Grad-CAM overlays)."""
+def gradcam_grid_figure(cells: dict[str, list[dict[str, Any]]], sanity: dict[str, Any] | None = None,
+                        method: str = "Grad-CAM") -> Any:
+    """Rows = confusion cells (TP/FP/TN/FN or correct/wrong), columns = examples (the method's overlays)."""
     plt = _plt()
     ncols = max(1, max((len(v) for v in cells.values()), default=1))
     fig, axes = plt.subplots(len(cells), ncols, figsize=(1.9 * ncols + 0.6, 1.9 * len(cells) + 0.5), squeeze=False)
@@ -161,7 +162,7 @@ def gradcam_grid_figure(cells: dict[str, list[dict[str, Any]]], sanity: dict[str
                 ax.set_frame_on(False)
             if c == 0:
                 ax.set_ylabel(f"{cell} ({len(examples)})", fontsize=9)
-    title = "Grad-CAM (test)"
+    title = f"{method} (test)"
     if sanity and sanity.get("rank_corr") is not None:
         title += f" — randomisation rank corr {sanity['rank_corr']:.2f} ({'pass' if sanity['passed'] else 'FAIL'})"
     fig.suptitle(title, fontsize=9)

@@ -43,7 +43,7 @@ from pipeline.serving.schemas import (
     RefreshOut,
     error_example,
 )
-from pipeline.serving.service import InferenceService
+from pipeline.serving.service import EXPLAIN_CHOICES, InferenceService, explain_method
 from pipeline.serving.trust import REASONS as TRUST_REASONS
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     by_status: dict[int, dict[str, Any]] = {}
     extra = {401: ("invalid_api_key", "missing or wrong X-API-Key header"),
              503: ("model_not_ready", "no model loaded yet for alias 'champion'"),
-             501: ("explain_unavailable", "Grad-CAM is not available for this model")}
+             501: ("explain_unavailable", "Grad-CAM is not available for this model"),
+             400: ("unknown_explain_method", f"`explain` is not one of {', '.join(EXPLAIN_CHOICES)}")}
     table = {**{r: v for r, v in REASONS.items()}, **{v[0]: (s, v[1]) for s, v in extra.items()},
              **{r: (503, meaning) for r, meaning in TRUST_REASONS.items()}}
     for reason, (status, meaning) in table.items():
@@ -254,7 +255,11 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
     async def predict(
         request: Request,
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (format detected from the content).")],
-        explain: Annotated[bool, Query(description="Also return a Grad-CAM overlay (PNG, base64); slower.")] = False,
+        explain: Annotated[str, Query(
+            description="Also return an explanation overlay (PNG, base64); slower. `true` = `gradcam`; "
+            "`integrated_gradients` and `smoothgrad` are pixel attributions (steps / samples from the `evaluate` "
+            "settings, about 0.1-1 s on CPU). Anything else is refused with 400 `unknown_explain_method`.",
+            openapi_examples={m: {"summary": m, "value": m} for m in EXPLAIN_CHOICES})] = "false",
         view_position: Annotated[str | None, Form(description="View (PA, AP, LL) when the file has none.")] = None,
     ) -> PredictionOut:
         """Gate the upload, score it with the served version and log the prediction (features only, no pixels).
@@ -262,9 +267,13 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
         The label applies the version's locked operating threshold. Rejections return 4xx with a reason code
         and are logged (reason only)."""
         request_id = request.state.request_id
+        try:
+            method = explain_method(explain)
+        except ValueError as exc:
+            raise ApiError(400, "unknown_explain_method", str(exc), request_id) from None
         data = await file.read(cfg.max_upload_bytes + 1)
         call = functools.partial(service.predict, data, request_id=request_id, view_position=view_position,
-                                 explain=explain)
+                                 explain=method or False)
         try:
             result = await asyncio.get_running_loop().run_in_executor(executor, call)
         except Rejected as exc:
@@ -273,8 +282,8 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
             raise ApiError(503, exc.reason, str(exc), request_id) from None
         except ExplainUnavailable as exc:
             raise ApiError(501, "explain_unavailable", str(exc), request_id) from None
-        explanation = (ExplanationOut(overlay_png_base64=base64.b64encode(result.explanation.overlay_png).decode())
-                       if result.explanation else None)
+        explanation = (ExplanationOut(overlay_png_base64=base64.b64encode(result.explanation.overlay_png).decode(),
+                                      method=result.explanation.method) if result.explanation else None)
         return PredictionOut(request_id=request_id, probability=result.probability, label=result.label,
                              threshold=result.threshold, positive_class=result.positive_class,
                              probabilities=result.probabilities, latency_ms=round(result.latency_ms, 2),

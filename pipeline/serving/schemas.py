@@ -17,8 +17,8 @@ class ModelRef(BaseModel):
 
 
 class ExplanationOut(BaseModel):
-    overlay_png_base64: str = Field(description="Grad-CAM heatmap blended over the image, PNG, base64.")
-    method: str = Field("grad-cam", description="Explanation method.")
+    overlay_png_base64: str = Field(description="Explanation heatmap blended over the image, PNG, base64.")
+    method: str = Field("gradcam", description="Explanation method: gradcam, integrated_gradients or smoothgrad.")
 
 
 class PredictionOut(BaseModel):
@@ -36,13 +36,14 @@ class PredictionOut(BaseModel):
                                             examples=[{"NORMAL": 0.17, "PNEUMONIA": 0.83}])
     model: ModelRef
     latency_ms: float = Field(description="Server-side time for gate, inference and logging.", examples=[24.1])
-    explanation: ExplanationOut | None = Field(None, description="Present when `explain=true`.")
+    explanation: ExplanationOut | None = Field(None, description="Present when `explain` asks for one (true, "
+                                               "gradcam, integrated_gradients, smoothgrad).")
 
 
 class ErrorBody(BaseModel):
     reason: str = Field(description="Stable reason code: " + ", ".join(
         [*REASONS, "missing_api_key", "invalid_api_key", "invalid_request", "model_not_ready", *TRUST_REASONS,
-         "explain_unavailable"]), examples=["colour_photograph"])
+         "explain_unavailable", "unknown_explain_method"]), examples=["colour_photograph"])
     detail: str = Field(description="What was found and what was expected.",
                         examples=["3-channel colour image; expected a grayscale radiograph"])
     request_id: str | None = Field(None, description="Id of the request (rejections are logged under it).")

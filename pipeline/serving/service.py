@@ -1,5 +1,6 @@
 """One prediction, end to end, shared by the API and the clinician UI:
-gate → preprocess → compiled inference (+ embedding) → production-log row → optional Grad-CAM.
+gate → preprocess → compiled inference (+ embedding) → production-log row → optional explanation
+(Grad-CAM, Integrated Gradients or SmoothGrad).
 
 Nothing here keeps per-request state on the service object: every call takes the current
 :class:`~pipeline.serving.predictor.Predictor` once, so concurrent requests and alias moves cannot
@@ -22,6 +23,7 @@ from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage
 from pipeline.data.policy import AdmissionPolicy
 from pipeline.errors import ExplainUnavailable, Rejected
+from pipeline.evaluation.attribution import METHODS, AttributionOptions, explain, unknown_method_message
 from pipeline.serving.admission import admit
 from pipeline.serving.model_store import ModelStore
 from pipeline.serving.production_log import LogWriter
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 class Explanation:
     heatmap: np.ndarray  # (h, w) in [0, 1]
     overlay_png: bytes
+    method: str = "gradcam"
 
 
 @dataclass
@@ -53,6 +56,26 @@ class PredictionResult:
     explanation: Explanation | None = None
 
 
+def explain_method(value: str | bool | None) -> str | None:
+    """The ``explain`` request parameter as a method name: false/0/no/off/empty → None, true/1/yes/on →
+    ``gradcam`` (what ``explain=true`` always meant), else one of :data:`EXPLAIN_CHOICES`.
+
+    Raises:
+        ValueError: anything else; the message lists the valid values.
+    """
+    text = str(value if value is not None else "").strip().lower()
+    if text in ("", "false", "0", "no", "off"):
+        return None
+    if text in ("true", "1", "yes", "on"):
+        return "gradcam"
+    if text in METHODS:
+        return text
+    raise ValueError(f"explain={str(value)[:40]!r} is not a known explanation: use one of {', '.join(EXPLAIN_CHOICES)}")
+
+
+EXPLAIN_CHOICES = ("true", "false", *METHODS)
+
+
 def clean_view_position(value: str | None) -> str | None:
     """Upper-case alphanumeric view code (PA, AP, LL, …) or None; anything else is dropped."""
     if not value:
@@ -71,14 +94,16 @@ class InferenceService:
         self.policy = AdmissionPolicy.from_config(settings.data.admission)
 
     def predict(self, data: bytes, *, request_id: str | None = None, view_position: str | None = None,
-                explain: bool = False, source: str = "api") -> PredictionResult:
-        """Gate, score and log one upload.
+                explain: bool | str = False, source: str = "api") -> PredictionResult:
+        """Gate, score and log one upload; ``explain``: False, True (Grad-CAM) or a method name.
 
         Raises:
+            ValueError: ``explain`` names no known method.
             NotReady: no model loaded.
             Rejected: the upload failed the input gate (the rejection is logged, reason only).
         """
         started = time.perf_counter()
+        method = explain_method(explain)  # an unknown method fails before anything is scored or logged
         request_id = request_id or uuid.uuid4().hex
         predictor = self.store.require()
         try:
@@ -96,7 +121,7 @@ class InferenceService:
         x = predictor.preprocess(image, gray)
         scored = predictor.score(x[None])[0]
         self.writer.add(predictor.log_row(image, scored, request_id=request_id, gray01=gray, source=source))
-        explanation = explain_image(predictor.model, x) if explain else None
+        explanation = explain_image(predictor.model, x, method, self.settings) if method else None
         return PredictionResult(
             request_id=request_id, probability=scored.probability, probabilities=scored.probabilities,
             label=scored.label, threshold=predictor.threshold, positive_class=predictor.positive_class,
@@ -110,15 +135,21 @@ class InferenceService:
                                    "reason": exc.reason, "status": exc.status})
 
 
-def explain_image(model: Any, x: np.ndarray) -> Explanation:
-    """Grad-CAM of one preprocessed image (``pipeline.evaluation.explain.gradcam``)."""
+def explain_image(model: Any, x: np.ndarray, method: str = "gradcam", settings: Settings | None = None) -> Explanation:
+    """One preprocessed image explained by ``method`` (``pipeline.evaluation.attribution.explain``; IG and
+    SmoothGrad use the ``evaluate`` section's steps/samples/σ when ``settings`` is given).
+
+    Raises:
+        ValueError: unknown method (the message lists the valid ones).
+        ExplainUnavailable: the method cannot run on this model or installation.
+    """
+    if method not in METHODS:
+        raise ValueError(unknown_method_message(method))
+    options = AttributionOptions.from_config(settings.evaluate) if settings else AttributionOptions()
     try:
-        from pipeline.evaluation.explain import gradcam
-    except ImportError as exc:
-        raise ExplainUnavailable(f"Grad-CAM is not available in this installation ({exc})") from None
-    try:
-        heatmap, overlay = gradcam(model, x[None])
+        heatmap, overlay = explain(model, x[None], method, options)
     except Exception as exc:  # noqa: BLE001 - any Keras/TF failure on this model means "no explanation"
-        raise ExplainUnavailable(f"Grad-CAM failed for this model: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise ExplainUnavailable(f"{method} failed for this model: {type(exc).__name__}: {str(exc)[:200]}") from None
     heat = np.asarray(heatmap, np.float32)
-    return Explanation(heat[0] if heat.ndim == 3 else heat, overlay if isinstance(overlay, bytes) else bytes(overlay))
+    return Explanation(heat[0] if heat.ndim == 3 else heat, overlay if isinstance(overlay, bytes) else bytes(overlay),
+                       method)

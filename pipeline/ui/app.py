@@ -1,4 +1,4 @@
-"""Clinician app (Streamlit): upload an X-ray, see the model's answer and Grad-CAM, give feedback.
+"""Clinician app (Streamlit): upload an X-ray, see the model's answer and an explanation, give feedback.
 
 Run with ``xrayops ui``. The app scores through the same service as the API (input gate,
 compiled inference, production log) and stores feedback append-only with the request id
@@ -62,25 +62,30 @@ def show_result(result: Any) -> None:
 
 def show_images(result: Any) -> None:
     from pipeline.errors import ExplainUnavailable
+    from pipeline.evaluation.attribution import METHOD_TITLES
     from pipeline.serving.service import explain_image
 
     gray = display_gray(result.image)
     left, right = st.columns(2)
     left.image(gray, caption="Uploaded image", clamp=True)
-    if st.session_state.get("explanation") is None:
+    method = right.selectbox("Explanation", list(METHOD_TITLES), format_func=METHOD_TITLES.get, key="explain_method")
+    explained = st.session_state.get("explanation") or {}  # method → Explanation or the reason it is unavailable
+    if method not in explained:
         service = st.session_state["service"]
         predictor = service.store.current
         try:
             x = predictor.preprocess(result.image)
-            st.session_state["explanation"] = explain_image(predictor.model, x)
+            explained[method] = explain_image(predictor.model, x, method, service.settings)
         except ExplainUnavailable as exc:
-            st.session_state["explanation"] = str(exc)
-    explanation = st.session_state["explanation"]
+            explained[method] = str(exc)
+        st.session_state["explanation"] = explained
+    explanation, label = explained[method], METHOD_TITLES[method]
     if isinstance(explanation, str):
-        right.info(f"Grad-CAM unavailable: {explanation}")
+        right.info(f"{label} unavailable: {explanation}")
         return
-    opacity = right.slider("Grad-CAM opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
-    right.image(blend(gray, explanation.heatmap, opacity), caption="Grad-CAM: regions that drove the score")
+    opacity = right.slider(f"{label} opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
+    right.image(blend(gray, explanation.heatmap, opacity), caption=f"{label}: regions that drove the score")
+
 
 
 def feedback_form(service: Any, result: Any) -> None:

@@ -167,6 +167,26 @@ def test_explain_returns_a_grad_cam_overlay_or_a_clear_501(api: tuple[str, Setti
     assert overlay.startswith(b"\x89PNG")
 
 
+def test_explain_chooses_the_method_and_refuses_an_unknown_one_with_the_list(api: tuple[str, Settings]) -> None:
+    url, settings = api
+    before = production_log.count_rows(settings.production_log)
+    r = post(url, png(41), explain="integrated_gradients")
+    assert r.status_code == 200, r.text
+    body = r.json()["explanation"]
+    assert body["method"] == "integrated_gradients"
+    assert base64.b64decode(body["overlay_png_base64"]).startswith(b"\x89PNG")
+    assert post(url, png(41), explain="true").json()["explanation"]["method"] == "gradcam"
+    assert post(url, png(41), explain="false").json()["explanation"] is None
+    bad = post(url, png(41), explain="lime")
+    assert bad.status_code == 400 and bad.json()["error"]["reason"] == "unknown_explain_method"
+    assert all(m in bad.json()["error"]["detail"] for m in ("gradcam", "integrated_gradients", "smoothgrad"))
+    assert wait_rows(settings.production_log, before + 3) == before + 3, "the refused request is not scored"
+    spec = httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/predict"]["post"]
+    assert "unknown_explain_method" in spec["responses"]["400"]["description"]
+    param = next(p for p in spec["parameters"] if p["name"] == "explain")
+    assert "integrated_gradients" in param["examples"] and "smoothgrad" in param["description"]
+
+
 def test_alias_move_is_picked_up_without_restart(api: tuple[str, Settings]) -> None:
     url, settings = api
     from pipeline.registry.read import get_alias

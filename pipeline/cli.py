@@ -703,7 +703,10 @@ def audit_show(
 ) -> None:
     """Print the last records of the audit log (it is not verified here: `xrayops audit verify`)."""
     with friendly_errors():
-        for r in _audit_log(path, params, sets).records(last):
+        log = _audit_log(path, params, sets)
+        if path is not None and not log.path.exists():  # a log asked for by name must exist (as in verify)
+            raise FileNotFoundError(f"no audit log at {log.path}")
+        for r in log.records(last):
             if as_json:
                 typer.echo(json.dumps(r, sort_keys=True))
                 continue

@@ -68,6 +68,8 @@ CASES: list[tuple[str, list[str], dict[str, str | None], int, list[str], str | N
      "prefect server start"),
     ("worker-unset-prefect", ["worker"], {"PREFECT_API_URL": None}, 2, ["PREFECT_API_URL is not set"],
      "export PREFECT_API_URL="),
+    *[(f"audit-{cmd}-missing-log", ["audit", cmd, "--path", "{root}/missing.jsonl"], {}, 2,
+       ["no audit log at {root}/missing.jsonl"], None) for cmd in ("verify", "show")],
 ]
 
 # commands (as `xrayops --help` lists them, sub-apps as "app command") that cannot fail on purpose

@@ -260,7 +260,7 @@ class EvaluateSection(_Section):
     shortcut_shuffle_within_site: bool = Field(
         description="Also re-score with each region's content swapped between test images of the same site.")
     shortcut_auc_drop_alert: float = Field(ge=0, le=1, description="Flag a shortcut when masking a region lowers "
-                                           "test AUC by more than this.")
+                                           "test AUC by more than this and the ΔAUC interval lies below zero.")
 
     @field_validator("shortcut_masks")
     @classmethod

@@ -11,8 +11,9 @@ shortcut test (performance when a region that may hold a spurious cue is masked 
 - **Shortcut test**: each mask (rectangles in relative ``[x0, y0, x1, y1]`` coordinates) is filled with the
   test set's median pixel of that region (one constant for every image, so no information is left in it) and the
   test set is re-scored once; ``shuffle_within_site`` also swaps the region's content between images of the same
-  site (re-scored once more). ΔAUC (masked − original) gets a paired patient-level bootstrap CI; a drop larger than
-  ``auc_drop_alert`` flags a shortcut.
+  site (re-scored once more). ΔAUC (masked − original) gets a paired patient-level bootstrap CI; a shortcut is
+  flagged when the drop is larger than ``auc_drop_alert`` *and* the interval lies below zero (on a small test set
+  a point drop alone is often noise; the report keeps every ΔAUC and its interval either way).
 
 Pure numpy/pandas; the model enters only as a ``predict(images) -> probabilities`` callable.
 """
@@ -220,13 +221,14 @@ def _rescored(y: np.ndarray, p: np.ndarray, p_new: np.ndarray, threshold: float,
     auc, auc_new = batched_auc(y, p, ones)[0], batched_auc(y, p_new, ones)[0]
     deltas = batched_auc(y, p_new, weights) - batched_auc(y, p, weights)
     delta = auc_new - auc
+    ci = percentile_interval(deltas, spec.level)
     pos = y == 1
     return {"auc": _r(auc_new), "sensitivity": _r((p_new[pos] >= threshold).mean()) if pos.any() else None,
-            "delta_auc": _r(delta), "delta_auc_ci": [_r(v) for v in percentile_interval(deltas, spec.level)],
+            "delta_auc": _r(delta), "delta_auc_ci": [_r(v) for v in ci],
             "delta_sensitivity": _r((p_new[pos] >= threshold).mean() - (p[pos] >= threshold).mean())
             if pos.any() else None,
             "mean_abs_score_change": _r(np.abs(p_new - p).mean()),
-            "flagged": bool(np.isfinite(delta) and delta < -spec.auc_drop_alert)}
+            "flagged": bool(np.isfinite(delta) and delta < -spec.auc_drop_alert and ci[1] < 0)}
 
 
 def shortcut_test(predict: Predict, images: np.ndarray, frame: pd.DataFrame, y: np.ndarray, p: np.ndarray,
@@ -296,7 +298,7 @@ def failure_analysis(frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, threshol
 
 
 def _worst(rows: list[dict[str, Any]], key: str, n: int = 3) -> list[dict[str, Any]]:
-    ranked = sorted((r for r in rows if r.get(key) is not None), key=lambda r: -r[key])[:n]
+    ranked = sorted((r for r in rows if r.get(key)), key=lambda r: -r[key])[:n]  # no group with a zero rate
     return [{"attribute": r["attribute"], "group": r["group"], "patients": r["patients"], key: r[key],
              f"{key}_ci": r[f"{key}_ci"]} for r in ranked]
 

@@ -207,7 +207,8 @@ def _failures(c: CardInputs) -> str:
                       f"({_ci(v['delta_auc_ci'])}) | {'**SHORTCUT**' if v['flagged'] else 'no'} |"
                       for name, variants in (shortcut.get("masks") or {}).items() for variant, v in variants.items())
     shortcut_text = (f"\n\nShortcut test (regions masked with one constant, or shuffled between images of one site, "
-                     f"then the test set re-scored; flagged when AUC drops by more than {shortcut.get('alert_drop')}):"
+                     f"then the test set re-scored; flagged when AUC drops by more than {shortcut.get('alert_drop')} "
+                     "and the ΔAUC interval lies below 0):"
                      "\n\n| region | variant | AUC | sensitivity | ΔAUC (CI) | shortcut |\n|---|---|---|---|---|---|\n"
                      + masks if masks else f"\n\nShortcut test: {shortcut.get('status', 'not run')}.")
     return ("## Failure analysis\n\n"

@@ -2,7 +2,9 @@
 
 Tasks are thin wrappers of :mod:`pipeline.monitoring.drift`. The summary also carries label-free
 estimates (``label_free``: CBPE performance, BBSE prevalence, embedding MMD; see
-:mod:`pipeline.monitoring.estimation`); their alerts are logged as warnings. When the drift share exceeds
+:mod:`pipeline.monitoring.estimation`); their alerts are logged as warnings. Each run is also added
+as a snapshot to the model's project in the Evidently workspace (``monitor.workspace``; the
+timeline dashboard of ``xrayops monitor ui``, :mod:`pipeline.monitoring.workspace`). When the drift share exceeds
 ``monitor.drift_share_threshold`` the flow emits the Prefect event ``xrayops.drift.detected``
 (automations can react to it), ends in a ``Completed`` state named ``Drift detected``, and —
 when ``monitor.retrain_on_drift`` is set — starts the training deployment
@@ -52,6 +54,22 @@ def drift_report(settings: Settings, window_hours: float | None, last_k: int | N
     from pipeline.monitoring.drift import monitor_champion
 
     return monitor_champion(settings, hours=window_hours, last_k=last_k)
+
+
+@task(name="timeline-snapshot", cache_policy=NO_CACHE)
+def timeline_snapshot(settings: Settings, summary: dict[str, Any]) -> dict[str, str] | None:
+    """Add the run to the model's Evidently workspace project (the timeline of `xrayops monitor ui`); where it went."""
+    from pipeline.monitoring.drift import write_summary
+    from pipeline.monitoring.workspace import record_monitoring_run
+
+    if summary["status"] == "no_model":
+        return None
+    recorded = record_monitoring_run(settings, summary)
+    where = {k: recorded[k] for k in ("path", "project_id", "snapshot_id")}
+    write_summary(Path(summary["report_dir"]), {**summary, "workspace": where})
+    get_run_logger().info("monitoring snapshot %s added to the Evidently workspace %s (`xrayops monitor ui`)",
+                          recorded["snapshot_id"], recorded["path"])
+    return where
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)
@@ -110,6 +128,7 @@ def monitoring_flow(params: MonitoringParameters | None = None) -> Any:
     params = params or MonitoringParameters()
     settings = params.settings()
     summary = drift_report(settings, params.window_hours, params.last_k)
+    summary["workspace"] = timeline_snapshot(settings, summary)
     publish(summary)
     raised = [k for k, v in (summary.get("label_free") or {}).get("alerts", {}).items() if v]
     if raised:

@@ -409,8 +409,13 @@ def ui(
         raise typer.Exit(subprocess.call(cmd, env=env))
 
 
-@app.command()
+monitor_app = typer.Typer(help="Drift monitoring: a report per run (default command) and its timeline (`ui`).")
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.callback(invoke_without_command=True)
 def monitor(
+    ctx: typer.Context,
     window_hours: Annotated[float | None, typer.Option(help="Compare the last N hours (default: monitor.*).")] = None,
     last_k: Annotated[int | None, typer.Option(help="Compare the last K predictions.")] = None,
     retrain: Annotated[bool | None, typer.Option("--retrain/--no-retrain",
@@ -424,8 +429,11 @@ def monitor(
     """Drift report of production inputs vs the champion's reference (Prefect flow; HTML + JSON + MLflow).
 
     Real traffic only (api, ui, pacs) unless monitor.include_simulation is set; no rows yet is
-    status no_data and exit 0.
+    status no_data and exit 0. Each run also adds a snapshot to the model's Evidently workspace
+    (`xrayops monitor ui` shows the timeline).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     with friendly_errors():
         settings = settings_for(params, sets)
         from flows.environment import configure_prefect
@@ -450,6 +458,36 @@ def monitor(
                         f"(e.g. {summary['skipped_files'][0]}): move damaged files out of the log folder",
                         err=True, fg="yellow")
         typer.echo(summary_markdown(summary))
+
+
+@monitor_app.command("ui")
+def monitor_ui(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    workspace: Annotated[Path | None, typer.Option(help="Evidently workspace folder (default: monitor.workspace, "
+                                                   "null = <paths.home>/evidently-workspace).")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Start the Evidently UI on the monitoring workspace: one project per model, drift and label-free estimates,
+    rejection rate, volume and latency over time (Ctrl-C stops it)."""
+    import os
+    import signal
+
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.monitoring.workspace import start_ui, workspace_dir
+
+        path = workspace.resolve() if workspace else workspace_dir(settings)
+        process = start_ui(path, host, port, dict(os.environ))
+        typer.echo(f"Evidently UI on http://{host}:{port}  (workspace {path}; Ctrl-C stops it)")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the UI too, like Ctrl-C
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            code = process.wait()
+        raise typer.Exit(code)
 
 
 @feedback_app.command("ingest")

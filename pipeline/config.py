@@ -329,6 +329,9 @@ class MonitorSection(_Section):
                              "emb_pc* columns is below this.")
     mmd_permutations: int = Field(ge=1, description="Permutations of the MMD test (seeded with base.seed).")
     mmd_max_rows: int = Field(ge=2, description="Rows per side in the MMD test (a seeded sample of larger sets).")
+    workspace: str | None = Field(description="Evidently workspace folder: each monitoring run adds a snapshot to "
+                                  "the registered model's project there (timeline dashboard, `xrayops monitor ui`). "
+                                  "null = <paths.home>/evidently-workspace; relative paths are from params.yaml.")
 
 
 class ServeSection(_Section):

@@ -207,6 +207,10 @@ class DeployError(XrayopsError, RuntimeError):
 # --------------------------------------------------------------------------- serving
 
 
+class PortInUse(XrayopsError, OSError):
+    """A service (e.g. the Evidently UI of `xrayops monitor ui`) cannot bind its port: something listens there."""
+
+
 class ServingError(XrayopsError):
     """The API or the clinician UI cannot answer a request."""
 

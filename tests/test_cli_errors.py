@@ -56,6 +56,8 @@ CASES: list[tuple[str, list[str], dict[str, str | None], int, list[str], str | N
      "unset it to run the flow on a temporary local server"),
     ("monitor-no-prefect", ["monitor"], {"PREFECT_API_URL": PREFECT_NO_SERVER}, 2, [PREFECT_UNREACHABLE],
      "prefect server start"),
+    ("monitor-ui-workspace-is-a-file", ["monitor", "ui", "--workspace", "{root}/ds/quarantine.csv"], {}, 2,
+     ["Evidently workspace {root}/ds/quarantine.csv is not a folder"], "monitor.workspace"),
     ("deploy-no-prefect", ["deploy"], {"PREFECT_API_URL": PREFECT_NO_SERVER}, 2, [PREFECT_UNREACHABLE],
      "prefect server start"),
     ("deploy-unset-prefect", ["deploy"], {"PREFECT_API_URL": None}, 2, ["PREFECT_API_URL is not set"],

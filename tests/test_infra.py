@@ -24,7 +24,8 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 ENV_EXAMPLE = dict(line.split("=", 1) for line in (INFRA / ".env.example").read_text().splitlines()
                    if line.strip() and not line.lstrip().startswith("#"))
 VAR = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
-LONG_RUNNING = {"postgres", "minio", "mlflow", "prefect-server", "worker-cpu", "worker-gpu", "api", "ui"}
+LONG_RUNNING = {"postgres", "minio", "mlflow", "prefect-server", "worker-cpu", "worker-gpu", "api", "ui",
+                "monitoring-ui"}
 
 
 def interpolate(text: str) -> str:
@@ -123,6 +124,19 @@ def test_ports_pools_and_settings_agree_with_params_and_code() -> None:
         assert team.dvc_remote.startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
         bucket = team.dvc_remote.removeprefix("s3://").split("/")[0]
         assert bucket in command_of(SERVICES["minio-init"])[0] or bucket == ENV_EXAMPLE["DVC_BUCKET"]
+
+
+def test_monitoring_ui_serves_the_workspace_the_workers_write() -> None:
+    svc = SERVICES["monitoring-ui"]
+    cmd = command_of(svc)
+    ui = check_xrayops_command(cmd)
+    assert cmd[1:3] == ["monitor", "ui"]
+    assert container_port(svc) == int(option(cmd, "--port")) == next(p.default for p in ui.params if p.name == "port")
+    sets = [s.strip() for s in env_of(svc)["XRAYOPS_SET"].split(";") if s.strip()]
+    home = str(load_settings(REPO / "params.yaml", sets).home)  # workspace null → <home>/evidently-workspace
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    worker = {v.split(":")[1]: v.split(":")[0] for v in SERVICES["worker-cpu"]["volumes"]}
+    assert home in mounts and mounts[home] == worker[home], "the UI must mount the volume the monitoring flow writes"
 
 
 def test_mlflow_server_uses_postgres_and_minio() -> None:

@@ -156,10 +156,11 @@ def column_status(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def rank_drifted(columns: dict[str, dict[str, Any]]) -> list[str]:
     """Drifted columns, most severe first (severity only orders; the verdict is the test status)."""
-    return sorted((c for c, s in columns.items() if s["drifted"]), key=lambda c: -_severity(columns[c]))
+    return sorted((c for c, s in columns.items() if s["drifted"]), key=lambda c: -drift_severity(columns[c]))
 
 
-def _severity(col: dict[str, Any]) -> float:
+def drift_severity(col: dict[str, Any]) -> float:
+    """A column's drift score scaled so that 1.0 is its test's threshold, whichever method Evidently chose."""
     score, thr = col.get("score"), col.get("threshold") or 0.05
     if score is None:
         return 0.0
@@ -364,8 +365,17 @@ def current_window(settings: Settings, version: str, *, hours: float | None = No
         since = rows["request_time"].min() if not rows.empty else None
         rejected = rejected[rejected["request_time"] >= since] if since is not None else rejected.iloc[0:0]
     total = len(rows) + len(rejected)
-    info.update(rejected_rows=int(len(rejected)), rejected_share=round(len(rejected) / total, 4) if total else None)
+    info.update(rejected_rows=int(len(rejected)), rejected_share=round(len(rejected) / total, 4) if total else None,
+                latency_p95_ms=latency_p95(rows))
     return rows, info
+
+
+def latency_p95(rows: pd.DataFrame) -> float | None:
+    """95th percentile of the logged server-side latency (``latency_ms``); None when no row has one."""
+    if "latency_ms" not in rows:
+        return None
+    latency = pd.to_numeric(rows["latency_ms"], errors="coerce").dropna()
+    return round(float(latency.quantile(0.95)), 2) if len(latency) else None
 
 
 def _merge(frames: list[pd.DataFrame], last_k: int | None) -> pd.DataFrame:

@@ -120,7 +120,8 @@ class InferenceService:
         gray = image.gray01()
         x = predictor.preprocess(image, gray)
         scored = predictor.score(x[None])[0]
-        self.writer.add(predictor.log_row(image, scored, request_id=request_id, gray01=gray, source=source))
+        row = predictor.log_row(image, scored, request_id=request_id, gray01=gray, source=source)
+        self.writer.add({**row, "latency_ms": round((time.perf_counter() - started) * 1000, 3)})  # gate + score
         explanation = explain_image(predictor.model, x, method, self.settings) if method else None
         return PredictionResult(
             request_id=request_id, probability=scored.probability, probabilities=scored.probabilities,

@@ -4,9 +4,11 @@ and a clear not-enough-data result."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from evidently.ui.workspace import Workspace
 from mlflow import MlflowClient
 
 from pipeline.config import Settings, with_overrides
@@ -75,6 +77,11 @@ def test_drift_flow_flags_only_the_shifted_batch(prefect_harness: None, champion
     assert drift["retraining"] == {"triggered": False, "deployment": settings.monitor.training_deployment,
                                    "reason": "deployment not found"}
     assert client.get_run(drift["mlflow_run_id"]).data.tags["drift_detected"] == "true"
+    # each run is a snapshot of the model's Evidently workspace project (the timeline of `xrayops monitor ui`)
+    saved = json.loads((Path(drift["report_dir"]) / "summary.json").read_text())["workspace"]
+    assert saved == drift["workspace"] and Path(saved["path"]) == settings.home / "evidently-workspace"
+    runs = {s["workspace"]["snapshot_id"] for s in (few, calm, drift)}
+    assert runs <= set(map(str, Workspace(saved["path"]).list_runs(saved["project_id"]))) and len(runs) == 3
 
     # with a training deployment registered, drift starts a run of it
     from prefect.client.orchestration import get_client

@@ -701,6 +701,24 @@ def registry_card(
         typer.echo(f"model card: {path}", err=True)
 
 
+@registry_app.command("evidence")
+def registry_evidence(
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """(Re)write the evidence pack of VERSION (HTML + JSON: reporting checklist, change envelope, diff against
+    the champion) and print the HTML file's path."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.registry.evidence import publish_evidence
+
+        with tracking_errors(settings):
+            path = publish_evidence(settings, version)
+        typer.echo(path)
+        typer.echo(f"evidence pack: {path.with_suffix('.json')} (JSON)", err=True)
+
+
 # --------------------------------------------------------------------------- audit log
 
 audit_app = typer.Typer(help="The hash-chained audit log of registry and serving actions.", no_args_is_help=True)

@@ -51,7 +51,8 @@ CASES: list[tuple[str, list[str], dict[str, str | None], int, list[str], str | N
      ["no clinician feedback under {root}/.xrayops/feedback", "nothing to ingest"], "xrayops ui"),
     *[(f"registry-{cmd[0]}-no-mlflow", ["registry", *cmd, "--set", f"paths.mlflow_tracking_uri={NO_SERVER}"], {}, 2,
        [MLFLOW_UNREACHABLE], "mlflow server --host 127.0.0.1 --port 9")
-      for cmd in (["show"], ["approve", "1", "--reviewer", "me"], ["rollback", "--reason", "test"], ["card", "1"])],
+      for cmd in (["show"], ["approve", "1", "--reviewer", "me"], ["rollback", "--reason", "test"], ["card", "1"],
+                  ["evidence", "1"])],
     ("run-no-prefect", ["run"], {"PREFECT_API_URL": PREFECT_NO_SERVER}, 2, [PREFECT_UNREACHABLE],
      "unset it to run the flow on a temporary local server"),
     ("monitor-no-prefect", ["monitor"], {"PREFECT_API_URL": PREFECT_NO_SERVER}, 2, [PREFECT_UNREACHABLE],

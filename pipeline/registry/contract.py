@@ -55,6 +55,8 @@ GATE_DIR = "gate"
 ROLLBACK_DIR = "registry"
 MODEL_CARD_DIR = "model_card"
 CARD_DIR = "model_cards"  # under <reports_dir>
+EXPLAIN_ARTIFACT = "evaluation/explain.json"
+EVIDENCE_DIR = "evidence"  # under <reports_dir>, and in the training run
 
 
 def plot_artifact(name: str) -> str:
@@ -89,6 +91,16 @@ def model_card_artifact(version: Any) -> str:
 def card_path(settings: Settings, version: Any) -> Path:
     """The model card of ``version`` as a file: ``<reports_dir>/model_cards/<model>-v<N>.md``."""
     return settings.reports_dir / CARD_DIR / f"{settings.registered_model}-v{version}.md"
+
+
+def evidence_artifact(version: Any, suffix: str) -> str:
+    """The evidence pack of ``version`` as a run artifact: ``evidence/v<N>/evidence.<suffix>`` (json | html)."""
+    return f"{EVIDENCE_DIR}/v{version}/evidence.{suffix}"
+
+
+def evidence_path(settings: Settings, version: Any, suffix: str) -> Path:
+    """The evidence pack of ``version`` as a file: ``<reports_dir>/evidence/<model>-v<N>/evidence.<suffix>``."""
+    return settings.reports_dir / EVIDENCE_DIR / f"{settings.registered_model}-v{version}" / f"evidence.{suffix}"
 
 
 def model_uri(name: str, version: Any) -> str:

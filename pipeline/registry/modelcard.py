@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from pipeline.registry.contract import (
     ExportTags,
     VersionRecord,
     card_path,
+    evidence_artifact,
+    evidence_path,
     model_card_artifact,
     run_uri,
 )
@@ -53,6 +56,7 @@ class CardInputs:
     decision: dict[str, Any] | None = None
     data_source: str = ""
     gradcam_image: str | None = None
+    evidence_pack: str | None = None  # the pack's HTML, relative to the card
 
 
 # --------------------------------------------------------------------------- rendering
@@ -61,7 +65,8 @@ class CardInputs:
 def render(c: CardInputs) -> str:
     """The card as markdown."""
     parts = [_header(c), _intended_use(c), _data(c), _split(c), _performance(c), _slices(c), _subgroups(c),
-             _operating_point(c), _calibration(c), _failures(c), _explainability(c), _promotion(c), _limitations(c)]
+             _operating_point(c), _calibration(c), _failures(c), _explainability(c), _promotion(c), _limitations(c),
+             _evidence(c)]
     return "\n\n".join(p for p in parts if p).strip() + "\n"
 
 
@@ -280,6 +285,14 @@ def _limitations(c: CardInputs) -> str:
     return "## Known limitations\n\n" + "\n".join(f"- {i}" for i in items)
 
 
+def _evidence(c: CardInputs) -> str:
+    if not c.evidence_pack:
+        return ""
+    return (f"## Evidence pack\n\n[{c.evidence_pack}]({c.evidence_pack}) (and `.json` beside it; run artifact "
+            f"`{evidence_artifact(c.version, 'html')}`): CLAIM 2024 / TRIPOD+AI items mapped to the artefacts that "
+            "answer them, the change envelope for the next version and the diff against the champion.")
+
+
 def _ci(pair: Any) -> str:
     if not pair or None in pair or any(v != v for v in pair):
         return "-"
@@ -339,6 +352,8 @@ def publish_model_card(settings: Settings, version: Any, dataset_dir: Path | Non
     path = card_path(settings, inputs.version)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs.gradcam_image = _copy_gradcam(settings, client, inputs, path)
+    pack = evidence_path(settings, inputs.version, "html")
+    inputs.evidence_pack = os.path.relpath(pack, path.parent) if pack.is_file() else None
     text = render(inputs)
     path.write_text(text)
     run_id = inputs.record.run_id

@@ -93,9 +93,15 @@ def register_version(settings: Settings, trained: TrainResult, evaluation: EvalR
 
 
 def publish_card(settings: Settings, version: str) -> Path | None:
-    """(Re)write the version's model card; a failure is logged, never fatal to promotion."""
+    """(Re)write the version's evidence pack, then its model card (which links the pack); a failure of
+    either is logged, never fatal to promotion."""
+    from pipeline.registry.evidence import publish_evidence
     from pipeline.registry.modelcard import publish_model_card
 
+    try:
+        publish_evidence(settings, version)
+    except Exception:
+        logger.exception("could not write the evidence pack of v%s", version)
     try:
         return publish_model_card(settings, version)
     except Exception:

@@ -24,7 +24,6 @@ import io
 import logging
 import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,34 +321,3 @@ def select_examples(y: np.ndarray, proba: np.ndarray, threshold: float | None, p
         idx = np.flatnonzero(mask)
         out[cell] = [int(i) for i in idx[np.argsort(order[cell][idx], kind="stable")][:per_cell]]
     return out
-
-
-@dataclass
-class ExplainedExamples:
-    """Grad-CAM overlays of selected test images and the sanity-check result."""
-
-    cells: dict[str, list[dict[str, Any]]]  # cell → [{"overlay": uint8 (H, W, 3), "proba": float, "label": int}]
-    sanity: dict[str, Any]
-
-
-def explain_examples(model: Any, load: Callable[[list[int]], np.ndarray], y: np.ndarray, proba: np.ndarray,
-                     threshold: float | None, *, per_cell: int, max_rank_corr: float,
-                     seed: int) -> ExplainedExamples:
-    """Overlays for :func:`select_examples` and the randomisation check on the same images.
-
-    Args:
-        load: returns the preprocessed images of the given test indices (only those are read).
-    """
-    chosen = select_examples(y, proba, threshold, per_cell)
-    flat = sorted({i for idx in chosen.values() for i in idx})
-    if len(flat) < 4:  # too few examples: run the sanity check on more images
-        flat = sorted(set(flat) | set(range(min(len(y), 8))))
-    images = np.asarray(load(flat), np.float32)
-    pos = {i: k for k, i in enumerate(flat)}
-    heat = grad_cam_for(model).heatmaps(images)
-    proba = np.asarray(proba, float)
-    top = proba.max(axis=1) if proba.ndim > 1 else proba
-    cells = {cell: [{"overlay": overlay(images[pos[i]], heat[pos[i]]), "proba": float(top[i]), "label": int(y[i])}
-                    for i in idx] for cell, idx in chosen.items()}
-    sanity = sanity_check(model, images, max_rank_corr=max_rank_corr, seed=seed)
-    return ExplainedExamples(cells, sanity)

@@ -23,7 +23,17 @@ class FeedbackParameters(BaseModel):
         return with_overrides(load_settings(self.params_path), self.overrides)
 
 
-@task(name="ingest-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4])
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass on a second try (a DVC remote, a file system), not feedback or settings that
+    are wrong (an unknown label, a bad override): those fail the same way every time."""
+    from pipeline.errors import ConfigError, FeedbackError
+
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (FeedbackError, ConfigError))
+
+
+@task(name="ingest-feedback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 4],
+      retry_condition_fn=_transient)
 def ingest(settings: Settings) -> dict[str, Any]:
     from pipeline.monitoring.feedback import ingest_feedback
 

@@ -167,6 +167,30 @@ def test_feedback_flow_in_prefect(prefect_harness: None, make_settings: Callable
     assert summary["accuracy_by_version"][0]["accuracy"] == 0.0 and Path(summary["report"]).is_file()
 
 
+@pytest.mark.slow
+def test_a_bad_adjudication_label_fails_the_flow_once_without_retries(prefect_harness: None,
+                                                                      make_settings: Callable[..., Settings]) -> None:
+    """A wrong label fails the same way on every try: the task is not retried (it was, twice, 6 s of waiting)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.feedback import FeedbackParameters, feedback_flow
+
+    settings = make_settings("data.version_with_dvc=false")
+    rid = uuid.uuid4().hex
+    record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
+                    image=decode_bytes(png(3), max_pixels=10**6), classes=XRAY)
+    (settings.feedback_log / ADJUDICATIONS_FILE).write_text(f"request_id,label\n{rid},PNEUMONA\n")
+    state = feedback_flow(FeedbackParameters(params_path=str(settings.root / "params.yaml")), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FeedbackError, match="PNEUMONA"):
+        state.result()
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    assert [(r.name.split("-")[0], r.run_count) for r in runs] == [("ingest", 1)], [(r.name, r.run_count) for r in runs]
+
+
 def test_a_damaged_record_file_is_skipped_and_counted(make_settings: Callable[..., Settings],
                                                       caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings("data.version_with_dvc=false")

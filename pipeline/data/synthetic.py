@@ -202,19 +202,25 @@ def render_image(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
         lung = ((xr - cx) / lung_w) ** 2 + ((yr - lung_y) / lung_h) ** 2 < 1
         lungs.append((lung, cx))
         img[lung] = 0.2
-    heart = ((xr - 0.53) / prng.uniform(0.1, 0.14)) ** 2 + ((yr - 0.62) / 0.12) ** 2 < 1
-    img[heart] = np.maximum(img[heart], 0.6)
-    spine = np.abs(xr - 0.5) < 0.028
-    img[spine & torso] = 0.72
-    ribs = 0.5 + 0.5 * np.sin((yr + 0.08 * np.abs(xr - 0.5)) * np.pi * 18 + prng.uniform(0, 6.28))
-    lung_mask = lungs[0][0] | lungs[1][0]
-    img[lung_mask] += 0.07 * ribs[lung_mask] ** 4
+    _mediastinum_and_ribs(img, xr, yr, torso, lungs, prng.uniform(0.1, 0.14), prng)
 
     if patient.label == CLASSES[1]:
         img = _add_opacities(img, xr, yr, lungs, lung_w, lung_h, lung_y, prng, irng, s)
 
     img = _acquire(img, irng, spec.shift)
     return img
+
+
+def _mediastinum_and_ribs(img: np.ndarray, xr: np.ndarray, yr: np.ndarray, torso: np.ndarray,
+                          lungs: list[tuple[np.ndarray, float]], heart_w: float, prng: np.random.Generator) -> None:
+    """Heart (``heart_w`` wide), spine and rib shadows over the lung fields, drawn into ``img``."""
+    heart = ((xr - 0.53) / heart_w) ** 2 + ((yr - 0.62) / 0.12) ** 2 < 1
+    img[heart] = np.maximum(img[heart], 0.6)
+    spine = np.abs(xr - 0.5) < 0.028
+    img[spine & torso] = 0.72
+    ribs = 0.5 + 0.5 * np.sin((yr + 0.08 * np.abs(xr - 0.5)) * np.pi * 18 + prng.uniform(0, 6.28))
+    lung_mask = lungs[0][0] | lungs[1][0]
+    img[lung_mask] += 0.07 * ribs[lung_mask] ** 4
 
 
 def _pose(irng: np.random.Generator, s: int, *, angle_sd: float, shift_sd: float) -> tuple[np.ndarray, np.ndarray]:
@@ -249,13 +255,7 @@ def _render_realistic(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
         lungs.append((lung, cx))
         img[lung] = lung_level
     heart_w = prng.uniform(0.1, 0.15) * (1.18 if ap else 1.0)  # AP magnifies the heart
-    heart = ((xr - 0.53) / heart_w) ** 2 + ((yr - 0.62) / 0.12) ** 2 < 1
-    img[heart] = np.maximum(img[heart], 0.6)
-    spine = np.abs(xr - 0.5) < 0.028
-    img[spine & torso] = 0.72
-    ribs = 0.5 + 0.5 * np.sin((yr + 0.08 * np.abs(xr - 0.5)) * np.pi * 18 + prng.uniform(0, 6.28))
-    lung_mask = lungs[0][0] | lungs[1][0]
-    img[lung_mask] += 0.07 * ribs[lung_mask] ** 4
+    _mediastinum_and_ribs(img, xr, yr, torso, lungs, heart_w, prng)
     texture = _smooth_noise(irng, s, scale=max(2, s // 24))
 
     if patient.label == CLASSES[1]:  # lesions from obvious to barely visible

@@ -42,7 +42,7 @@ from pipeline.data.dicom_stream import (
     encapsulated_end,
     tag_at,
 )
-from pipeline.data.policy import AdmissionPolicy
+from pipeline.data.policy import AdmissionPolicy, header_int
 from pipeline.errors import BadImage
 
 MAX_HEADER_BYTES = 16 << 20  # an inflated header (everything before the pixel data) larger than this is refused
@@ -128,7 +128,7 @@ class DicomFile:
 
     @property
     def frames(self) -> int:
-        return _int(self.ds.get("NumberOfFrames"), default=1)
+        return header_int(self.ds.get("NumberOfFrames"), default=1)
 
 
 def read_header(data: bytes, *, max_pixels: int, policy: AdmissionPolicy | None = None) -> DicomFile:
@@ -282,18 +282,11 @@ def _element_ends(ds: Any) -> Iterator[int | None]:
             yield None if len(elem.value) < elem.length else elem.value_tell + elem.length
 
 
-def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        raise BadImage("corrupt_pixel_data", f"image size element holds {str(value)[:20]!r}") from None
-
-
 def _check_budget(ds: Any, max_pixels: int) -> int:
     """Bytes the decoded pixel data will take; refuse before decoding what exceeds ``max_pixels``."""
-    rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
-    frames, samples = _int(ds.get("NumberOfFrames"), 1), _int(ds.get("SamplesPerPixel"), 1)
-    bits = _int(ds.get("BitsAllocated"))
+    rows, cols = header_int(ds.get("Rows")), header_int(ds.get("Columns"))
+    frames, samples = header_int(ds.get("NumberOfFrames"), 1), header_int(ds.get("SamplesPerPixel"), 1)
+    bits = header_int(ds.get("BitsAllocated"))
     if rows <= 0 or cols <= 0 or frames <= 0 or samples <= 0:
         raise BadImage("corrupt_pixel_data", f"header gives no image size ({cols}x{rows}, {frames} frames)")
     if bits not in (1, 8, 16, 32, 64):
@@ -342,7 +335,7 @@ def load_pixels(dcm: DicomFile) -> None:
         needed = dcm.expected_bytes + (dcm.expected_bytes & 1)  # an odd length is padded to even
         value = bytes(memoryview(dcm.buf)[start:start + min(length, needed)])
     if vr is None:
-        vr = "OB" if encapsulated or _int(dcm.ds.get("BitsAllocated")) <= 8 else "OW"
+        vr = "OB" if encapsulated or header_int(dcm.ds.get("BitsAllocated")) <= 8 else "OW"
     dcm.ds.add(DataElement(0x7FE00010, vr, value, is_undefined_length=length == 0xFFFFFFFF))
 
 
@@ -392,7 +385,7 @@ def _require_decoder(syntax: Any) -> None:
 def _check_rle_segments(dcm: DicomFile) -> None:
     from pydicom.encaps import generate_frames
 
-    size = _int(dcm.ds.get("Rows")) * _int(dcm.ds.get("Columns"))
+    size = header_int(dcm.ds.get("Rows")) * header_int(dcm.ds.get("Columns"))
     for index, frame in enumerate(generate_frames(dcm.ds.PixelData, number_of_frames=dcm.frames)):
         check_rle_frame(frame, size, index)
 
@@ -404,7 +397,7 @@ def _check_codestream(dcm: DicomFile) -> None:
     fragments = generate_fragments(dcm.ds.PixelData)
     next(fragments, None)  # the basic offset table
     size = codestream_size(next(fragments, b""))
-    rows, cols = _int(dcm.ds.get("Rows")), _int(dcm.ds.get("Columns"))
+    rows, cols = header_int(dcm.ds.get("Rows")), header_int(dcm.ds.get("Columns"))
     if size is not None and size != (cols, rows):
         raise BadImage("corrupt_pixel_data", f"the codestream is {size[0]}x{size[1]}, the header says {cols}x{rows}")
 

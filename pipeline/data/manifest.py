@@ -280,7 +280,7 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
         "quarantined": quarantined,
         "quarantine_reasons": counts,
         "excluded_by_policy": excluded,
-        "admission": _policy_summary(opts),
+        "admission": opts.policy.summary() if opts.policy else None,  # what the files were judged by
         "profile_modality": opts.profile.modality,
         "patients": int(df["patient_id"].nunique()),
         "classes": list(opts.classes),
@@ -297,17 +297,6 @@ def _summary(out_dir: Path, manifest: Path, files_seen: int, n_rows: int, counts
     }
     summary["files_found"] = files_seen + int(summary["excluded_by_label_mapping"])
     return summary
-
-
-def _policy_summary(opts: IngestOptions) -> dict[str, Any] | None:
-    """The admission policy the files were judged by (sorted lists), so validation checks the same."""
-    p = opts.policy
-    if p is None:
-        return None
-    return {"modalities": sorted(p.modalities), "body_parts": sorted(p.body_parts), "views": sorted(p.views),
-            "photometric": sorted(p.photometric), "max_frames": p.max_frames,
-            "allow_missing_body_part": p.allow_missing_body_part, "allow_missing_view": p.allow_missing_view,
-            "presentation_intents": sorted(p.presentation_intents), "exclude_burned_in": p.exclude_burned_in}
 
 
 def file_sha256(path: Path) -> str:

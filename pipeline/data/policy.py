@@ -18,7 +18,7 @@ annotation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BadImage
@@ -75,15 +75,12 @@ class AdmissionPolicy:
             absent = " or absent" if self.allow_missing_body_part else ""
             raise OutOfPolicy("body_part", f"BodyPartExamined {body[:16] or '(absent)'}; admitted: "
                                            f"{_list(self.body_parts)}{absent}")
-        view = _text(header.get("ViewPosition"))
-        if (view not in self.views) if view else not self.allow_missing_view:
-            raise OutOfPolicy("view", f"ViewPosition {view[:16] or '(absent)'}; admitted: {_list(self.views)}"
-                                      f"{' or absent' if self.allow_missing_view else ''}")
-        frames = _count(header.get("NumberOfFrames"))
+        self.check_view(header.get("ViewPosition"), "ViewPosition")
+        frames = header_int(header.get("NumberOfFrames"), 1)
         if frames > self.max_frames:
             raise OutOfPolicy("frames", f"{frames} frames; admitted: at most {self.max_frames}")
         photometric = _text(header.get("PhotometricInterpretation")) or "MONOCHROME2"
-        samples = _count(header.get("SamplesPerPixel"))
+        samples = header_int(header.get("SamplesPerPixel"), 1)
         if photometric not in self.photometric or samples != 1:
             raise OutOfPolicy("colour", f"PhotometricInterpretation {photometric[:16]}, {samples} sample(s) per pixel; "
                                         f"admitted: {_list(self.photometric)}, 1 sample")
@@ -95,18 +92,40 @@ class AdmissionPolicy:
             raise OutOfPolicy("burned_in", "BurnedInAnnotation=YES (data.admission.exclude_burned_in)")
 
 
+    def check_view(self, value: Any, where: str) -> None:
+        """The view rule alone, for a view from any place (``where``: a DICOM ViewPosition, a labels CSV's
+        view_position, a view an API client declares).
+
+        Raises:
+            OutOfPolicy: ``view``.
+        """
+        view = _text(value)
+        if (view not in self.views) if view else not self.allow_missing_view:
+            raise OutOfPolicy("view", f"{where} {view[:16] or '(absent)'}; admitted: {_list(self.views)}"
+                                      f"{' or absent' if self.allow_missing_view else ''} (data.admission.views)")
+
+    def summary(self) -> dict[str, Any]:
+        """The policy as JSON (sorted lists), recorded with the files it judged."""
+        return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(self).items()}
+
+
+def header_int(value: Any, default: int = 0) -> int:
+    """An integer header element (size, count); absent or empty → ``default``.
+
+    Raises:
+        BadImage: ``corrupt_pixel_data``: the element holds something else.
+    """
+    try:
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        raise BadImage("corrupt_pixel_data", f"a numeric header element holds {str(value)[:20]!r}") from None
+
+
 def _text(value: Any) -> str:
     """A code string as the policy compares it: stripped, upper case; multi-valued → the first value."""
     if value is not None and not isinstance(value, (str, bytes, int, float)):
         value = next(iter(value), None) if hasattr(value, "__iter__") else value  # pydicom MultiValue
     return str(value or "").strip().upper()
-
-
-def _count(value: Any) -> int:
-    try:
-        return int(value) if value not in (None, "") else 1
-    except (TypeError, ValueError):
-        raise BadImage("corrupt_pixel_data", f"a count element holds {str(value)[:20]!r}") from None
 
 
 def _list(values: frozenset[str]) -> str:

@@ -139,9 +139,8 @@ def _decode(data: bytes, opts: IngestOptions) -> DecodedImage:
 def _check_view(record: RawRecord, opts: IngestOptions) -> None:
     """A view the source's CSV declares (PNG/JPEG sources) is judged like a DICOM header's ViewPosition."""
     view = _clean(record.extra.get("view_position"))
-    if opts.policy is not None and view and view.upper() not in opts.policy.views:
-        raise OutOfPolicy("view", f"view_position {view[:16]} in the labels CSV; admitted: "
-                                  f"{', '.join(sorted(opts.policy.views))} (data.admission.views)")
+    if opts.policy is not None and view:  # absent: nothing declared, the DICOM header (if any) decides
+        opts.policy.check_view(view, "view_position in the labels CSV")
 
 
 def _check_image(image: DecodedImage, opts: IngestOptions) -> None:

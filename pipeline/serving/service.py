@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage
-from pipeline.data.policy import AdmissionPolicy
+from pipeline.data.policy import AdmissionPolicy, OutOfPolicy
 from pipeline.errors import ExplainUnavailable, Rejected
 from pipeline.evaluation.attribution import METHODS, AttributionOptions, explain, unknown_method_message
 from pipeline.serving.admission import admit
@@ -110,9 +110,12 @@ class InferenceService:
             image = admit(data, self.settings.serve, dicom_bit_depth=self.settings.data.ingest.dicom_bit_depth,
                           policy=self.policy)
             view = image.meta.get("view_position") or clean_view_position(view_position)
-            if view and view not in self.policy.views:  # a declared lateral: the model was not trained on it
-                raise Rejected("out_of_policy", f"view: {view}; admitted: {', '.join(sorted(self.policy.views))} "
-                                                "(data.admission.views)")
+            if view:  # a declared lateral: the model was not trained on it
+                self.policy.check_view(view, "declared view")
+        except OutOfPolicy as exc:
+            rejected = Rejected("out_of_policy", f"{exc.reason}: {exc.detail}")
+            self.log_rejection(request_id, rejected, predictor.version, source)
+            raise rejected from None
         except Rejected as exc:
             self.log_rejection(request_id, exc, predictor.version, source)
             raise

@@ -8,12 +8,10 @@ suite on a manifest that a lax policy let CT rows into, and the serving input ga
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,7 +20,7 @@ from pipeline.data.ingest import run_ingest
 from pipeline.data.policy import POLICY_REASONS, OutOfPolicy
 from pipeline.errors import Rejected, ValidationFailed
 from pipeline.serving.admission import admit
-from tests.data.helpers import chest_policy, dicom_bytes, xray
+from tests.data.helpers import chest_policy, colour, dicom_bytes, edited, foreign, multi_frame, xray
 
 CHEST = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA",
          "PhotometricInterpretation": "MONOCHROME2", "SamplesPerPixel": 1}
@@ -64,55 +62,6 @@ def test_the_policy_is_configuration() -> None:
 
 
 # --------------------------------------------------------------------------- a PACS-like folder
-
-
-def edited(data: bytes, **tags: Any) -> bytes:
-    """The file with header elements set (None: removed), written back in its own transfer syntax."""
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    for key, value in tags.items():
-        if value is None:
-            if key in ds:
-                delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def multi_frame(data: bytes, frames: int) -> bytes:
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    ds.NumberOfFrames = frames
-    ds.PixelData = ds.PixelData * frames
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def colour(data: bytes) -> bytes:
-    import pydicom
-
-    ds = pydicom.dcmread(io.BytesIO(data))
-    rgb = np.repeat((ds.pixel_array >> 4).astype(np.uint8)[..., None], 3, axis=2)
-    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-    ds.PixelData = rgb.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def foreign(name: str, **tags: Any) -> bytes:
-    """A file pydicom ships (written by another encoder), with header elements changed."""
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file(name, download=False)
-    assert path is not None, f"{name} is not bundled with pydicom"
-    return edited(Path(path).read_bytes(), **tags)
 
 
 def pacs_folder(root: Path) -> dict[str, str]:

@@ -8,13 +8,11 @@ admission policy of a chest dataset is not.
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import resource
 import tracemalloc
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from pipeline.data.imaging import decode_bytes
 from pipeline.data.ingest import run_ingest
 from pipeline.errors import BadImage, Rejected
 from pipeline.serving.admission import admit
-from tests.data.helpers import chest_policy, write_dicom
+from tests.data.helpers import chest_policy, deflated_dicom, write_dicom
 
 MAX = 100_000_000
 ANY_MODALITY = "[CR, DX, CT, MR, OT, US, NM, XA, RF, MG, RTDOSE]"
@@ -206,68 +204,6 @@ def test_burned_in_annotation_is_excluded_unless_allowed(tmp_path: Path, exclude
 
 
 # --------------------------------------------------------------------------- bounded memory
-
-
-@functools.lru_cache(maxsize=1)
-def _zero_block() -> bytes:
-    """Raw deflate of 16 MiB of zeros after a full flush: byte-aligned and history-free, so repeatable."""
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return deflater.compress(bytes(16 << 20)) + deflater.flush(zlib.Z_FULL_FLUSH)
-
-
-def _deflate(parts: list[bytes | int]) -> bytes:
-    """Raw deflate of ``parts`` (bytes, or a count of zero bytes) without holding the zeros in memory."""
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out: list[bytes] = []
-    for part in parts:
-        if isinstance(part, bytes):
-            out.append(deflater.compress(part) + deflater.flush(zlib.Z_FULL_FLUSH))
-            continue
-        blocks, rest = divmod(part, 16 << 20)
-        out += [_zero_block()] * blocks
-        if rest:
-            out.append(deflater.compress(bytes(rest)) + deflater.flush(zlib.Z_FULL_FLUSH))
-    return b"".join(out) + b"\x03\x00"  # an empty final block
-
-
-def deflated_dicom(rows: int, cols: int, *, pixel_bytes: int | None = None, private_bytes: int = 0,
-                   trailing_bytes: int = 0) -> bytes:
-    """A Deflated Explicit VR Little Endian DX file whose pixels are zeros.
-
-    ``pixel_bytes`` (default: what rows x cols x 16 bit need) of pixel data, optionally a private
-    OB element of ``private_bytes`` before it and trailing padding of ``trailing_bytes`` after it.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1.1", generate_uid()
-    ds.PatientID, ds.Modality, ds.ViewPosition = "BOMB-1", "DX", "PA"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, ds)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    head = DicomBytesIO()
-    head.is_little_endian, head.is_implicit_VR = True, False
-    write_file_meta_info(head, meta)
-
-    def element(tag: bytes, length: int) -> bytes:
-        return tag + b"OB\x00\x00" + length.to_bytes(4, "little")
-
-    pixels = rows * cols * 2 if pixel_bytes is None else pixel_bytes
-    parts: list[bytes | int] = [body.getvalue()]
-    if private_bytes:
-        parts += [b"\x09\x00\x10\x00LO\x08\x00XRAYOPS ", element(b"\x09\x00\x00\x10", private_bytes), private_bytes]
-    parts += [b"\xe0\x7f\x10\x00OW\x00\x00" + pixels.to_bytes(4, "little"), pixels]
-    if trailing_bytes:
-        parts += [element(b"\xfc\xff\xfc\xff", trailing_bytes), trailing_bytes]
-    return bytes(128) + b"DICM" + head.getvalue() + _deflate(parts)
 
 
 def measured(fn: Callable[[], object]) -> tuple[BaseException | None, float, float]:

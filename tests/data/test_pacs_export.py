@@ -29,9 +29,16 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY, write_params
-from tests.data.helpers import dicom_bytes, find_tokens, xray
-from tests.data.test_admission_policy import colour, edited, foreign, multi_frame
-from tests.data.test_dicom_codecs import deflated_dicom
+from tests.data.helpers import (
+    colour,
+    deflated_dicom,
+    dicom_bytes,
+    edited,
+    find_tokens,
+    foreign,
+    multi_frame,
+    xray,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="DCMTK not installed "
                                 "(infra/scripts/ensure-dcmtk.sh; .ci/run installs it)")

@@ -9,6 +9,7 @@ root it runs as the ``postgres`` (or ``nobody``) user, since PostgreSQL refuses 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -238,3 +239,73 @@ def kill_processes_with_env(key: str, value: str) -> list[int]:
         except (ProcessLookupError, PermissionError):
             continue
     return pids
+
+
+# --------------------------------------------------------------------------- Orthanc (a real PACS)
+
+ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+ORTHANC_DICOMWEB_PLUGIN = ORTHANC_PLUGINS / "libOrthancDicomWeb.so"
+
+
+def orthanc_missing() -> str | None:
+    """Why Orthanc + its DICOMweb plugin cannot run here (a skip reason), or None when both are installed."""
+    exe = shutil.which("Orthanc") or (str(ORTHANC_BIN) if ORTHANC_BIN.exists() else None)
+    if exe is None or not ORTHANC_DICOMWEB_PLUGIN.exists():
+        return ("Orthanc with its DICOMweb plugin is not installed (/usr/sbin/Orthanc, "
+                f"{ORTHANC_DICOMWEB_PLUGIN}): run `bash infra/scripts/ensure-orthanc.sh` (CI does) "
+                "to run the PACS tests")
+    return None
+
+
+@dataclass
+class Orthanc:
+    """A throw-away Orthanc on loopback: REST API at ``http_url``, DICOMweb at ``dicomweb_url``, C-STORE SCP at
+    127.0.0.1:``dicom_port`` with AE title ``aet``."""
+
+    http_url: str
+    dicom_port: int
+    aet: str
+    group: Group
+    storage_dir: Path
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.http_url}/dicom-web"
+
+    def stop(self) -> None:
+        self.group.stop()
+
+
+def start_orthanc(log_dir: Path, storage_dir: Path, *, aet: str = "XRAYOPS_PACS", stable_age_s: int = 1,
+                  timeout_s: float = 60) -> Orthanc:
+    """Start Orthanc (DICOMweb on, no auth, loopback only, random free ports, storage/index under ``storage_dir``)
+    and wait until ``/system`` answers.
+
+    Orthanc 1.10 has no bind-address option: ``RemoteAccessAllowed: false`` refuses HTTP from anything but
+    localhost; the DICOM port is a random high port. Only the DICOMweb plugin is loaded (the other Debian
+    plugins, worklists and serve-folders, are not needed and would read more configuration)."""
+    reason = orthanc_missing()
+    if reason:
+        raise FileNotFoundError(reason)
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    while dicom_port == http_port:  # pragma: no cover - the kernel rarely hands out the same port twice
+        dicom_port = free_port()
+    config = {
+        "Name": "xrayops-test-pacs", "StorageDirectory": str(storage_dir / "storage"),
+        "IndexDirectory": str(storage_dir / "index"), "HttpPort": http_port, "DicomPort": dicom_port,
+        "DicomAet": aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "StableAge": stable_age_s, "DicomCheckCalledAet": False, "HttpTimeout": 30, "ConcurrentJobs": 2,
+    }
+    cfg = storage_dir / "orthanc.json"
+    cfg.write_text(json.dumps(config, indent=2))
+    group = start("orthanc", [shutil.which("Orthanc") or str(ORTHANC_BIN), str(cfg)], log_dir)
+    orthanc = Orthanc(f"http://127.0.0.1:{http_port}", dicom_port, aet, group, storage_dir)
+    try:
+        wait_until(http_ok(f"{orthanc.http_url}/system"), group, timeout_s, "healthy /system")
+    except BaseException:
+        group.stop()
+        raise
+    return orthanc

@@ -332,6 +332,12 @@ class MonitorSection(_Section):
     workspace: str | None = Field(description="Evidently workspace folder: each monitoring run adds a snapshot to "
                                   "the registered model's project there (timeline dashboard, `xrayops monitor ui`). "
                                   "null = <paths.home>/evidently-workspace; relative paths are from params.yaml.")
+    feedback_min_clinicians: int = Field(ge=1, description="A feedback case becomes training data when at least "
+                                         "this many distinct signed-in clinicians gave it the same label (and none "
+                                         "another), unless an adjudicator decided it.")
+    feedback_adjudicator_decides: bool = Field(description="An adjudicator's decision (UI 'Resolve disagreements' or "
+                                               "adjudications.csv) labels a case whatever the clinicians said; "
+                                               "false = only adjudications.csv does.")
 
 
 class ServeSection(_Section):
@@ -353,6 +359,20 @@ class ServeSection(_Section):
         description="When no version holds serve.model_alias any more: 'stop' answers 503 (alias_missing) "
                     "until a verified version holds it again; 'keep_serving' keeps answering with the last "
                     "verified version (/readyz still reports 503 alias_missing).")
+
+
+class UiSection(_Section):
+    auth: Literal["auto", "local", "oidc", "none"] = Field(
+        description="Sign-in of the clinician app: oidc = Streamlit's st.login with the [auth] block of "
+        "secrets_file; local = users_file (`xrayops ui users add`); auto = oidc when secrets_file has an [auth] "
+        "block, else local; none = no sign-in, refused on any non-loopback address.")
+    users_file: str | None = Field(description="Local user file (scrypt-hashed passwords, roles; also the roles of "
+                                   "OIDC users); null = <paths.home>/secrets/ui_users.json.")
+    secrets_file: str | None = Field(description="Streamlit secrets TOML holding the OIDC [auth] block; null = "
+                                     "<params.yaml folder>/.streamlit/secrets.toml.")
+    max_failed_logins: int = Field(ge=1, description="Failed local sign-ins of one user name before it is locked.")
+    lockout_s: float = Field(gt=0, description="Seconds a user name stays locked after max_failed_logins.")
+    failed_login_delay_s: float = Field(ge=0, description="Pause after each failed local sign-in (slows guessing).")
 
 
 class OrchestrateSection(_Section):
@@ -383,6 +403,7 @@ class Settings(_Section):
     promote: PromoteSection
     monitor: MonitorSection
     serve: ServeSection
+    ui: UiSection
     orchestrate: OrchestrateSection
     root: Path = Field(default=Path("."), exclude=True, description="Folder of params.yaml.")
 
@@ -468,6 +489,14 @@ class Settings(_Section):
     @property
     def feedback_log(self) -> Path:
         return self.resolve(self.paths.feedback_log or self.home / "feedback")
+
+    @property
+    def ui_users_file(self) -> Path:
+        return self.resolve(self.ui.users_file or self.home / "secrets" / "ui_users.json")
+
+    @property
+    def ui_secrets_file(self) -> Path:
+        return self.resolve(self.ui.secrets_file or Path(".streamlit") / "secrets.toml")
 
     @property
     def simulation_log(self) -> Path:

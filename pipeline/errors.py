@@ -42,6 +42,7 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
         ├── NotReady                         no model loaded (yet)
         ├── ExplainUnavailable               Grad-CAM not available for this model/deployment
         ├── Rejected                         an upload the input gate refused (stable reason code)
+        ├── UiAuthError                      clinician-app sign-in not configured, unsafe, or its user file unusable
         └── ApiError                         an HTTP error response with a stable reason
 """
 
@@ -228,6 +229,11 @@ class NotReady(ServingError, RuntimeError):
 
 class ExplainUnavailable(ServingError, RuntimeError):
     """Grad-CAM cannot be computed for this model or deployment."""
+
+
+class UiAuthError(ServingError, ValueError):
+    """The clinician app's sign-in is not configured (no users, incomplete OIDC block), would be unsafe (no sign-in
+    on a non-loopback address), or its user file cannot be used."""
 
 
 # reason code → (HTTP status, what it means); the API documents this table.

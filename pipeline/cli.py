@@ -126,6 +126,15 @@ def _print_summary(s: dict[str, Any]) -> None:
     shown = {k: v for k, v in m.items() if isinstance(v, float) and k in
              ("auc", "sensitivity", "specificity", "accuracy", "macro_f1", "ece")}
     typer.echo("  metrics   " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+    if m.get("ci", {}).get("auc"):
+        lo, hi = m["ci"]["auc"]
+        typer.echo(f"  AUC CI    [{lo:.3f}, {hi:.3f}] (patient-level bootstrap)")
+    versus = reg["gate"].get("versus_champion")
+    if versus:
+        metric = next((k for k in versus if k.startswith("delta_")), None)
+        if metric and versus.get("ci"):
+            lo, hi = versus["ci"]
+            typer.echo(f"  vs champion {metric.replace('delta_', 'Δ')} {versus[metric]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     typer.echo(f"  registry  {reg['model_name']} v{reg['version']}  aliases {reg['aliases']}  "
                f"gate: {reg['gate']['reason']}")
     if s["reports"].get("drift_html"):

@@ -123,7 +123,9 @@ def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any]
             "version": str(version.version),
             "aliases": aliases(settings),
             "promoted": bool(promotion.get("promoted")),
-            "gate": {"promote": decision.promote, "reason": decision.reason, "failed": decision.failed},
+            "gate": {"promote": decision.promote, "reason": decision.reason, "failed": decision.failed,
+                     # ΔAUC (or Δaccuracy) vs the champion, paired patient bootstrap; None: no champion to compare
+                     "versus_champion": decision.inputs.get("paired_bootstrap")},
         },
         "drift": None if drift is None else {k: drift.get(k) for k in ("status", "drift_share", "drift_detected",
                                                                         "drifted_columns", "current_rows")},

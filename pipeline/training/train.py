@@ -373,7 +373,9 @@ class _Fit:
     def fit(self, model: Any, ckpt_dir: Path, **kwargs: Any) -> Any:
         return model.fit(self.train_ds, validation_data=self.val_ds, class_weight=self.class_weight,
                          callbacks=_callbacks(self.settings, ckpt_dir, self.num_classes, self.tracker, self.extra),
-                         verbose=1 if sys.stdout.isatty() else 2, **kwargs)
+                         verbose=1 if sys.stdout.isatty() else 2,
+                         shuffle=False,  # tf.data already shuffles (inputs.py); True only earns Keras a warning
+                         **kwargs)
 
 
 def _fit_phases(model: Any, plan: _Fit) -> dict[str, list[float]]:

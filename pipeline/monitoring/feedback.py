@@ -7,9 +7,16 @@ gave feedback on, the *de-identified pixels* (decoded image, no DICOM header) ar
 ``<feedback_log>/images/<request_id>.png`` so the case can become training data; the
 production log itself never holds pixels.
 
-Adjudication: a case's label is the one from ``<feedback_log>/adjudications.csv``
-(``request_id,label``; written by a senior reader) when present, else the clinicians'
-label when all its records agree; conflicting cases are left out and listed.
+Every record carries the signed-in user's pseudonymous id (``user_id``, ``U`` + 16 hex digits, a
+keyed hash: never a name) and its ``kind``: ``feedback`` (a clinician's verdict) or ``adjudication``
+(an adjudicator's decision in the UI).
+
+Adjudication (:func:`adjudicate`): a case's label is the one from ``<feedback_log>/adjudications.csv``
+(``request_id,label``; written by a senior reader) when present, else the latest adjudicator decision
+(``monitor.feedback_adjudicator_decides``), else the clinicians' label when all its records agree *and*
+come from at least ``monitor.feedback_min_clinicians`` distinct users (records without a user id, from
+the app without sign-in or older versions, count for no one). Conflicting cases and cases still
+waiting for readers (``pending``) are left out and listed.
 :func:`ingest_feedback` writes the adjudicated cases as a ``folder``-source dataset
 (``<data_dir>/raw/<monitor.feedback_dataset>/<LABEL>/<request_id>.png``), versions it with
 DVC, and reports each model version's accuracy on them.
@@ -51,6 +58,8 @@ IMAGES_DIR = "images"
 ADJUDICATIONS_FILE = "adjudications.csv"
 MAX_COMMENT = 500
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+_USER_ID = re.compile(r"^U[0-9a-f]{16}$")
+RESOLVED = ("adjudicated", "consensus")  # statuses whose label becomes training data
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class FeedbackRecord:
     comment: str = ""
     source: str = "ui"
     submitted_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    user_id: str | None = None  # pseudonymous id of the signed-in user (pipeline.ui.auth.user_id_for)
+    kind: Literal["feedback", "adjudication"] = "feedback"
 
 
 def check_label(label: object, classes: Sequence[str], what: str = "label") -> str:
@@ -93,6 +104,20 @@ def check_request_id(request_id: object) -> str:
     return request_id
 
 
+def check_user_id(user_id: object, required: bool = False) -> str | None:
+    """``user_id`` when it is a pseudonymous id (``U`` + 16 hex digits), None when absent and not ``required``.
+
+    Anything else (a plain user name, an e-mail address) is refused: names must never reach the store.
+    """
+    if user_id is None and not required:
+        return None
+    if not isinstance(user_id, str) or not _USER_ID.match(user_id):
+        raise FeedbackError("the user id of a feedback record must be a pseudonymous id (U + 16 hex digits, "
+                            "pipeline.ui.auth.user_id_for), not a name" if user_id is not None else
+                            "an adjudication record needs the adjudicator's pseudonymous user id")
+    return user_id
+
+
 def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedImage | None = None, *,
                     classes: Sequence[str]) -> Path:
     """Append one record atomically (and keep the case's de-identified pixels when given).
@@ -101,10 +126,13 @@ def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedIm
     and predicted labels must be among them.
 
     Raises:
-        FeedbackError: a malformed request id or verdict, or a label that is not one of ``classes``
-            (the message lists them).
+        FeedbackError: a malformed request id, verdict, kind or user id (a name instead of a pseudonym), or a
+            label that is not one of ``classes`` (the message lists them).
     """
     check_request_id(record.request_id)
+    if record.kind not in ("feedback", "adjudication"):
+        raise FeedbackError(f"kind must be 'feedback' or 'adjudication', got {str(record.kind)[:40]!r}")
+    check_user_id(record.user_id, required=record.kind == "adjudication")
     if record.verdict not in ("agree", "disagree"):
         raise FeedbackError(f"verdict must be 'agree' or 'disagree', got {record.verdict!r}")
     check_label(record.correct_label, classes, "correct label")
@@ -145,31 +173,55 @@ def read_feedback(feedback_dir: Path, skipped: list[str] | None = None) -> pd.Da
     if not frames:
         return pd.DataFrame(columns=[f.name for f in FeedbackRecord.__dataclass_fields__.values()])
     df = pd.concat(frames, ignore_index=True)
+    if "user_id" not in df:  # records written before user ids and kinds existed
+        df["user_id"] = None
+    df["user_id"] = df["user_id"].astype(object).where(df["user_id"].notna(), None)
+    df["kind"] = df["kind"].fillna("feedback") if "kind" in df else "feedback"
     return df.sort_values("submitted_at", kind="stable").reset_index(drop=True)
 
 
-def adjudicate(records: pd.DataFrame, adjudications: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per case: request_id, label, status (adjudicated | consensus | conflict), model answer."""
+CASE_COLUMNS = ["request_id", "label", "status", "model_name", "model_version", "predicted_label", "records",
+                "clinicians", "labels"]
+
+
+def adjudicate(records: pd.DataFrame, adjudications: pd.DataFrame | None = None, *, min_clinicians: int,
+               adjudicator_decides: bool) -> pd.DataFrame:
+    """One row per case: request_id, label, status, the model's answer, records, distinct clinicians, labels given.
+
+    Status: ``adjudicated`` (adjudications.csv, or with ``adjudicator_decides`` the latest adjudication
+    record), ``consensus`` (every feedback record gives one label, from at least ``min_clinicians``
+    distinct user ids), ``conflict`` (different labels) or ``pending`` (one label, too few clinicians).
+    Only :data:`RESOLVED` cases have a label.
+    """
     if records.empty:
-        return pd.DataFrame(columns=["request_id", "label", "status", "model_name", "model_version",
-                                     "predicted_label", "records"])
+        return pd.DataFrame(columns=CASE_COLUMNS)
     override: dict[str, str] = {}
     if adjudications is not None:
         override = dict(zip(adjudications["request_id"], adjudications["label"], strict=True))
+    kinds = records["kind"] if "kind" in records else pd.Series("feedback", index=records.index)
+    users = records["user_id"] if "user_id" in records else pd.Series(None, index=records.index, dtype=object)
     rows = []
     for rid, group in records.groupby("request_id", sort=False):
-        labels = sorted(set(group["correct_label"]))
+        is_adj = kinds.loc[group.index].eq("adjudication")
+        votes = group[~is_adj]
+        decisions = group[is_adj]
+        labels = sorted(set(votes["correct_label"]))
+        clinicians = int(users.loc[votes.index].dropna().nunique())
         if rid in override:
             label, status = override[rid], "adjudicated"
-        elif len(labels) == 1:
+        elif adjudicator_decides and len(decisions):
+            label, status = decisions["correct_label"].iloc[-1], "adjudicated"  # records are oldest first
+        elif len(labels) > 1:
+            label, status = None, "conflict"
+        elif len(labels) == 1 and clinicians >= min_clinicians:
             label, status = labels[0], "consensus"
         else:
-            label, status = None, "conflict"
+            label, status = None, "pending"
         first = group.iloc[0]
         rows.append({"request_id": rid, "label": label, "status": status, "model_name": first["model_name"],
                      "model_version": str(first["model_version"]), "predicted_label": first["predicted_label"],
-                     "records": len(group)})
-    return pd.DataFrame(rows)
+                     "records": len(group), "clinicians": clinicians, "labels": ",".join(labels)})
+    return pd.DataFrame(rows, columns=CASE_COLUMNS)
 
 
 def read_adjudications(feedback_dir: Path) -> pd.DataFrame | None:
@@ -188,7 +240,7 @@ def read_adjudications(feedback_dir: Path) -> pd.DataFrame | None:
 
 def accuracy_by_version(cases: pd.DataFrame) -> list[dict[str, Any]]:
     """Accuracy of each model version on its resolved feedback cases, with a Wilson 95 % interval."""
-    resolved = cases[cases["status"] != "conflict"]
+    resolved = cases[cases["status"].isin(RESOLVED)]
     out = []
     for (name, version), group in resolved.groupby(["model_name", "model_version"], sort=True):
         n = len(group)
@@ -242,12 +294,12 @@ def check_adjudications(adjudications: pd.DataFrame | None, classes: Sequence[st
 
 
 def check_cases(cases: pd.DataFrame, classes: Sequence[str]) -> None:
-    """Every resolved case's label is one of ``classes`` (conflicts have none and are left out).
+    """Every resolved case's label is one of ``classes`` (conflicting and pending cases have none and are left out).
 
     Raises:
         FeedbackError: naming the cases (request ids) and the valid classes.
     """
-    resolved = cases[cases["status"] != "conflict"] if len(cases) else cases
+    resolved = cases[cases["status"].isin(RESOLVED)] if len(cases) else cases
     bad = [(rid, label) for rid, label in zip(resolved.get("request_id", []), resolved.get("label", []), strict=True)
            if not (isinstance(label, str) and label in classes)]
     if bad:
@@ -266,7 +318,7 @@ def write_dataset(cases: pd.DataFrame, feedback_dir: Path, dest: Path, classes: 
     valid = tuple(classes)
     counts: dict[str, int] = {}
     missing = 0
-    for case in cases[cases["status"] != "conflict"].itertuples():
+    for case in cases[cases["status"].isin(RESOLVED)].itertuples():
         request_id = check_request_id(case.request_id)
         label = check_label(case.label, valid, f"label of case {request_id}")
         src = feedback_dir / IMAGES_DIR / f"{request_id}.png"
@@ -294,7 +346,8 @@ def ingest_feedback(settings: Settings) -> dict[str, Any]:
     records = read_feedback(fb_dir, skipped)
     adjudications = read_adjudications(fb_dir)
     check_adjudications(adjudications, classes)
-    cases = adjudicate(records, adjudications)
+    cases = adjudicate(records, adjudications, min_clinicians=settings.monitor.feedback_min_clinicians,
+                       adjudicator_decides=settings.monitor.feedback_adjudicator_decides)
     check_cases(cases, classes)  # before anything is written
     dest = feedback_dataset_dir(settings)
     counts = write_dataset(cases, fb_dir, dest, classes)
@@ -307,6 +360,9 @@ def ingest_feedback(settings: Settings) -> dict[str, Any]:
         "records": int(len(records)), "cases": int(len(cases)),
         "status": {str(k): int(v) for k, v in cases["status"].value_counts().items()} if len(cases) else {},
         "conflicts": cases.loc[cases["status"] == "conflict", "request_id"].tolist(),
+        "pending": cases.loc[cases["status"] == "pending", "request_id"].tolist(),
+        "consensus_rule": {"min_clinicians": settings.monitor.feedback_min_clinicians,
+                           "adjudicator_decides": settings.monitor.feedback_adjudicator_decides},
         "dataset_dir": str(dest), "images_by_label": counts, "cases_without_image": missing, "dvc": version,
         "skipped_parts": len(skipped), "skipped_files": skipped,
         "accuracy_by_version": accuracy_by_version(cases) if len(cases) else [],
@@ -328,7 +384,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     skipped = (f"- unreadable record files skipped: {summary['skipped_parts']}\n"
                if summary.get("skipped_parts") else "")
     return (f"## Clinician feedback\n\n- {summary['records']} records, {summary['cases']} cases "
-            f"({summary['status']}); conflicts left out: {len(summary['conflicts'])}\n{skipped}"
+            f"({summary['status']}); conflicts left out: {len(summary['conflicts'])}; waiting for more readers "
+            f"(fewer than {summary['consensus_rule']['min_clinicians']} clinicians agree): "
+            f"{len(summary['pending'])}\n{skipped}"
             f"- dataset `{summary['dataset_dir']}`: {summary['images_by_label']} "
             f"(DVC md5 `{dvc.get('dvc_md5')}`)\n- train with: `{summary['train_with']}`\n\n"
             f"| model | version | cases | accuracy | 95% CI |\n|---|---|---|---|---|\n{rows}\n")

@@ -33,14 +33,24 @@ from pipeline.serving.production_log import append
 from tests.serving.helpers import png
 from tests.serving.test_production_log import corrupt
 
+CLINICIANS = [f"U{i:016x}" for i in range(1, 4)]  # pseudonymous user ids (pipeline.ui.auth.user_id_for)
 
-def rec(rid: str, version: str, predicted: str, correct: str) -> FeedbackRecord:
+
+def rec(rid: str, version: str, predicted: str, correct: str, user: str | None = CLINICIANS[0],
+        kind: str = "feedback") -> FeedbackRecord:
     return FeedbackRecord(request_id=rid, model_name="m", model_version=version, predicted_label=predicted,
                           probability=0.7, verdict="agree" if predicted == correct else "disagree",
-                          correct_label=correct, comment="ok")
+                          correct_label=correct, comment="ok", user_id=user, kind=kind)  # type: ignore[arg-type]
 
 
 XRAY = ("NORMAL", "PNEUMONIA")
+
+
+def agreed(feedback_log: Path, rid: str, version: str, predicted: str, correct: str, seed: int) -> None:
+    """Two distinct clinicians give the case the same label (the default consensus rule)."""
+    for user in CLINICIANS[:2]:
+        record_feedback(feedback_log, rec(rid, version, predicted, correct, user),
+                        image=decode_bytes(png(seed), max_pixels=10**6), classes=XRAY)
 
 
 def test_records_are_validated_and_append_only(tmp_path: Path) -> None:
@@ -67,8 +77,8 @@ def test_a_label_outside_the_model_classes_is_rejected_when_recorded(tmp_path: P
 
 def _old_record(feedback_dir: Path, rid: str, label: str) -> None:
     """A record appended without validation (an older version, another tool): its image is kept too."""
-    row = {**asdict(rec(rid, "1", "NORMAL", label)), "has_image": True}
-    append(feedback_dir / RECORDS_DIR, pd.DataFrame([row]), time_column="submitted_at")
+    rows = [{**asdict(rec(rid, "1", "NORMAL", label, user)), "has_image": True} for user in CLINICIANS[:2]]
+    append(feedback_dir / RECORDS_DIR, pd.DataFrame(rows), time_column="submitted_at")
     (feedback_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (feedback_dir / IMAGES_DIR / f"{rid}.png").write_bytes(png(3))
 
@@ -77,8 +87,7 @@ def _old_record(feedback_dir: Path, rid: str, label: str) -> None:
 def test_invalid_labels_never_become_dataset_folders(make_settings: Callable[..., Settings], label: str) -> None:
     settings = make_settings("data.version_with_dvc=false")
     good, bad = uuid.uuid4().hex, uuid.uuid4().hex
-    record_feedback(settings.feedback_log, rec(good, "1", "NORMAL", "PNEUMONIA"),
-                    image=decode_bytes(png(2), max_pixels=10**6), classes=XRAY)
+    agreed(settings.feedback_log, good, "1", "NORMAL", "PNEUMONIA", 2)
     _old_record(settings.feedback_log, bad, label)
     dest = feedback_dataset_dir(settings)
     with pytest.raises(FeedbackError, match=rf"not one of the model's classes \(NORMAL, PNEUMONIA\): {bad}: "):
@@ -110,10 +119,11 @@ def test_write_dataset_checks_each_label_before_building_a_path(tmp_path: Path) 
 
 def test_adjudication_and_accuracy_by_version() -> None:
     ids = [uuid.uuid4().hex for _ in range(5)]
-    records = pd.DataFrame([rec(ids[0], "1", "P", "P"), rec(ids[1], "1", "P", "N"), rec(ids[1], "1", "P", "N"),
-                            rec(ids[2], "1", "N", "N"), rec(ids[2], "1", "N", "P"),  # conflict
+    records = pd.DataFrame([rec(ids[0], "1", "P", "P"), rec(ids[1], "1", "P", "N"),
+                            rec(ids[1], "1", "P", "N", CLINICIANS[1]),
+                            rec(ids[2], "1", "N", "N"), rec(ids[2], "1", "N", "P", CLINICIANS[1]),  # conflict
                             rec(ids[3], "2", "N", "N"), rec(ids[4], "2", "P", "N")]).astype({"submitted_at": str})
-    cases = adjudicate(records).set_index("request_id")
+    cases = adjudicate(records, min_clinicians=1, adjudicator_decides=True).set_index("request_id")
     assert cases.loc[ids[1], "status"] == "consensus" and cases.loc[ids[1], "label"] == "N"
     assert cases.loc[ids[2], "status"] == "conflict" and cases.loc[ids[2], "label"] is None
     acc = {a["model_version"]: a for a in accuracy_by_version(cases.reset_index())}
@@ -121,7 +131,7 @@ def test_adjudication_and_accuracy_by_version() -> None:
     assert (acc["2"]["cases"], acc["2"]["accuracy"]) == (2, 0.5)
     # a senior reader's adjudication resolves the conflict
     override = pd.DataFrame({"request_id": [ids[2]], "label": ["P"]})
-    resolved = adjudicate(records, override).set_index("request_id")
+    resolved = adjudicate(records, override, min_clinicians=1, adjudicator_decides=True).set_index("request_id")
     assert resolved.loc[ids[2], "status"] == "adjudicated" and resolved.loc[ids[2], "label"] == "P"
     lo, hi = wilson(1, 2)
     assert 0 < lo < 0.5 < hi < 1 and wilson(0, 0) == (0.0, 1.0)
@@ -135,8 +145,7 @@ def test_ingest_builds_a_dvc_versioned_folder_dataset(dvc_project: Callable[...,
     truth = ["PNEUMONIA", "NORMAL", "NORMAL", "PNEUMONIA"]
     predicted = ["PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL"]
     for i, (rid, t, p) in enumerate(zip(ids, truth, predicted, strict=True)):
-        record_feedback(settings.feedback_log, rec(rid, "3", p, t), image=decode_bytes(png(i), max_pixels=10**6),
-                        classes=XRAY)
+        agreed(settings.feedback_log, rid, "3", p, t, i)
     summary = ingest_feedback(settings)
     dest = Path(summary["dataset_dir"])
     assert dest == settings.root / "data" / "raw" / settings.monitor.feedback_dataset
@@ -160,8 +169,7 @@ def test_feedback_flow_in_prefect(prefect_harness: None, make_settings: Callable
 
     settings = make_settings("data.version_with_dvc=false")
     rid = uuid.uuid4().hex
-    record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
-                    image=decode_bytes(png(2), max_pixels=10**6), classes=XRAY)
+    agreed(settings.feedback_log, rid, "1", "NORMAL", "PNEUMONIA", 2)
     summary = feedback_flow(FeedbackParameters(params_path=str(settings.root / "params.yaml")))
     assert summary["images_by_label"] == {"PNEUMONIA": 1} and summary["dvc"] is None
     assert summary["accuracy_by_version"][0]["accuracy"] == 0.0 and Path(summary["report"]).is_file()
@@ -193,7 +201,7 @@ def test_a_bad_adjudication_label_fails_the_flow_once_without_retries(prefect_ha
 
 def test_a_damaged_record_file_is_skipped_and_counted(make_settings: Callable[..., Settings],
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    settings = make_settings("data.version_with_dvc=false")
+    settings = make_settings("data.version_with_dvc=false", "monitor.feedback_min_clinicians=1")
     ids = [uuid.uuid4().hex for _ in range(3)]
     for i, rid in enumerate(ids):
         record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
@@ -207,3 +215,54 @@ def test_a_damaged_record_file_is_skipped_and_counted(make_settings: Callable[..
     summary = ingest_feedback(settings)
     assert summary["records"] == 2 and summary["skipped_parts"] == 2 and summary["images_by_label"] == {"PNEUMONIA": 2}
     assert "unreadable record files skipped: 2" in summary_markdown(summary)
+
+
+def test_consensus_needs_distinct_signed_in_clinicians_or_an_adjudicator() -> None:
+    a, b, c, d = (uuid.uuid4().hex for _ in range(4))
+    adj = CLINICIANS[2]
+    records = pd.DataFrame([
+        rec(a, "1", "P", "N"), rec(a, "1", "P", "N"),  # the same clinician twice: one reader
+        rec(b, "1", "P", "N"), rec(b, "1", "P", "N", CLINICIANS[1]),  # two distinct clinicians agree
+        rec(c, "1", "P", "N", None), rec(c, "1", "P", "N", None), rec(c, "1", "P", "N", None),  # nobody signed in
+        rec(d, "1", "P", "N"), rec(d, "1", "P", "P", CLINICIANS[1]),  # disagreement ...
+        rec(d, "1", "P", "P", adj, "adjudication"), rec(d, "1", "P", "N", adj, "adjudication"),  # ... decided (last)
+    ]).astype({"submitted_at": str})
+    cases = adjudicate(records, min_clinicians=2, adjudicator_decides=True).set_index("request_id")
+    assert cases.loc[a, ["status", "clinicians"]].tolist() == ["pending", 1] and cases.loc[a, "label"] is None
+    assert cases.loc[b, ["status", "label", "clinicians"]].tolist() == ["consensus", "N", 2]
+    assert cases.loc[c, ["status", "clinicians"]].tolist() == ["pending", 0]
+    assert cases.loc[d, ["status", "label", "labels"]].tolist() == ["adjudicated", "N", "N,P"]
+    strict = adjudicate(records, min_clinicians=3, adjudicator_decides=False).set_index("request_id")
+    assert strict["status"].to_dict() == {a: "pending", b: "pending", c: "pending", d: "conflict"}
+    lenient = adjudicate(records, min_clinicians=1, adjudicator_decides=True).set_index("request_id")
+    assert lenient.loc[a, "status"] == "consensus" and lenient.loc[c, "status"] == "pending"
+    csv = pd.DataFrame({"request_id": [d], "label": ["P"]})  # the senior reader's CSV beats UI decisions
+    assert adjudicate(records, csv, min_clinicians=2, adjudicator_decides=True).set_index(
+        "request_id").loc[d, "label"] == "P"
+    assert accuracy_by_version(cases.reset_index())[0]["cases"] == 2, "pending cases are not scored"
+
+
+@pytest.mark.parametrize("user", ["alice", "alice@example.org", "U123", "u0000000000000001"])
+def test_a_user_name_never_reaches_the_feedback_store(tmp_path: Path, user: str) -> None:
+    with pytest.raises(FeedbackError, match="pseudonymous id"):
+        record_feedback(tmp_path, rec(uuid.uuid4().hex, "1", "NORMAL", "NORMAL", user), classes=XRAY)
+    with pytest.raises(FeedbackError, match="adjudicator's pseudonymous user id"):
+        record_feedback(tmp_path, rec(uuid.uuid4().hex, "1", "NORMAL", "NORMAL", None, "adjudication"), classes=XRAY)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ingest_waits_for_a_second_clinician(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings("data.version_with_dvc=false")
+    rid, old = uuid.uuid4().hex, uuid.uuid4().hex
+    record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA"),
+                    image=decode_bytes(png(1), max_pixels=10**6), classes=XRAY)
+    legacy = {k: v for k, v in asdict(rec(old, "1", "NORMAL", "NORMAL")).items() if k not in ("user_id", "kind")}
+    append(settings.feedback_log / RECORDS_DIR, pd.DataFrame([legacy, legacy]), time_column="submitted_at")
+    summary = ingest_feedback(settings)
+    assert summary["images_by_label"] == {} and sorted(summary["pending"]) == sorted([rid, old])
+    assert summary["consensus_rule"] == {"min_clinicians": 2, "adjudicator_decides": True}
+    assert "waiting for more readers (fewer than 2 clinicians agree): 2" in summary_markdown(summary)
+    record_feedback(settings.feedback_log, rec(rid, "1", "NORMAL", "PNEUMONIA", CLINICIANS[1]), classes=XRAY)
+    summary = ingest_feedback(settings)
+    assert summary["images_by_label"] == {"PNEUMONIA": 1} and summary["pending"] == [old]
+    assert (feedback_dataset_dir(settings) / "PNEUMONIA" / f"{rid}.png").is_file()

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -54,6 +54,7 @@ class PredictionResult:
     image: DecodedImage
     classes: list[str]
     explanation: Explanation | None = None
+    predictor: Any = field(default=None, repr=False, compare=False)  # the loaded model that scored (explain with it)
 
 
 def explain_method(value: str | bool | None) -> str | None:
@@ -131,7 +132,7 @@ class InferenceService:
             label=scored.label, threshold=predictor.threshold, positive_class=predictor.positive_class,
             model_name=predictor.model_name, model_version=predictor.version, alias=predictor.alias,
             engine=getattr(predictor.engine, "name", "?"), latency_ms=(time.perf_counter() - started) * 1000,
-            image=image, classes=list(predictor.classes), explanation=explanation)
+            image=image, classes=list(predictor.classes), explanation=explanation, predictor=predictor)
 
     def log_rejection(self, request_id: str, exc: Rejected, model_version: str | None, source: str) -> None:
         self.writer.add_rejection({"request_id": request_id, "request_time": datetime.now(UTC), "source": source,

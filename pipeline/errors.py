@@ -38,6 +38,8 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     │   └── PromotionError                   an alias move that would break the registry's rules
     │       └── StaleGateDecision            the champion changed since the version was gated
     ├── DeployError                          Prefect deployments could not be applied
+    ├── PacsError                            a PACS (DICOMweb) refused or failed a request (URL masked)
+    │   └── PacsUnavailable (+ServiceUnavailable)  the PACS cannot be reached, timed out or answered 5xx
     └── ServingError                         the API and the clinician UI
         ├── NotReady                         no model loaded (yet)
         ├── ExplainUnavailable               Grad-CAM not available for this model/deployment
@@ -203,6 +205,24 @@ class AuditError(RegistryError):
 
 class DeployError(XrayopsError, RuntimeError):
     """The deployments could not be applied; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- PACS (hospital integration)
+
+
+class PacsError(XrayopsError):
+    """A PACS request over DICOMweb failed: a refusal (401/403), a missing object (404), a malformed URL
+    or answer. The message names the PACS by its masked URL, never a credential; ``status`` is the HTTP
+    status when there was one."""
+
+    def __init__(self, *args: object, hint: str | None = None, status: int | None = None) -> None:
+        super().__init__(*args, hint=hint)
+        self.status = status
+
+
+class PacsUnavailable(PacsError, ServiceUnavailable):
+    """The PACS cannot be reached (refused, unresolvable), did not answer in time, or answered with a
+    server error (5xx): nothing was fetched or stored by that request."""
 
 
 # --------------------------------------------------------------------------- serving

@@ -51,7 +51,8 @@ def check_xrayops_command(argv: list[str]) -> Any:
         name = args.pop(0)
         assert name in command.commands, f"`xrayops {name}` does not exist (in {argv})"
         command = command.commands[name]
-    assert not hasattr(command, "commands"), f"{argv} names a command group, not a command"
+    assert not hasattr(command, "commands") or command.invoke_without_command, (
+        f"{argv} names a command group, not a command")
     known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
     for arg in args:
         if arg.startswith("--"):
@@ -124,6 +125,17 @@ def test_ports_pools_and_settings_agree_with_params_and_code() -> None:
         assert team.dvc_remote.startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
         bucket = team.dvc_remote.removeprefix("s3://").split("/")[0]
         assert bucket in command_of(SERVICES["minio-init"])[0] or bucket == ENV_EXAMPLE["DVC_BUCKET"]
+
+
+def test_the_clinician_ui_is_published_on_loopback_only_and_signs_people_in() -> None:
+    svc = SERVICES["ui"]
+    published = [interpolate(p) for p in svc["ports"]]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), (
+        f"the clinician UI must not be published on all interfaces: {published}")
+    sets = [s.strip() for s in env_of(svc)["XRAYOPS_SET"].split(";") if s.strip()]
+    team = load_settings(REPO / "params.yaml", sets)
+    assert team.ui.auth != "none", "the container listens on 0.0.0.0: sign-in is required"
+    assert team.ui_users_file.is_relative_to("/state"), "users live on the state volume"
 
 
 def test_monitoring_ui_serves_the_workspace_the_workers_write() -> None:

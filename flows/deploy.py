@@ -170,10 +170,25 @@ def build_deployment(spec: FlowSpec, attr: str, settings: Settings, *, project_d
     cron = spec.cron(settings)
     schedules = [Cron(cron, timezone=settings.orchestrate.timezone)] if cron else []
     remote = Flow.from_source(source=str(project_dir), entrypoint=f"{spec.path}:{attr}")
-    return remote.to_deployment(
+    deployment = remote.to_deployment(
         name=spec.deployment_name, schedules=schedules, paused=paused, job_variables=job_variables, tags=TAGS,
         description=(remote.description or "").strip() or None, concurrency_limit=concurrency_limit(settings),
     )
+    return with_form(deployment, spec, settings)
+
+
+def with_form(deployment: Any, spec: FlowSpec, settings: Settings) -> Any:
+    """Apply the flow module's ``deployment_form(settings, schema)``, when it has one: the parameters every
+    run of the deployment gets (scheduled ones included) and the schema of its UI form (defaults shown)."""
+    from prefect.utilities.callables import ParameterSchema
+
+    form = getattr(importlib.import_module(spec.module), "deployment_form", None)
+    if form is None:
+        return deployment
+    parameters, schema = form(settings, deployment._parameter_openapi_schema.model_dump(exclude_unset=True))
+    deployment.parameters = parameters
+    deployment._parameter_openapi_schema = ParameterSchema(**schema)
+    return deployment
 
 
 def deploy_flow(spec: FlowSpec, attr: str, settings: Settings, *, project_dir: Path, pool: str,

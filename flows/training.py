@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from flows.caching import (
     ingest_cache_key,
@@ -27,35 +28,67 @@ from flows.caching import (
 )
 from flows.options import io_options
 from pipeline.config import Settings, load_settings, with_overrides, with_values
+from pipeline.data.sources import SOURCES
+from pipeline.training.models import list_models
+
+# The form's drop-downs: the valid names, generated from the source registry and the model zoo. Literal
+# types give the JSON schema a plain ``enum`` of strings (values stay str: nothing to import or unpickle).
+SOURCE_NAMES: tuple[str, ...] = tuple(SOURCES)
+MODEL_NAMES: tuple[str, ...] = tuple(sorted(spec.name for spec in list_models()))
+SourceName = Literal[SOURCE_NAMES]  # type: ignore[valid-type]
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+SIMULATED_DRIFT_ARTIFACT = "simulated-drift-report"
+Unset = SkipJsonSchema[None]  # accepted from code and the CLI (= params.yaml), left out of the form's schema
+
+# Form fields whose default, in a deployment's form, is the value of this setting at `xrayops deploy`.
+FORM_SETTINGS: dict[str, str] = {"source": "data.source", "input": "data.input", "rev": "data.rev",
+                                 "model": "train.model", "epochs": "train.epochs",
+                                 "require_approval": "promote.require_approval"}
 
 
 class TrainingParameters(BaseModel):
-    """What a person can change when starting a training run from the UI or CLI."""
+    """What a person can change when starting a training run. Blank fields take their value from params.yaml."""
 
-    source: str | None = Field(None, title="Dataset source",
-                               description="synthetic, folder, kaggle-pneumonia, nih-cxr14, rsna-pneumonia, dicom, "
-                                           "sklearn:digits, keras:mnist, keras:cifar10. Empty = params.yaml.")
-    input: str | None = Field(None, title="Dataset folder", description="Raw dataset folder. Empty = params.yaml.")
-    rev: str | None = Field(None, title="Dataset version (git rev/tag)",
-                            description="Read the dataset at this DVC/git revision. Empty = the workspace.")
-    model: str | None = Field(None, title="Model", description="Zoo model name (`xrayops model list`).")
-    epochs: int | None = Field(None, ge=1, title="Epochs", description="Training epochs. Empty = params.yaml.")
-    require_approval: bool | None = Field(None, title="Require human approval",
-                                          description="Pause for a reviewer before moving the champion alias.")
-    simulate_production: bool = Field(True, title="Simulate production traffic and drift report",
-                                      description="Score a shifted batch and write an Evidently drift report.")
+    # A field left unset (None) is read from params.yaml when the run starts. The JSON schema shows each field
+    # with its own type only (no "or null" switch in the UI); a deployment's form shows the params.yaml values
+    # as defaults (deployment_form).
+
+    source: SourceName | Unset = Field(None, title="Dataset source",
+                                       description="Where the images come from (data.source).")
+    input: str | Unset = Field(None, title="Dataset folder",
+                               description="Raw dataset folder (data.input). Empty = params.yaml.")
+    rev: str | Unset = Field(None, title="Dataset version (git rev/tag)",
+                             description="Read the dataset at this DVC/git revision. Empty = the workspace.")
+    model: ModelName | Unset = Field(None, title="Model",
+                                     description="Zoo model to train (train.model; `xrayops model list`).")
+    epochs: Annotated[int, Field(ge=1)] | Unset = Field(None, title="Epochs", description="Training epochs.")
+    require_approval: bool | Unset = Field(None, title="Require human approval",
+                                           description="Pause for a reviewer before moving the champion alias.")
+    simulate_production: bool = Field(False, title="Simulate production traffic and drift report",
+                                      description="Score a shifted batch against the champion and write an "
+                                                  "Evidently drift report (a demo; off for scheduled runs).")
     overrides: list[str] = Field(default_factory=list, title="Other settings",
                                  description="section.field=value strings, e.g. train.batch_size=16.")
-    params_path: str | None = Field(None, title="params.yaml path", description="Empty = the project's params.yaml.")
+    params_path: str | Unset = Field(None, title="params.yaml path",
+                                     description="Empty = the worker's $XRAYOPS_PARAMS or the project's params.yaml.")
 
     def settings(self) -> Settings:
         """params.yaml, then the form fields as the typed values they are (a folder ``/data/cxr #2`` or rev
-        ``1.10`` stays that string), then ``overrides`` (``section.field=value``, read as YAML like ``--set``)."""
-        mapped = {"data.source": self.source, "data.input": self.input, "data.rev": self.rev,
-                  "train.model": self.model, "train.epochs": self.epochs,
-                  "promote.require_approval": self.require_approval}
-        typed = with_values(load_settings(self.params_path), {k: v for k, v in mapped.items() if v is not None})
+        ``1.10`` stays that string), then ``overrides`` (``section.field=value``, read as YAML like ``--set``).
+        An empty text field counts as unset (a form's blank input)."""
+        typed = {setting: getattr(self, name) for name, setting in FORM_SETTINGS.items()}
+        typed = with_values(load_settings(self.params_path or None),
+                            {k: v for k, v in typed.items() if v is not None and v != ""})
         return with_overrides(typed, self.overrides)
+
+
+def form_defaults(settings: Settings) -> dict[str, Any]:
+    """The form fields' values in ``settings`` (None where the setting is unset), for a deployment's form."""
+    values: dict[str, Any] = {}
+    for name, setting in FORM_SETTINGS.items():
+        section, field = setting.split(".")
+        values[name] = getattr(getattr(settings, section), field)
+    return values
 
 
 # --------------------------------------------------------------------------- tasks
@@ -174,9 +207,18 @@ def promote(settings: Settings, version: Any, decision: Any, evaluation: Any = N
 
 @task(name="simulate-and-monitor", cache_policy=NO_CACHE)
 def simulate_and_monitor(settings: Settings) -> dict[str, Any]:
+    """Simulated traffic + drift report, published as the ``simulated-drift-report`` artifact (its own key:
+    the monitoring flow's ``drift-report`` history stays real traffic only)."""
     from pipeline.job import simulate_and_report
+    from pipeline.monitoring.drift import summary_markdown as drift_markdown
 
-    return simulate_and_report(settings)
+    drift = simulate_and_report(settings)
+    if drift.get("status") not in (None, "no_champion", "no_model"):
+        create_markdown_artifact(drift_markdown(drift) + "\n_Simulated traffic (a demo), not production._\n",
+                                 key=SIMULATED_DRIFT_ARTIFACT,
+                                 description=f"Drift on simulated traffic, {drift.get('model_name')} "
+                                             f"v{drift.get('model_version')}")
+    return drift
 
 
 def data_stages(settings: Settings) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -244,3 +286,28 @@ def run(params: TrainingParameters, summary_path: Path | None = None) -> dict[st
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return summary
+
+
+def deployment_form(settings: Settings, schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training deployment's parameters and its form (called by ``xrayops deploy``).
+
+    Scheduled runs get ``simulate_production: false`` and nothing else: the other fields stay unset, so each
+    run reads them from params.yaml when it starts. The form ("Custom run" in the UI) shows the params.yaml
+    values of ``settings`` as its defaults; a person sees what will run and may change it.
+
+    Returns:
+        (deployment parameters, parameter schema with the form defaults)
+    """
+    import copy
+
+    parameters = {"params": {"simulate_production": False}}
+    schema = copy.deepcopy(schema)
+    defaults = {k: v for k, v in form_defaults(settings).items() if v is not None}
+    fields = schema["definitions"]["TrainingParameters"]["properties"]
+    for name in FORM_SETTINGS:
+        fields[name].pop("default", None)
+        if name in defaults:
+            fields[name]["default"] = defaults[name]
+    fields["params_path"].pop("default", None)
+    schema["properties"]["params"]["default"] = {**defaults, "simulate_production": False, "overrides": []}
+    return parameters, schema

@@ -55,7 +55,8 @@ def build_parameters(schema: dict[str, Any], pairs: list[str], sets: list[str]) 
     """Parameters dict for a deployment run from ``key=value`` and ``section.field=value``.
 
     Values are read as YAML (``3``, ``true``, ``[1, 2]``), except for fields of the settings model that
-    only take text, which get the text as typed.
+    only take text, which get the text as typed. An empty value leaves a settings-model field unset (the run
+    reads params.yaml; its schema has no null) and is None for other flows.
     """
     wrapper = _model_parameter(schema)
     text = _text_fields(schema, wrapper)
@@ -65,7 +66,13 @@ def build_parameters(schema: dict[str, Any], pairs: list[str], sets: list[str]) 
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--param {pair!r} is not of the form name=value (e.g. epochs=3)")
-        values[key] = None if not raw.strip() else raw if key in text else yaml.safe_load(raw)
+        if not raw.strip():
+            if wrapper:
+                values.pop(key, None)
+            else:
+                values[key] = None
+            continue
+        values[key] = raw if key in text else yaml.safe_load(raw)
     if wrapper:
         if sets:
             values["overrides"] = [*values.get("overrides", []), *sets]

@@ -64,7 +64,8 @@ def test_no_planted_phi_in_any_output(prefect_harness: None, make_settings: Call
     assert run_split(settings)["patient_overlap"] == 0
 
     # and the whole training flow on the same dataset (MLflow, drift report, registry, ...)
-    result = run(TrainingParameters(params_path=str(settings.root / "params.yaml")), tmp_path / "summary.json")
+    result = run(TrainingParameters(params_path=str(settings.root / "params.yaml"), simulate_production=True),
+                 tmp_path / "summary.json")
     assert result["data"]["ingested"] == 30 and result["train"]["run_id"]
     assert Path(result["reports"]["drift_html"]).is_file()
 

@@ -39,6 +39,17 @@ def test_every_deployment_gets_the_configured_concurrency_limit(make_settings: C
     assert {(d.concurrency_limit, d.concurrency_options) for d in unlimited} == {(None, None)}
 
 
+def test_training_deployment_runs_without_simulation_and_shows_its_defaults(
+        make_settings: Callable[..., Settings]) -> None:
+    from flows import TRAINING_DEPLOYMENT
+
+    deployment = built(make_settings("train.epochs=3"))[TRAINING_DEPLOYMENT]
+    assert deployment.parameters == {"params": {"simulate_production": False}}
+    schema = deployment._parameter_openapi_schema.model_dump()
+    assert schema["properties"]["params"]["default"]["epochs"] == 3
+    assert schema["definitions"]["TrainingParameters"]["properties"]["model"]["default"] == "xray_cnn"
+
+
 def test_a_limit_below_one_is_a_config_error(make_settings: Callable[..., Settings]) -> None:
     from pipeline.errors import ConfigError
 

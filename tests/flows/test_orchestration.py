@@ -26,6 +26,65 @@ def test_ui_form_schema_has_titled_described_fields() -> None:
     assert all(f.get("title") and f.get("description") for f in fields.values())
 
 
+def test_form_has_drop_downs_of_valid_names_and_no_null_switches() -> None:
+    """Issue 18 item 4: source and model are enums from the source registry and the zoo; no field is an
+    "X or null" union (the UI renders those as a type switcher); simulation is off unless asked for."""
+    from pipeline.data.sources import SOURCES
+    from pipeline.training.models import list_models
+
+    schema = training_schema()
+    fields = schema["definitions"]["TrainingParameters"]["properties"]
+    assert fields["source"]["enum"] == list(SOURCES) and fields["source"]["type"] == "string"
+    assert fields["model"]["enum"] == sorted(spec.name for spec in list_models())
+    assert "xray_cnn" in fields["model"]["enum"] and "keras:mnist" in fields["source"]["enum"]
+    switchers = [name for name, f in fields.items() if "anyOf" in f or "oneOf" in f or f.get("type") == "null"]
+    assert not switchers, f"fields the UI shows as type switchers: {switchers}"
+    assert all("type" in f for f in fields.values())
+    assert fields["epochs"]["minimum"] == 1 and fields["simulate_production"]["default"] is False
+    assert schema["properties"]["params"]["default"]["simulate_production"] is False
+
+
+def test_form_rejects_names_outside_the_registries() -> None:
+    from pydantic import ValidationError
+
+    from flows.training import TrainingParameters
+
+    TrainingParameters(source="sklearn:digits", model="lenet5")
+    with pytest.raises(ValidationError, match="'synthetic'"):
+        TrainingParameters(source="imagenet")
+    with pytest.raises(ValidationError, match="'xray_cnn'"):
+        TrainingParameters(model="gpt")
+
+
+def test_deployment_form_shows_params_yaml_values_and_schedules_run_without_simulation(
+        make_settings: Callable[..., Settings]) -> None:
+    """The deployment's form defaults are the params.yaml values (what a run would use); scheduled runs get
+    simulate_production=false and nothing else, so they keep reading params.yaml when they start."""
+    from prefect.utilities.schema_tools import validate
+
+    from flows.training import TrainingParameters, deployment_form
+
+    settings = make_settings("train.model=vgg_small", "train.epochs=4", "data.source=sklearn:digits")
+    parameters, form = deployment_form(settings, training_schema())
+    assert parameters == {"params": {"simulate_production": False}}
+    fields = form["definitions"]["TrainingParameters"]["properties"]
+    assert (fields["source"]["default"], fields["model"]["default"], fields["epochs"]["default"]) == (
+        "sklearn:digits", "vgg_small", 4)
+    assert "default" not in fields["rev"] and "default" not in fields["params_path"]  # unset: a blank input
+    shown = form["properties"]["params"]["default"]
+    assert shown["model"] == "vgg_small" and shown["simulate_production"] is False
+    assert None not in shown.values()
+    # what the UI submits unchanged, and what a schedule sends, pass the server's validation of the schema
+    assert not validate({"params": shown}, form) and not validate(parameters, form)
+    assert validate({"params": {**shown, "model": "gpt"}}, form), "a name outside the zoo must not validate"
+    # blank text inputs (the form may send "") count as unset
+    run_settings = TrainingParameters(**{**shown, "rev": "", "input": "", "params_path": str(settings.root /
+                                                                                           "params.yaml")}).settings()
+    assert run_settings.data.rev is None and run_settings.train.model == "vgg_small"
+    assert training_schema()["definitions"]["TrainingParameters"]["properties"]["model"]["default"] is None, \
+        "the flow's own schema is not changed by building a deployment form"
+
+
 def test_trigger_parameters_go_into_the_settings_model() -> None:
     from flows.trigger import build_parameters, deployment_name
 
@@ -37,8 +96,10 @@ def test_trigger_parameters_go_into_the_settings_model() -> None:
 
     TrainingParameters.model_validate(params["params"])  # what the server validates against the schema
     # text fields get the text as typed (YAML would cut at '#' and read 1.10 as the float 1.1)
-    params = build_parameters(training_schema(), ["input=/data/cxr #2", "rev=1.10", "model=yes", "epochs=3"], [])
-    assert params == {"params": {"input": "/data/cxr #2", "rev": "1.10", "model": "yes", "epochs": 3}}
+    params = build_parameters(training_schema(), ["input=/data/cxr #2", "rev=1.10", "model=vgg_small", "epochs=3",
+                                                  "source=keras:mnist", "require_approval="], [])
+    assert params == {"params": {"input": "/data/cxr #2", "rev": "1.10", "model": "vgg_small", "epochs": 3,
+                                 "source": "keras:mnist"}}  # empty = unset (params.yaml), never null
     TrainingParameters.model_validate(params["params"])
     assert build_parameters(training_schema(), [], []) == {}
     assert build_parameters({"properties": {"a": {"type": "integer"}, "b": {}}}, ["a=1"], []) == {"a": 1}
@@ -54,10 +115,10 @@ def test_form_values_reach_the_settings_typed(make_settings: Callable[..., Setti
     from flows.training import TrainingParameters
 
     path = str(make_settings().root / "params.yaml")
-    settings = TrainingParameters(input="/data/cxr #2", rev="1.10", model="yes", epochs=3,
+    settings = TrainingParameters(input="/data/cxr #2", rev="1.10", model="vgg_small", epochs=3,
                                   require_approval=True, params_path=path).settings()
     assert settings.data.input == "/data/cxr #2" and settings.data.rev == "1.10"
-    assert settings.train.model == "yes" and settings.train.epochs == 3 and settings.promote.require_approval
+    assert settings.train.model == "vgg_small" and settings.train.epochs == 3 and settings.promote.require_approval
     # free-form overrides keep the --set meaning (YAML) and still win over the form fields
     settings = TrainingParameters(epochs=3, overrides=["train.epochs=5", "train.batch_size=16"],
                                   params_path=path).settings()

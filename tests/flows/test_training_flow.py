@@ -23,7 +23,7 @@ def test_training_flow_end_to_end_and_rerun(prefect_harness: None, dvc_project: 
 
     settings = dvc_project(*LENIENT_GATE)
     params_path = str(settings.root / "params.yaml")
-    summary = run(TrainingParameters(params_path=params_path), tmp_path / "summary.json")
+    summary = run(TrainingParameters(params_path=params_path, simulate_production=True), tmp_path / "summary.json")
 
     # data: versioned with DVC, validated, split by patient
     assert summary["data"]["dvc_md5"].endswith(".dir")
@@ -49,6 +49,16 @@ def test_training_flow_end_to_end_and_rerun(prefect_harness: None, dvc_project: 
     html = Path(summary["reports"]["drift_html"])
     assert html.is_file() and (html.parent / "summary.json").is_file()
     assert summary["drift"]["current_rows"] == 40
+    # ... and published as the run's artifact under its own key (the monitoring flow's drift-report is real traffic)
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.training import SIMULATED_DRIFT_ARTIFACT
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[SIMULATED_DRIFT_ARTIFACT])))
+    assert arts and "Simulated traffic" in str(arts[-1].data) and "drift share" in str(arts[-1].data)
 
     # the summary file has the documented keys
     on_disk = json.loads((tmp_path / "summary.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Settings
@@ -59,8 +60,9 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
     """
     from pipeline.data.manifest import read_manifest
     from pipeline.data.split import read_split
-    from pipeline.monitoring.drift import monitor_champion
+    from pipeline.monitoring.drift import monitor_champion, write_summary
     from pipeline.monitoring.simulate import simulate_requests, simulation_log_dir
+    from pipeline.monitoring.workspace import record_monitoring_run
     from pipeline.registry.contract import CHAMPION
     from pipeline.registry.read import get_alias
     from pipeline.serving import production_log
@@ -79,7 +81,12 @@ def simulate_and_report(settings: Settings) -> dict[str, Any]:
                              shift=settings.monitor.simulate_shift, seed=settings.base.seed + 1,
                              shifted_fraction=settings.monitor.simulate_shifted_fraction)
     production_log.append(log_dir, rows)
-    return monitor_champion(settings, last_k=settings.monitor.simulate_rows, alias=CHAMPION, traffic="simulation")
+    summary = monitor_champion(settings, last_k=settings.monitor.simulate_rows, alias=CHAMPION, traffic="simulation")
+    if summary.get("status") != "no_model":  # the demo's point on the timeline, in its own "simulated" project
+        recorded = record_monitoring_run(settings, summary)
+        summary["workspace"] = {k: recorded[k] for k in ("path", "project_id", "snapshot_id")}
+        write_summary(Path(summary["report_dir"]), summary)
+    return summary
 
 
 def run_summary(settings: Settings, *, started: datetime, ingest: dict[str, Any], validation: dict[str, Any],

@@ -134,6 +134,9 @@ def open_workspace(path: Path) -> Any:
     return Workspace(str(path))
 
 
+SIMULATED_SUFFIX = " (simulated traffic)"
+
+
 def model_project(workspace: Any, model_name: str) -> Any:
     """The project named after the registered model; created with its dashboard the first time."""
     found = workspace.search_project(model_name)
@@ -187,7 +190,10 @@ def add_run_snapshot(path: Path, summary: dict[str, Any], cfg: MonitorSection) -
         ``{"path", "project_id", "snapshot_id", "values"}`` (values: the plotted scalars).
     """
     workspace = open_workspace(path)
-    project = model_project(workspace, str(summary.get("model_name")))
+    name = str(summary.get("model_name"))
+    if summary.get("traffic") == "simulation":  # the main job's demo never lands on production's timeline
+        name += SIMULATED_SUFFIX
+    project = model_project(workspace, name)
     ref = workspace.add_run(project.id, run_snapshot(summary, cfg), include_data=False)
     logger.info("monitoring snapshot %s added to the Evidently workspace %s (project %s)", ref.id, path, project.name)
     return {"path": str(path), "project_id": str(project.id), "snapshot_id": str(ref.id),

@@ -22,6 +22,7 @@ from pipeline.config import Settings
 from pipeline.monitoring.drift import current_window, drift_report
 from pipeline.monitoring.workspace import (
     PANEL_TITLES,
+    SIMULATED_SUFFIX,
     add_run_snapshot,
     timeline_values,
     ui_env,
@@ -124,6 +125,17 @@ def test_two_runs_give_one_project_with_two_snapshots_and_the_dashboard(
     stored = "".join(f.read_text() for f in path.rglob("*.json"))
     assert "request_id" not in stored and "patient" not in stored.lower()
     assert not list(path.rglob("*.parquet")), "no datasets uploaded"
+
+    # the main job's simulated-traffic demo gets its own project: production's timeline never shows it
+    assert first["traffic"] == "production"
+    demo = add_run_snapshot(path, {**first, "traffic": "simulation"}, settings.monitor)
+    workspace = Workspace(str(path))
+    by_name = {p.name: p for p in workspace.list_projects()}
+    assert set(by_name) == {settings.registered_model, settings.registered_model + SIMULATED_SUFFIX}
+    assert {str(s) for s in workspace.list_runs(by_name[settings.registered_model].id)} == {
+        r["snapshot_id"] for r in recorded}
+    assert [str(s) for s in workspace.list_runs(by_name[settings.registered_model + SIMULATED_SUFFIX].id)] == [
+        demo["snapshot_id"]]
 
 
 def test_timeline_values_come_from_the_summary_and_skip_what_is_missing(

@@ -75,14 +75,14 @@ def model_banner(service: Any) -> None:
 
 def show_result(result: Any) -> None:
     positive = result.positive_class or result.label
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3 = st.columns(3)
     c1.metric(f"Probability of {positive}", f"{result.probability:.1%}")
     c2.metric("Decision", result.label)
     c3.metric("Locked threshold", f"{result.threshold:.3f}" if result.threshold is not None else "argmax",
               help="the version's operating threshold, fixed when it was registered")
-    c4.metric("Model", f"{result.model_name} v{result.model_version}")
-    st.caption(f"Request id `{result.request_id}` · alias {result.alias} · {result.engine} engine · "
-               f"{result.latency_ms:.0f} ms. Score, explanation and version come from the same loaded model. "
+    st.markdown(f"Model **{result.model_name} v{result.model_version}** (alias {result.alias}) · request "
+                f"`{result.request_id}` · {result.engine} engine · {result.latency_ms:.0f} ms")
+    st.caption("Score, explanation and version come from the same loaded model. "
                "Decision support only: the radiologist decides.")
 
 
@@ -93,7 +93,7 @@ def show_images(result: Any) -> None:
 
     gray = display_gray(result.image)
     left, right = st.columns(2)
-    left.image(gray, caption="Uploaded image", clamp=True)
+    left.image(gray, caption="Uploaded image", clamp=True, width="stretch", alt="the uploaded radiograph")
     method = right.selectbox("Explanation", list(METHOD_TITLES), format_func=METHOD_TITLES.get, key="explain_method")
     explained = st.session_state.get("explanation") or {}  # method → Explanation or the reason it is unavailable
     if method not in explained:
@@ -109,7 +109,7 @@ def show_images(result: Any) -> None:
         right.info(f"{label} unavailable: {explanation}")
         return
     opacity = right.slider(f"{label} opacity", 0.0, 1.0, 0.45, 0.05, key="opacity")
-    right.image(blend(gray, explanation.heatmap, opacity),
+    right.image(blend(gray, explanation.heatmap, opacity), width="stretch", alt=f"{label} overlay",
                 caption=f"{label} of {result.model_name} v{result.model_version}: regions that drove the score")
 
 

@@ -60,7 +60,7 @@ def test_sign_in_upload_prediction_gradcam_and_feedback(champion_project: Settin
     at.file_uploader[0].upload("chest.png", png(3, side=96), "image/png").run()
     assert not at.exception, at.exception
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Model"] == f"{settings.registered_model} v1"
+    assert any(m.value.startswith(f"Model **{settings.registered_model} v1**") for m in at.markdown)
     assert metrics["Decision"] in ("NORMAL", "PNEUMONIA") and metrics["Probability of PNEUMONIA"].endswith("%")
     assert metrics["Locked threshold"].replace(".", "").isdigit() or metrics["Locked threshold"] == "argmax"
     logged = production_log.read(settings.production_log)

@@ -783,6 +783,109 @@ def audit_show(
                        f"{json.dumps(rest, sort_keys=True) if rest else r.get('unreadable', '')}")
 
 
+# --------------------------------------------------------------------------- PACS (hospital integration)
+
+pacs_app = typer.Typer(help="Results back to the hospital's PACS: process a study, or listen for new ones.",
+                       no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
+PacsUrlOpt = Annotated[str | None, typer.Option("--url", help="DICOMweb root of the PACS (default: "
+                                                "data.dicomweb.url), e.g. http://pacs:8042/dicom-web.")]
+
+
+@pacs_app.command("process")
+def pacs_process(
+    study: Annotated[str, typer.Option("--study", help="StudyInstanceUID of the study to process.")],
+    url: PacsUrlOpt = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Score one study with the served champion and store the SR in it: exit 0 with an SR, 1 with the reason."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.pacs.process import PacsContext, pacs_client, process_study
+
+        with pacs_client(settings, url) as client:
+            client.ping()  # an unreachable PACS fails here, before the model is loaded
+            ctx = PacsContext(settings, client)
+            ctx.refresh()
+            outcome = process_study(ctx, study)
+        typer.echo(outcome.line(), err=not outcome.ok)
+        if not outcome.ok:
+            raise typer.Exit(1)
+
+
+@pacs_app.command("listen")
+def pacs_listen(
+    url: PacsUrlOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Process the pending stable studies, then exit.")] = False,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", min=0,
+                                                      help="Stop after this many seconds.")] = None,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Poll Orthanc's change feed and process each stable study (pacs.dispatch: flow | direct | deployment)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.pacs.listen import OrthancChanges, listen, orthanc_rest_url
+        from pipeline.pacs.process import pacs_url
+
+        target = pacs_url(settings, url)
+        changes = OrthancChanges(settings.pacs.orthanc_url or orthanc_rest_url(target),
+                                 auth=_pacs_auth(settings), timeout_s=_pacs_timeout(settings))
+        changes.last_seq()  # an unreachable Orthanc fails here, before the model is loaded
+        handle, close = _pacs_handler(settings, target, params, list(sets or []))
+        try:
+            summary = listen(settings, changes, handle, once=once, max_seconds=max_seconds)
+        finally:
+            close()
+            changes.close()
+        for line in summary.outcomes:
+            typer.echo(line)
+        typer.echo(f"{summary.studies} stable studies processed ({summary.statuses or 'none'}); cursor at change "
+                   f"{summary.last_seq if summary.last_seq is not None else 'unchanged'}"
+                   f"{'; a transient failure will be retried' if summary.pending_retry else ''}")
+
+
+def _pacs_timeout(settings: Any) -> float:
+    cfg = getattr(settings.data, "dicomweb", None)
+    return float(cfg.timeout_s) if cfg is not None else 30.0
+
+
+def _pacs_auth(settings: Any) -> Any:
+    from pipeline.pacs.dicomweb import PacsAuth
+
+    cfg = getattr(settings.data, "dicomweb", None)
+    return PacsAuth.from_env(cfg.username_env, cfg.password_env, cfg.token_env) if cfg is not None else PacsAuth()
+
+
+def _pacs_handler(settings: Any, url: str, params: Path | None, sets: list[str]) -> tuple[Any, Any]:
+    """(study UID → outcome, close) for ``pacs.dispatch``: the flow in this process, a deployment run, or the
+    library directly."""
+    dispatch = settings.pacs.dispatch
+    if dispatch == "direct":
+        from pipeline.pacs.process import PacsContext, pacs_client, process_study
+
+        client = pacs_client(settings, url)
+        ctx = PacsContext(settings, client)
+
+        def direct(study_uid: str) -> Any:
+            ctx.refresh()
+            return process_study(ctx, study_uid)
+
+        return direct, client.close
+    from flows.environment import configure_prefect
+
+    configure_prefect(settings)
+    if dispatch == "deployment":
+        from flows.pacs import submit_deployment_run
+
+        return (lambda study_uid: submit_deployment_run(settings, study_uid, url,
+                                                        str(params) if params else None, sets)), lambda: None
+    from flows.pacs import run_flow
+
+    return (lambda study_uid: run_flow(study_uid, url, str(params) if params else None, sets)), lambda: None
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -359,6 +359,33 @@ class ServeSection(_Section):
         description="When no version holds serve.model_alias any more: 'stop' answers 503 (alias_missing) "
                     "until a verified version holds it again; 'keep_serving' keeps answering with the last "
                     "verified version (/readyz still reports 503 alias_missing).")
+    fhir_url: str | None = Field(description="FHIR R4 base URL the PACS results' DiagnosticReport bundles are "
+                                 "POSTed to (transaction bundle); null = written to pacs.fhir_dir only.")
+
+
+class PacsSection(_Section):
+    """Results back to the hospital's PACS (`xrayops pacs process|listen`; the connection is data.dicomweb)."""
+
+    state_dir: str | None = Field(description="Records, links and the listener cursor; null = "
+                                  "<paths.home>/pacs.")
+    fhir_dir: str | None = Field(description="Outbox of FHIR bundles (hospital-bound, files 0600); null = "
+                                 "<pacs.state_dir>/fhir-outbox.")
+    fhir_timeout_s: float = Field(gt=0, description="Seconds to wait for the FHIR server (serve.fhir_url).")
+    secondary_capture: bool = Field(description="Also store the Grad-CAM overlay as a Secondary Capture "
+                                    "image in the study (labelled not for diagnosis).")
+    institution_name: str | None = Field(description="InstitutionName written into the reports.")
+    organisation: str = Field(min_length=1, description="VerifyingOrganization of signed-off reports.")
+    orthanc_url: str | None = Field(description="Orthanc REST root for the listener's change feed; null = "
+                                    "the DICOMweb URL without its last path segment (…/dicom-web → …).")
+    poll_s: float = Field(gt=0, description="Seconds between polls of the change feed.")
+    changes_limit: int = Field(ge=1, le=10000, description="Changes read per request of the change feed.")
+    start_at: Literal["latest", "beginning"] = Field(description="Where a listener without a cursor "
+                                                     "starts: the feed's end (new studies only) or its beginning.")
+    dispatch: Literal["flow", "direct", "deployment"] = Field(description="How the listener processes a "
+                                                              "stable study: run the Prefect flow in its process, "
+                                                              "call the library directly, or start a deployment run.")
+    deployment: str | None = Field(description="FLOW/DEPLOYMENT of pacs_inference_flow, for "
+                                   "pacs.dispatch=deployment.")
 
 
 class UiSection(_Section):
@@ -405,6 +432,7 @@ class Settings(_Section):
     serve: ServeSection
     ui: UiSection
     orchestrate: OrchestrateSection
+    pacs: PacsSection
     root: Path = Field(default=Path("."), exclude=True, description="Folder of params.yaml.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -71,6 +71,10 @@ CASES: list[tuple[str, list[str], dict[str, str | None], int, list[str], str | N
      "prefect server start"),
     ("worker-unset-prefect", ["worker"], {"PREFECT_API_URL": None}, 2, ["PREFECT_API_URL is not set"],
      "export PREFECT_API_URL="),
+    ("pacs-process-no-pacs", ["pacs", "process", "--url", f"{NO_SERVER}/dicom-web", "--study", "1.2.3"], {}, 2,
+     [f"PACS (DICOMweb) at {NO_SERVER}/dicom-web is not reachable (connection refused)"], None),
+    ("pacs-listen-no-orthanc", ["pacs", "listen", "--url", f"{NO_SERVER}/dicom-web", "--once"], {}, 2,
+     [f"Orthanc at {NO_SERVER} is not reachable (connection refused)"], "pacs.orthanc_url"),
     *[(f"audit-{cmd}-missing-log", ["audit", cmd, "--path", "{root}/missing.jsonl"], {}, 2,
        ["no audit log at {root}/missing.jsonl"], None) for cmd in ("verify", "show")],
 ]

@@ -26,6 +26,7 @@ probability", so the probability, the threshold and the review verdict use the p
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
+
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines name the source dataset's UIDs
 
 SCHEME = "99XRAYOPS"
 MANUFACTURER = "xrayops"

@@ -1,0 +1,119 @@
+"""What the PACS integration keeps under its state folder (``pacs.state_dir``, default ``<home>/pacs``).
+
+- ``records/date=…/part-*.parquet``: one row per outcome (``event`` ``processed``) and per sign-off (``event``
+  ``signed_off``), de-identified: request id, the salted study reference (``S`` + 16 hex digits), model
+  name/version, probability, label, status and reason. This is what the review page lists and what may be logged.
+- ``links/<request_id>.json`` (mode 0600): the PACS coordinates of one result (Study/Series/SOP Instance UIDs of
+  the source image and of our SR). Writing the VERIFIED SR back needs them; they are the PACS's identifiers, not
+  patient data, but they do identify a study, so they live only here, are never logged, never go to MLflow or
+  the production log, and the link is deleted once the result is signed off.
+- ``cursor.json``: the listener's last processed Orthanc change sequence number, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.durable import fsync_path
+from pipeline.serving.production_log import append, read_part, warn_skipped
+
+RECORDS_DIR = "records"
+LINKS_DIR = "links"
+CURSOR_FILE = "cursor.json"
+
+
+def state_dir(settings: Settings) -> Path:
+    """``pacs.state_dir`` or ``<home>/pacs``."""
+    return settings.resolve(settings.pacs.state_dir or settings.home / "pacs")
+
+
+def fhir_dir(settings: Settings) -> Path:
+    """``pacs.fhir_dir`` or ``<state>/fhir-outbox``."""
+    return settings.resolve(settings.pacs.fhir_dir or state_dir(settings) / "fhir-outbox")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any], mode: int = 0o600) -> Path:
+    """Write ``payload`` whole or not at all (temporary file, fsync, rename, folder fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+    return path
+
+
+def append_record(settings: Settings, row: dict[str, Any]) -> None:
+    """Append one de-identified record (``processed_at`` is its UTC time)."""
+    append(state_dir(settings) / RECORDS_DIR, pd.DataFrame([row]), time_column="processed_at")
+
+
+def read_records(settings: Settings) -> pd.DataFrame:
+    """Every record, oldest first (empty frame when none); unreadable parts skipped with one warning."""
+    folder = state_dir(settings) / RECORDS_DIR
+    frames, bad = [], []
+    for part in sorted(folder.glob("date=*/part-*.parquet")):
+        frame = read_part(part, time_column="processed_at")
+        (bad.append(str(part)) if frame is None else frames.append(frame))
+    warn_skipped(folder, bad)
+    if not frames:
+        return pd.DataFrame(columns=["processed_at", "event", "request_id", "study_ref", "status"])
+    df = pd.concat(frames, ignore_index=True)
+    df["processed_at"] = pd.to_datetime(df["processed_at"], utc=True)
+    return df.sort_values("processed_at", kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    """PACS coordinates of one result (see the module docstring for where they may go: nowhere else)."""
+
+    study_uid: str
+    source_series_uid: str
+    source_sop_uid: str
+    sr_series_uid: str
+    sr_sop_uid: str
+
+
+def _link_path(settings: Settings, request_id: str) -> Path:
+    if len(request_id) != 32 or any(c not in "0123456789abcdef" for c in request_id):
+        raise ValueError("a request id is 32 hex digits")
+    return state_dir(settings) / LINKS_DIR / f"{request_id}.json"
+
+
+def save_link(settings: Settings, request_id: str, link: Link) -> Path:
+    return write_json_atomic(_link_path(settings, request_id), link.__dict__)
+
+
+def load_link(settings: Settings, request_id: str) -> Link | None:
+    path = _link_path(settings, request_id)
+    return Link(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def drop_link(settings: Settings, request_id: str) -> None:
+    _link_path(settings, request_id).unlink(missing_ok=True)
+
+
+def read_cursor(settings: Settings) -> int | None:
+    """The listener's last processed change sequence number (None: never ran)."""
+    path = state_dir(settings) / CURSOR_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["last_seq"])
+
+
+def write_cursor(settings: Settings, seq: int) -> None:
+    write_json_atomic(state_dir(settings) / CURSOR_FILE, {"last_seq": int(seq)}, mode=0o644)

@@ -166,6 +166,7 @@ def review_page(service: Any, user: UiUser) -> None:
 
 
 def pacs_page(settings: Any, user: UiUser) -> None:
+    """PACS results awaiting the clinician's sign-off (pipeline/ui/pacs_review.py, imported only when present)."""
     from pipeline.ui.pacs_review import render_pacs_review  # type: ignore[import-not-found, unused-ignore]
 
     render_pacs_review(settings, user.user_id)
@@ -190,7 +191,7 @@ def main() -> None:
         service = get_service(*keys)
         st.session_state["service"] = service
         pages.append(("Review an X-ray", lambda: review_page(service, user)))
-        if importlib.util.find_spec(PACS_PAGE) is not None:
+        if user.user_id is not None and importlib.util.find_spec(PACS_PAGE) is not None:  # sign-off needs an id
             pages.append(("PACS results", lambda: pacs_page(settings, user)))
     if user.can("adjudicate"):
         pages.append(("Resolve disagreements", lambda: adjudication_page(settings, user)))

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,21 @@ PASSWORD = "correct horse battery"
 FIRST_MODEL_S = 180  # Streamlit loads the model on the first signed-in run (≈ 20-30 s, more on a busy machine)
 
 
-@pytest.fixture
-def clinician_app(champion_project: Settings, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
-    """`xrayops ui` on a free loopback port with its own logs and a user file holding alice (clinician)."""
-    sets = [f"paths.production_log={tmp_path / 'log'}", f"paths.feedback_log={tmp_path / 'feedback'}",
-            f"ui.users_file={tmp_path / 'users.json'}"]
-    settings = with_overrides(champion_project, sets)
-    UserStore(settings.ui_users_file).add("alice", "clinician", PASSWORD)
-    port = free_port()
+@contextmanager
+def running_ui(champion: Settings, tmp_path: Path, sets: list[str]) -> Iterator[str]:
+    """`xrayops ui` as people start it, on a free loopback port, in its own process group; yields its URL."""
+    with running_ui_on(champion, tmp_path, sets, free_port()) as url:
+        yield url
+
+
+@contextmanager
+def running_ui_on(champion: Settings, tmp_path: Path, sets: list[str], port: int) -> Iterator[str]:
+    """The same on ``port`` (an OIDC redirect_uri names the port before the app starts)."""
     argv = [sys.executable, "-m", "pipeline.cli", "ui", "--host", "127.0.0.1", "--port", str(port),
-            "--params", str(champion_project.root / "params.yaml")]
+            "--params", str(champion.root / "params.yaml")]
     for item in sets:
         argv += ["--set", item]
-    log = (tmp_path / "ui.log").open("w")
+    log = (tmp_path / f"ui-{port}.log").open("w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "XRAYOPS_SET": ""})
     url = f"http://127.0.0.1:{port}"
@@ -58,9 +61,9 @@ def clinician_app(champion_project: Settings, tmp_path: Path) -> Iterator[tuple[
             except OSError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"xrayops ui did not come up: {(tmp_path / 'ui.log').read_text()[-2000:]}")
+                raise AssertionError(f"xrayops ui did not come up: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url, settings
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -69,6 +72,22 @@ def clinician_app(champion_project: Settings, tmp_path: Path) -> Iterator[tuple[
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def own_logs(tmp_path: Path) -> list[str]:
+    """Logs and the user file of this test only."""
+    return [f"paths.production_log={tmp_path / 'log'}", f"paths.feedback_log={tmp_path / 'feedback'}",
+            f"ui.users_file={tmp_path / 'users.json'}"]
+
+
+@pytest.fixture
+def clinician_app(champion_project: Settings, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
+    """The app with local sign-in, its own logs and a user file holding alice (clinician)."""
+    sets = own_logs(tmp_path)
+    settings = with_overrides(champion_project, sets)
+    UserStore(settings.ui_users_file).add("alice", "clinician", PASSWORD)
+    with running_ui(champion_project, tmp_path, sets) as url:
+        yield url, settings
 
 
 def wait_until_idle(page: Any) -> None:
@@ -152,3 +171,46 @@ def test_sign_in_upload_see_the_answer_and_give_feedback(clinician_app: tuple[st
         assert visitor.locator('[data-testid="stFileUploader"]').count() == 0
     finally:
         other.close()
+
+
+def test_oidc_sign_in_through_an_identity_provider(champion_project: Settings, chromium: Any, page: Any,
+                                                   tmp_path: Path, screenshot: Callable[[Any, str], Path]) -> None:
+    """st.login against a local OpenID provider (tests/browser/fake_idp.py): the real redirect, code exchange,
+    ID-token check and cookie; the role comes from the user file, an unknown account gets no page."""
+    from tests.browser.fake_idp import FakeIdP
+
+    with FakeIdP("xrayops", "client-secret-for-tests") as idp:
+        secrets_file = tmp_path / "secrets.toml"
+        secrets_file.write_text(
+            '[auth]\nredirect_uri = "http://127.0.0.1:{port}/oauth2callback"\n'
+            f'cookie_secret = "{"c" * 40}"\nclient_id = "xrayops"\nclient_secret = "client-secret-for-tests"\n'
+            f'server_metadata_url = "{idp.metadata_url}"\n')
+        sets = [*own_logs(tmp_path), f"ui.secrets_file={secrets_file}"]
+        settings = with_overrides(champion_project, sets)
+        UserStore(settings.ui_users_file).add("dr.who@example.org", "adjudicator", None)
+        port = free_port()
+        secrets_file.write_text(secrets_file.read_text().replace("{port}", str(port)))
+        with running_ui_on(champion_project, tmp_path, sets, port) as url:
+            page.goto(url)
+            button = page.get_by_role("button", name="Sign in with your organisation's account")
+            button.wait_for(timeout=60_000)
+            assert page.locator('[data-testid="stFileUploader"]').count() == 0
+            button.click()
+            page.locator('[data-testid="stFileUploader"]').wait_for(state="visible", timeout=FIRST_MODEL_S * 1000)
+            assert idp.tokens_issued == 1
+            page.get_by_text("Signed in as").wait_for()
+            assert "dr.who@example.org (adjudicator)" in page.locator('[data-testid="stSidebar"]').inner_text()
+            page.get_by_role("tab", name="Resolve disagreements").wait_for()
+            wait_until_idle(page)
+            screenshot(page, "clinician-ui-oidc-signed-in")
+
+            idp.email = "mallory@example.org"  # signs in at the provider, but has no role here
+            other = chromium.new_context(viewport={"width": 1280, "height": 900})
+            try:
+                visitor = other.new_page()
+                visitor.goto(url)
+                visitor.get_by_role("button", name="Sign in with your organisation's account").click()
+                visitor.get_by_text("not authorised for the clinician app").wait_for(timeout=60_000)
+                assert visitor.locator('[data-testid="stFileUploader"]').count() == 0 and idp.tokens_issued == 2
+            finally:
+                other.close()

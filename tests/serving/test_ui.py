@@ -3,6 +3,7 @@ roles decide the pages; an adjudicator resolves a disagreement."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tests.serving.helpers import colour_png, png
 pytestmark = pytest.mark.slow
 
 PASSWORD = "correct horse battery"
+PACS_TAB = ["PACS results"] if importlib.util.find_spec("pipeline.ui.pacs_review") else []  # optional page
 
 
 def app_for(champion: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> tuple[Any, Settings]:
@@ -54,7 +56,7 @@ def test_sign_in_upload_prediction_gradcam_and_feedback(champion_project: Settin
     assert not at.file_uploader and "wrong password" in at.error[0].value
     sign_in(at, "alice")
     assert not at.exception and at.file_uploader
-    assert [t.label for t in at.tabs] == ["Review an X-ray"], "a clinician reviews; no adjudication page"
+    assert [t.label for t in at.tabs] == ["Review an X-ray", *PACS_TAB], "a clinician reviews; no adjudication"
     assert any("locked operating threshold" in c.value for c in at.caption), "the served model before any upload"
 
     at.file_uploader[0].upload("chest.png", png(3, side=96), "image/png").run()
@@ -112,7 +114,7 @@ def test_roles_pick_the_pages_and_an_adjudicator_decides(champion_project: Setti
 
     at, _ = app_for(champion_project, tmp_path, monkeypatch)
     sign_in(at.run(), "bob")
-    assert not at.exception and [t.label for t in at.tabs] == ["Review an X-ray", "Resolve disagreements"]
+    assert not at.exception and [t.label for t in at.tabs] == ["Review an X-ray", *PACS_TAB, "Resolve disagreements"]
     assert at.selectbox(key="adj_case").value == rid
     at.selectbox(key="adj_label").select("PNEUMONIA")
     next(b for b in at.button if b.label == "Record decision").click().run()

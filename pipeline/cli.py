@@ -169,29 +169,56 @@ def ingest(
     out: Annotated[Path | None, typer.Option(help="Output dataset folder.")] = None,
     version_with_dvc: Annotated[bool | None, typer.Option("--dvc/--no-dvc",
                                                           help="Version the raw folder with DVC first.")] = None,
+    url: Annotated[str | None, typer.Option(help="--source dicomweb: the PACS's DICOMweb root "
+                                                 "(data.dicomweb.url).")] = None,
+    study_filter: Annotated[list[str] | None, typer.Option(
+        "--study-filter", help="--source dicomweb: a QIDO-RS study filter KEY=VALUE (repeatable; replaces "
+                               "data.dicomweb.study_filter), e.g. ModalitiesInStudy=CR.")] = None,
     sets: SetOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Build DIR/manifest.parquet, DIR/quarantine.csv and DIR/ingest_summary.json from a raw dataset."""
+    """Build DIR/manifest.parquet, DIR/quarantine.csv and DIR/ingest_summary.json from a raw dataset.
+
+    With --source dicomweb the raw dataset is first pulled from a PACS (--url, --study-filter) into
+    --input (default <data_dir>/raw/dicomweb); a rerun fetches only what is not pulled yet.
+    """
     local_repo = repo is not None and Path(repo).expanduser().is_dir()
     extra = _opt_sets({"data.source": source, "data.labels": _abs(labels), "data.rev": rev,
                        # with --rev, --input is a path inside the DVC repo, not on this disk
                        "data.input": input.as_posix() if (rev and input is not None) else _abs(input),
                        "data.repo": str(Path(repo).expanduser().resolve()) if local_repo else repo,
-                       "data.dataset_dir": _abs(out), "data.version_with_dvc": version_with_dvc})
+                       "data.dataset_dir": _abs(out), "data.version_with_dvc": version_with_dvc,
+                       "data.dicomweb.url": url})
     if input is not None and version_with_dvc is None and rev is None:
         extra.append("data.version_with_dvc=false")  # an explicit folder may live outside any DVC repo
     with friendly_errors():
+        if study_filter is not None:
+            extra.append(f"data.dicomweb.study_filter={json.dumps(_key_values(study_filter, '--study-filter'))}")
         settings = settings_for(params, sets, extra)
         from pipeline.data.ingest import prepare_raw, run_ingest, version_raw
 
-        if input is None and not settings.data.rev:
+        pulls = settings.data.source == "dicomweb"  # its raw folder is a pull cache: refreshed from the PACS
+        if (input is None or pulls) and not settings.data.rev:
             prepare_raw(settings)
         version = version_raw(settings)
         summary = run_ingest(settings, version)
         _dump({k: summary.get(k) for k in ("files_seen", "ingested", "quarantined", "quarantine_reasons",
                                            "excluded_by_policy", "patients", "excluded_by_label_mapping",
-                                           "labels_csv", "dataset_hash", "dvc_rev")})
+                                           "labels_csv", "dataset_hash", "dvc_rev")}
+               | ({"dicomweb": summary["dicomweb"]} if "dicomweb" in summary else {}))
+
+
+def _key_values(items: list[str], option: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings → a dict (a ConfigError naming ``option`` for one without ``=`` or a key)."""
+    from pipeline.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} {item!r} is not KEY=VALUE (e.g. {option} ModalitiesInStudy=CR)")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _abs(path: Path | None) -> str | None:

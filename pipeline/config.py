@@ -14,6 +14,7 @@ Nothing here touches the file system at import time.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -136,9 +137,41 @@ class AdmissionSection(_Section):
         return [str(x).strip().upper() for x in v]
 
 
+class DicomwebSection(_Section):
+    """Where the ``dicomweb`` source pulls training data from: a PACS's DICOMweb API (QIDO-RS + WADO-RS).
+
+    Credentials are never written here: the section names the environment variables that hold them
+    (unset variables = no authentication)."""
+
+    url: str | None = Field(description="DICOMweb root of the PACS, e.g. http://pacs.example.org:8042/dicom-web "
+                            "(or --url); a user:password@ in it is masked in every message.")
+    study_filter: dict[str, str] = Field(description="QIDO-RS study search filters, attribute keyword or tag → "
+                                         "value (e.g. {ModalitiesInStudy: CR, StudyDate: 20240101-20241231}); "
+                                         "{} = every study.")
+    timeout_s: float = Field(gt=0, description="Seconds to wait for each answer of the PACS (read timeout).")
+    connect_timeout_s: float = Field(gt=0, description="Seconds to wait for a connection to the PACS.")
+    retries: int = Field(ge=0, le=10, description="Extra attempts of a request the PACS answers 429/408/503/504 "
+                         "(exponential back-off).")
+    page_size: int = Field(ge=1, description="Results per QIDO-RS search request.")
+    username_env: str | None = Field(description="Environment variable holding the basic-auth user name.")
+    password_env: str | None = Field(description="Environment variable holding the basic-auth password.")
+    token_env: str | None = Field(description="Environment variable holding a bearer token (instead of basic auth).")
+
+    @field_validator("study_filter")
+    @classmethod
+    def _attributes(cls, v: dict[str, str]) -> dict[str, str]:
+        from pydicom.datadict import tag_for_keyword
+
+        for key in v:
+            if tag_for_keyword(key) is None and not re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+                raise ValueError(f"{key!r} is not a DICOM attribute keyword (e.g. ModalitiesInStudy, StudyDate) or "
+                                 "an 8-hex-digit tag")
+        return {str(k): str(val) for k, val in v.items()}
+
+
 class DataSection(_Section):
     source: str = Field(description="Dataset source: synthetic, folder, kaggle-pneumonia, nih-cxr14, "
-                        "rsna-pneumonia, dicom, keras:mnist, keras:cifar10, sklearn:digits.")
+                        "rsna-pneumonia, dicom, dicomweb (a PACS), keras:mnist, keras:cifar10, sklearn:digits.")
     name: str | None = Field(description="Dataset name; null = derived from the source.")
     input: str | None = Field(description="Raw data folder; null = <data_dir>/raw/<name>.")
     labels: str | None = Field(description="Label/mapping CSV for sources that need one.")
@@ -156,6 +189,7 @@ class DataSection(_Section):
     synthetic: SyntheticSection
     ingest: IngestSection
     admission: AdmissionSection
+    dicomweb: DicomwebSection
 
 
 class ValidateSection(_Section):

@@ -233,3 +233,18 @@ def test_kubernetes_multiworker_job_sets_tf_config_per_pod() -> None:
         if line.strip().startswith("xrayops "):
             check_xrayops_command(shlex.split(line.replace('"$DATA_REPO"', "R").replace('"$DATA_REV"', "V")))
     load_settings(REPO / "params.yaml", [s.strip() for s in env["XRAYOPS_SET"].split(";") if s.strip()])
+
+
+def test_the_stand_in_pacs_is_opt_in_loopback_only_with_auth_and_dicomweb() -> None:
+    svc = SERVICES["orthanc"]
+    assert svc["profiles"] == ["pacs"] and "healthcheck" in svc
+    published = [interpolate(p) for p in svc["ports"]]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    env = env_of(svc)
+    assert env["DICOM_WEB_PLUGIN_ENABLED"] == "true" and env["ORTHANC__DICOM_WEB__ENABLE"] == "true"
+    assert env["ORTHANC__AUTHENTICATION_ENABLED"] == "true"  # the default of PACS_AUTH
+    users = json.loads(env["ORTHANC__REGISTERED_USERS"])
+    settings = load_settings(REPO / "params.yaml")
+    client = env_of({"environment": COMPOSE["x-xrayops-env"]})
+    assert users == {client[settings.data.dicomweb.username_env]: client[settings.data.dicomweb.password_env]}
+    assert svc["volumes"][0].split(":")[0] in COMPOSE["volumes"]

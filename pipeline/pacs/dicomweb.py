@@ -300,7 +300,10 @@ class PacsClient:
         """
         path = "/".join(("studies", _checked_uid(study_uid), "series", _checked_uid(series_uid), "instances",
                          _checked_uid(sop_uid)))
-        headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+        # identity: pixel data barely compresses, and a PACS gzipping each instance costs more than it saves
+        # (Orthanc: ~0.25 s per 2 MB instance with gzip, ~0.01 s without, on loopback)
+        headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+                   "Accept-Encoding": "identity"}
 
         def get() -> bytes:
             response = self._session.get(f"{self.url}/{path}", headers=headers, timeout=self.timeout)

@@ -8,6 +8,7 @@ root it runs as the ``postgres`` (or ``nobody``) user, since PostgreSQL refuses 
 
 from __future__ import annotations
 
+import base64
 import glob
 import json
 import os
@@ -124,9 +125,13 @@ def wait_until(check: Callable[[], bool], group: Group, timeout_s: float, what: 
     raise TimeoutError(f"{group.name}: no {what} after {timeout_s:.0f} s:\n{group.tail()}")
 
 
-def http_ok(url: str) -> Callable[[], bool]:
+def http_ok(url: str, auth: tuple[str, str] | None = None) -> Callable[[], bool]:
+    headers = {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+
     def check() -> bool:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as resp:
             return bool(resp.status == 200)
 
     return check
@@ -278,13 +283,15 @@ class Orthanc:
 
 
 def start_orthanc(log_dir: Path, storage_dir: Path, *, aet: str = "XRAYOPS_PACS", stable_age_s: int = 1,
-                  timeout_s: float = 60) -> Orthanc:
+                  users: dict[str, str] | None = None, timeout_s: float = 60) -> Orthanc:
     """Start Orthanc (DICOMweb on, no auth, loopback only, random free ports, storage/index under ``storage_dir``)
     and wait until ``/system`` answers.
 
     Orthanc 1.10 has no bind-address option: ``RemoteAccessAllowed: false`` refuses HTTP from anything but
     localhost; the DICOM port is a random high port. Only the DICOMweb plugin is loaded (the other Debian
-    plugins, worklists and serve-folders, are not needed and would read more configuration)."""
+    plugins, worklists and serve-folders, are not needed and would read more configuration). ``users``
+    (name → password) turns HTTP basic auth on for the REST API and DICOMweb alike (health is then
+    checked with the first user)."""
     reason = orthanc_missing()
     if reason:
         raise FileNotFoundError(reason)
@@ -295,7 +302,8 @@ def start_orthanc(log_dir: Path, storage_dir: Path, *, aet: str = "XRAYOPS_PACS"
     config = {
         "Name": "xrayops-test-pacs", "StorageDirectory": str(storage_dir / "storage"),
         "IndexDirectory": str(storage_dir / "index"), "HttpPort": http_port, "DicomPort": dicom_port,
-        "DicomAet": aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomAet": aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+        **({"RegisteredUsers": users} if users else {}),
         "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "StableAge": stable_age_s, "DicomCheckCalledAet": False, "HttpTimeout": 30, "ConcurrentJobs": 2,
     }
@@ -304,7 +312,8 @@ def start_orthanc(log_dir: Path, storage_dir: Path, *, aet: str = "XRAYOPS_PACS"
     group = start("orthanc", [shutil.which("Orthanc") or str(ORTHANC_BIN), str(cfg)], log_dir)
     orthanc = Orthanc(f"http://127.0.0.1:{http_port}", dicom_port, aet, group, storage_dir)
     try:
-        wait_until(http_ok(f"{orthanc.http_url}/system"), group, timeout_s, "healthy /system")
+        wait_until(http_ok(f"{orthanc.http_url}/system", auth=next(iter(users.items())) if users else None), group,
+                   timeout_s, "healthy /system")
     except BaseException:
         group.stop()
         raise

@@ -60,6 +60,13 @@ def _dicom(settings: Settings) -> Source:
     return DicomFolderSource(settings.data.label_maps.get("dicom"))
 
 
+def _dicomweb(settings: Settings) -> Source:
+    from pipeline.data.sources.dicomweb import DicomwebSource
+
+    maps = settings.data.label_maps  # a params.yaml older than the source: the dicom folder's map
+    return DicomwebSource(settings.data.dicomweb, maps.get("dicomweb", maps.get("dicom")))
+
+
 def _keras(dataset: str) -> Callable[[Settings], Source]:
     def factory(settings: Settings) -> Source:
         from pipeline.data.sources.keras_datasets import KerasDatasetSource
@@ -76,6 +83,7 @@ SOURCES: dict[str, Callable[[Settings], Source]] = {
     "nih-cxr14": _nih,
     "rsna-pneumonia": _rsna,
     "dicom": _dicom,
+    "dicomweb": _dicomweb,
     "keras:mnist": _keras("mnist"),
     "keras:cifar10": _keras("cifar10"),
     "sklearn:digits": _digits,

@@ -3,13 +3,20 @@
 - switches off telemetry and update checks of every tool (MLflow, Prefect, DVC, GX,
   Evidently, Streamlit, TensorFlow noise);
 - (Prefect's own set-up, which imports Prefect, is :mod:`flows.environment`);
-- configures logging once.
+- configures logging once;
+- imports TensorFlow without the native start-up noise it prints on CPU-only hosts
+  (:func:`import_tensorflow_quietly`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -22,7 +29,7 @@ QUIET_ENV = {
     "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
     "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
     "HF_HUB_OFFLINE": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # 2 still lets `failed call to cuInit … (303)` through at error level
     "KMP_WARNINGS": "0",
     "GIT_PYTHON_REFRESH": "quiet",
 }
@@ -34,17 +41,20 @@ def quiet_tools() -> None:
         os.environ.setdefault(key, value)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Configure the root logger once (rich handler when available)."""
+def configure_logging(level: str = "INFO", *, plain: bool = False) -> None:
+    """Configure the root logger once: rich handler when available, or ``plain`` one-line records (servers whose
+    output goes to a log collector: rich wraps at 80 columns when stderr is not a terminal)."""
     root = logging.getLogger()
     if getattr(root, "_xrayops_configured", False):
         return
     try:
+        if plain:
+            raise ImportError
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
         fmt = "%(message)s"
-    except ImportError:  # pragma: no cover
+    except ImportError:
         handler = logging.StreamHandler()
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
@@ -54,3 +64,45 @@ def configure_logging(level: str = "INFO") -> None:
                   "dvc_data", "dvc_objects", "scmrepo", "mlflow.store", "evidently"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     root._xrayops_configured = True  # type: ignore[attr-defined]
+
+
+# What TensorFlow's native code writes to fd 2 while it starts on a host without a GPU: absl's pre-init banner,
+# info/warning records (oneDNN, "Could not find cuda drivers") and the cuInit (303) error. Nothing else is dropped.
+_TF_STARTUP_NOISE = re.compile(r"All log messages before absl::InitializeLog|^[IW]\d{4} [\d:.]+\s+\d+ \S+:\d+\]"
+                               r"|cuInit|cudart_stub|cuda_platform|cuda_(?:dnn|fft|blas)\.cc")
+
+
+@contextmanager
+def native_stderr_filtered(noise: re.Pattern[str] = _TF_STARTUP_NOISE) -> Iterator[None]:
+    """Send file descriptor 2 (native libraries write there, below Python) to a temporary file for the block,
+    then replay every line that does not match ``noise`` to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not noise.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (and initialise its devices) with its CPU-host start-up noise filtered out; anything
+    else it prints still reaches stderr. Call it at an entry point before anything else imports TensorFlow
+    (after :func:`quiet_tools`). A missing TensorFlow is left for the code that needs it to report."""
+    if "tensorflow" in sys.modules:
+        return
+    with native_stderr_filtered():
+        try:
+            import tensorflow as tf
+        except ImportError:
+            return
+        tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, inside the filter

@@ -1,9 +1,13 @@
 """The FastAPI app: ``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/model/refresh``, ``/healthz``, ``/readyz``.
 
 Run it with ``xrayops serve --host H --port P`` (uvicorn, one process). Inference runs on a
-bounded thread pool of ``serve.workers`` threads; the event loop only parses requests.
+bounded pool of ``serve.workers`` threads with at most ``serve.max_queue`` waiting and a deadline
+per request; model loads (start-up, alias moves, ``/v1/model/refresh``) run on a thread of their own,
+so a slow load never stalls predictions. The event loop only parses requests.
 The API key comes from the environment variable named by ``serve.api_key_env`` and is
 sent in the ``X-API-Key`` header; ``serve.require_api_key=false`` disables it for local use.
+Keys, rate limit and sizes are checked from the headers before any body is read
+(:mod:`pipeline.serving.limits`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import hmac
 import logging
 import os
 import uuid
@@ -24,11 +27,21 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Settings
 from pipeline.errors import REJECTION_REASONS as REASONS
 from pipeline.errors import ApiError, ConfigError, ExplainUnavailable, NotReady, Rejected
 from pipeline.registry.contract import VersionTags
+from pipeline.serving.limits import (
+    API_KEY_HEADER,
+    MULTIPART_SLACK,
+    InferencePool,
+    RequestGuard,
+    TokenBucket,
+    error_response,
+    key_problem,
+)
 from pipeline.serving.model_store import ModelStore
 from pipeline.serving.production_log import LogWriter
 from pipeline.serving.schemas import (
@@ -48,24 +61,17 @@ from pipeline.serving.trust import REASONS as TRUST_REASONS
 
 logger = logging.getLogger(__name__)
 
-API_KEY_HEADER = "X-API-Key"
-MULTIPART_SLACK = 64 * 1024  # multipart boundaries and part headers around the file
-
-
-def _error(status: int, reason: str, detail: str, request_id: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"reason": reason, "detail": detail, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers={**(headers or {}), **({"X-Request-ID": request_id}
-                                                                                 if request_id else {})})
-
-
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     by_status: dict[int, dict[str, Any]] = {}
-    extra = {401: ("invalid_api_key", "missing or wrong X-API-Key header"),
-             503: ("model_not_ready", "no model loaded yet for alias 'champion'"),
+    extra = {401: ("invalid_api_key", "missing or wrong X-API-Key header (checked before the body is read)"),
+             429: ("rate_limited", "more than serve.rate_limit_per_s requests a second with this key; see "
+                                   "Retry-After"),
+             503: ("overloaded", "serve.workers + serve.max_queue predictions already in flight; see Retry-After"),
+             504: ("timeout", "no answer within serve.request_timeout_s"),
              501: ("explain_unavailable", "Grad-CAM is not available for this model"),
              400: ("unknown_explain_method", f"`explain` is not one of {', '.join(EXPLAIN_CHOICES)}")}
     table = {**{r: v for r, v in REASONS.items()}, **{v[0]: (s, v[1]) for s, v in extra.items()},
+             "model_not_ready": (503, "no model loaded yet for alias 'champion'"),
              **{r: (503, meaning) for r, meaning in TRUST_REASONS.items()}}
     for reason, (status, meaning) in table.items():
         if status in statuses:
@@ -79,52 +85,6 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "summary": "the request is malformed (e.g. no `file` part)",
             "value": error_example("invalid_request", "body.file: Field required")}
     return dict(by_status)
-
-
-class BodyLimit:
-    """Pure ASGI middleware: refuse bodies over the limit before they are parsed or spooled."""
-
-    def __init__(self, app: Any, limit: int, on_reject: Any = None) -> None:
-        self.app, self.limit, self.on_reject = app, limit, on_reject
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(scope, receive, send, int(length))
-        seen, started, rejected = 0, False, False
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal seen, rejected
-            if rejected:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit and not started:
-                    # Answer now; the app sees a disconnect and its own response is dropped.
-                    rejected = True
-                    await self._reject(scope, receive, send, seen)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def tracking_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if rejected:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        await self.app(scope, limited_receive, tracking_send)
-
-    async def _reject(self, scope: dict[str, Any], receive: Any, send: Any, size: int) -> None:
-        request_id = scope.get("state", {}).get("request_id") or uuid.uuid4().hex
-        detail = f"request body of {size}+ bytes exceeds serve.max_upload_bytes={self.limit - MULTIPART_SLACK}"
-        if self.on_reject is not None:
-            self.on_reject(request_id, Rejected("too_large", detail))
-        await _error(413, "too_large", detail, request_id)(scope, receive, send)
 
 
 class RequestId:
@@ -189,18 +149,22 @@ def create_app(settings: Settings, *, store: ModelStore | None = None, poll: boo
     store = store or ModelStore(settings)
     writer = LogWriter(settings.production_log, settings.serve.log_flush_s)
     service = InferenceService(settings, store, writer)
-    executor = ThreadPoolExecutor(max_workers=settings.serve.workers, thread_name_prefix="inference")
+    cfg = settings.serve
+    pool = InferencePool(cfg.workers, cfg.max_queue, cfg.request_timeout_s)
+    loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")  # never the inference threads
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         writer.start()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, store.start if poll else store.refresh)
+        await asyncio.get_running_loop().run_in_executor(loads, store.start if poll else store.refresh)
+        line = startup_line(settings, store, getattr(app.state, "bind", None))
+        logger.log(logging.INFO if store.current is not None else logging.WARNING, "%s", line)
         try:
             yield
         finally:
             store.stop()
-            executor.shutdown(wait=True)
+            pool.shutdown()
+            loads.shutdown(wait=True)
             writer.close()
 
     app = FastAPI(title="xrayops inference API", version="1", lifespan=lifespan,
@@ -208,29 +172,43 @@ def create_app(settings: Settings, *, store: ModelStore | None = None, poll: boo
                   openapi_tags=[{"name": "inference", "description": "Score chest X-rays."},
                                 {"name": "model", "description": "The served model version."},
                                 {"name": "operations", "description": "Probes for orchestrators."}])
-    app.state.store, app.state.service, app.state.writer = store, service, writer
-    app.add_middleware(BodyLimit, limit=settings.serve.max_upload_bytes + MULTIPART_SLACK,
-                       on_reject=lambda rid, exc: service.log_rejection(rid, exc, None, "api"))
-    app.add_middleware(RequestId)
+    app.state.store, app.state.service, app.state.writer, app.state.pool = store, service, writer, pool
+    limiter = TokenBucket(cfg.rate_limit_per_s, cfg.rate_limit_burst) if cfg.rate_limit_per_s else None
+    app.add_middleware(RequestGuard, api_key=api_key, body_limit=cfg.max_upload_bytes + MULTIPART_SLACK,
+                       max_upload_bytes=cfg.max_upload_bytes, limiter=limiter, pool=pool,
+                       on_too_large=lambda rid, exc: service.log_rejection(rid, exc, None, "api"))
+    app.add_middleware(RequestId)  # added last = outermost: every response, refusals included, has an id
     _handlers(app)
     auth = _auth_dependency(api_key)
-    _routes(app, settings, store, service, executor, auth)
+    _routes(app, settings, store, service, pool, loads, auth)
     return app
 
 
+def startup_line(settings: Settings, store: ModelStore, bind: str | None = None) -> str:
+    """The one line the server logs when it is up: what it serves (model, version, engine, threshold) and its
+    limits, or why it serves nothing."""
+    cfg = settings.serve
+    rate = f"{cfg.rate_limit_per_s:g}/s per key" if cfg.rate_limit_per_s else "no rate limit"
+    limits = (f"workers {cfg.workers}, queue {cfg.max_queue}, timeout {cfg.request_timeout_s:g} s, {rate}, "
+              f"uploads ≤ {cfg.max_upload_bytes} B")
+    where = f" on {bind}" if bind else ""
+    p = store.current
+    if p is None:
+        return f"xrayops API{where}: NOT serving ({store.reason}: {store.detail}); {limits}"
+    threshold = f"{p.threshold:.4g}" if p.threshold is not None else "none (multi-class)"
+    return (f"xrayops API{where}: serving {p.model_name} v{p.version} (alias {store.alias}), engine "
+            f"{getattr(p.engine, 'name', '?')}, threshold {threshold}; {limits}")
+
+
 def _auth_dependency(api_key: str | None) -> Any:
+    """Documents the key in OpenAPI; :class:`RequestGuard` has already enforced it before the body was read."""
     scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                           description="API key (value of the environment variable named by serve.api_key_env).")
 
     async def check(key: str | None = Depends(scheme)) -> None:
-        if api_key is None:
-            return
-        if not key:
-            raise ApiError(401, "missing_api_key", f"send the API key in the {API_KEY_HEADER} header",
-                           headers={"WWW-Authenticate": "APIKey"})
-        if not hmac.compare_digest(key.encode(), api_key.encode()):
-            raise ApiError(401, "invalid_api_key", f"the {API_KEY_HEADER} header does not hold a valid key",
-                           headers={"WWW-Authenticate": "APIKey"})
+        problem = key_problem(key, api_key)
+        if problem is not None:
+            raise problem
 
     return check
 
@@ -238,20 +216,30 @@ def _auth_dependency(api_key: str | None) -> Any:
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.reason, exc.detail, exc.request_id, exc.headers)
+        return error_response(exc.status, exc.reason, exc.detail, exc.request_id, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (a malformed multipart body, an unknown path) in the API's error shape
+        reason = _HTTP_REASONS.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, reason, str(exc.detail), getattr(request.state, "request_id", None),
+                              dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, "invalid_request", detail)
+        return error_response(422, "invalid_request", detail)
+
+
+_HTTP_REASONS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
 def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: InferenceService,
-            executor: ThreadPoolExecutor, auth: Any) -> None:
+            pool: InferencePool, loads: ThreadPoolExecutor, auth: Any) -> None:
     cfg = settings.serve
 
     @app.post("/v1/predict", response_model=PredictionOut, tags=["inference"], dependencies=[Depends(auth)],
-              responses=_responses(400, 401, 413, 415, 422, 501, 503), summary="Score one chest X-ray")
+              responses=_responses(400, 401, 413, 415, 422, 429, 501, 503, 504), summary="Score one chest X-ray")
     async def predict(
         request: Request,
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM file (format detected from the content).")],
@@ -275,7 +263,7 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
         call = functools.partial(service.predict, data, request_id=request_id, view_position=view_position,
                                  explain=method or False)
         try:
-            result = await asyncio.get_running_loop().run_in_executor(executor, call)
+            result = await pool.run(call, request_id)
         except Rejected as exc:
             raise ApiError(exc.status, exc.reason, exc.detail, request_id) from None
         except NotReady as exc:
@@ -291,7 +279,7 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
                              explanation=explanation)
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Depends(auth)],
-             responses=_responses(401, 503), summary="The served model version")
+             responses=_responses(401, 429, 503), summary="The served model version")
     async def model() -> ModelInfo:
         """Name, version, alias, locked threshold and headline test metrics of the served version; `reason` says
         when it is the last verified version but no longer verified as the alias's version (e.g. `alias_missing`)."""
@@ -301,10 +289,11 @@ def _routes(app: FastAPI, settings: Settings, store: ModelStore, service: Infere
             raise ApiError(503, exc.reason, str(exc)) from None
 
     @app.post("/v1/model/refresh", response_model=RefreshOut, tags=["model"], dependencies=[Depends(auth)],
-              responses=_responses(401), summary="Check the alias now")
+              responses=_responses(401, 429), summary="Check the alias now")
     async def refresh() -> RefreshOut:
-        """Check the registry alias immediately (it is also polled every `serve.alias_poll_s` seconds)."""
-        changed = await asyncio.get_running_loop().run_in_executor(executor, store.refresh)
+        """Check the registry alias immediately (it is also polled every `serve.alias_poll_s` seconds). A moved
+        alias is loaded on a thread of its own: predictions go on with the current version meanwhile."""
+        changed = await asyncio.get_running_loop().run_in_executor(loads, store.refresh)
         return RefreshOut(changed=changed, model=model_info(store) if store.current else None)
 
     @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
@@ -337,6 +326,7 @@ def run(settings: Settings, host: str | None = None, port: int | None = None) ->
     """Serve with uvicorn in this process (blocks)."""
     import uvicorn
 
+    host, port = host or settings.serve.host, port or settings.serve.port
     app = create_app(settings)
-    uvicorn.run(app, host=host or settings.serve.host, port=port or settings.serve.port, log_level="info",
-                access_log=False, timeout_graceful_shutdown=10)
+    app.state.bind = f"http://{host}:{port}"  # for the start-up line, which replaces uvicorn's info lines
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)

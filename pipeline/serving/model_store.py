@@ -113,10 +113,13 @@ class ModelStore:
                           f"'{self.alias}' and is verified but could not be loaded (see the server log)")
             return False
         previous = self._describe()
+        first = self._loaded is None
         self._loaded, self._identity, self.loaded_at = predictor, version_identity(version), time.time()
         self._ok()
-        logger.info("serving %s v%s (alias %s; was %s)", predictor.model_name, predictor.version, self.alias,
-                    previous)
+        # the first load is announced by the entry point (the API's start-up line); a swap is news
+        logger.log(logging.DEBUG if first else logging.INFO, "serving %s v%s (alias %s, engine %s, threshold %s; "
+                   "was %s)", predictor.model_name, predictor.version, self.alias,
+                   getattr(predictor.engine, "name", "?"), getattr(predictor, "threshold", None), previous)
         return True
 
     def _record_serving(self, why: str | None = None) -> None:

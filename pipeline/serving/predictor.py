@@ -395,6 +395,6 @@ def load_predictor(settings: Any, version: Any, *, alias: str | None = None, eng
         runner = TFEngine(model, spec)
     pca = load_pca(settings, version.run_id) if version.run_id else None
     predictor = Predictor.from_version(model, version, settings.registered_model, engine=runner, pca=pca, alias=alias)
-    logger.info("loaded %s v%s (%s engine, threshold %s, %d embedding PCs)", settings.registered_model,
-                version.version, runner.name, predictor.threshold, len(pca.components) if pca else 0)
+    logger.debug("loaded %s v%s (%s engine, threshold %s, %d embedding PCs)", settings.registered_model,
+                 version.version, runner.name, predictor.threshold, len(pca.components) if pca else 0)
     return predictor

@@ -61,19 +61,20 @@ def _local_form(settings: Settings) -> None:
         submitted = st.form_submit_button("Sign in")
     if not submitted:
         return
+    name = name.strip()
     throttle = _throttle(settings.ui.max_failed_logins, settings.ui.lockout_s)
     wait = throttle.locked_for(name)
     if wait > 0:
         st.error(f"Too many failed sign-ins for this user name: try again in {math.ceil(wait)} s.")
         return
-    role = UserStore(settings.ui_users_file).authenticate(name.strip(), password)
+    role = UserStore(settings.ui_users_file).authenticate(name, password)
     if role is None:
         throttle.failed(name)
         time.sleep(settings.ui.failed_login_delay_s)
         st.error("Unknown user name or wrong password.")
         return
     throttle.succeeded(name)
-    st.session_state[SESSION_KEY] = UiUser(name.strip(), role, user_id_for(settings, name))
+    st.session_state[SESSION_KEY] = UiUser(name, role, user_id_for(settings, name))
     st.rerun()
 
 

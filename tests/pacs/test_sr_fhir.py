@@ -134,3 +134,35 @@ def test_fhir_delivery_fails_closed(tmp_path: Path) -> None:
     assert refused.status == "failed" and "cannot reach" in refused.detail and refused.path.is_file()
     none = fhir.deliver(bundle, folder=tmp_path, request_id="c" * 32, url=None, timeout_s=2)
     assert none.status == "not_configured"
+
+
+def test_fhir_bundle_is_posted_as_fhir_json(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200 if len(received) == 1 else 422)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/fhir/"
+        bundle = fhir.build_bundle(RESULT, request_id="d" * 32, study_uid="1.2.3", sr_uid=None,
+                                   issued=datetime(2026, 12, 1, tzinfo=UTC))
+        ok = fhir.deliver(bundle, folder=tmp_path, request_id="d" * 32, url=url, timeout_s=5)
+        refused = fhir.deliver(bundle, folder=tmp_path, request_id="e" * 32, url=url, timeout_s=5)
+    finally:
+        server.shutdown()
+    assert (ok.status, ok.http_status) == ("posted", 200)
+    assert (refused.status, refused.http_status) == ("failed", 422) and "HTTP 422" in refused.detail
+    path, content_type, body = received[0]
+    assert path == "/fhir" and content_type == "application/fhir+json" and json.loads(body) == bundle

@@ -416,33 +416,115 @@ def serve(
     params: ParamsOpt = None,
 ) -> None:
     """Serve the version holding serve.model_alias over HTTP (FastAPI + uvicorn; API key from $XRAYOPS_API_KEY)."""
+    from pipeline.runtime import configure_logging, import_tensorflow_quietly
+
+    configure_logging(plain=not sys.stderr.isatty())  # a log collector gets one record per line, unwrapped
     with friendly_errors():
         settings = settings_for(params, sets)
+        import_tensorflow_quietly()  # no CUDA/oneDNN start-up noise on CPU hosts
         from pipeline.serving.app import run as run_api
 
         run_api(settings, host, port)
 
 
-@app.command()
+ui_app = typer.Typer(help="The clinician app (default command) and its local users (`users`).")
+ui_users_app = typer.Typer(help="Local users of the clinician app (ui.users_file): roles and scrypt-hashed "
+                           "passwords.", no_args_is_help=True)
+app.add_typer(ui_app, name="ui")
+ui_app.add_typer(ui_users_app, name="users")
+
+
+@ui_app.callback(invoke_without_command=True)
 def ui(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
     sets: SetOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Start the clinician app (Streamlit): upload, prediction, Grad-CAM, feedback."""
+    """Start the clinician app (Streamlit): sign-in, upload, prediction, Grad-CAM, feedback.
+
+    People sign in (ui.auth: OIDC via .streamlit/secrets.toml [auth], or the local user file); without
+    sign-in (ui.auth=none) the app only listens on a loopback address.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     import os
     import subprocess
 
     with friendly_errors():
         settings = settings_for(params, sets)
+        from pipeline.ui.auth import resolve_auth
         from pipeline.ui.render import SETS_ENV
 
+        plan = resolve_auth(settings, host)  # refuses no sign-in off loopback, and sign-in without users
         script = Path(__file__).resolve().parent / "ui" / "app.py"
         env = {**os.environ, "XRAYOPS_PARAMS": str(settings.root / "params.yaml"), SETS_ENV: json.dumps(sets or [])}
         cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
-               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "viewer", "--client.showErrorDetails", "none"]
+        if plan.mode == "oidc":
+            cmd += ["--secrets.files", str(settings.ui_secrets_file)]
         raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@ui_users_app.command("add")
+def ui_users_add(
+    name: Annotated[str, typer.Argument(help="User name (for OIDC users: the e-mail address the provider reports).")],
+    role: Annotated[str, typer.Option(help="clinician (predict, feedback), adjudicator (also resolves "
+                                      "disagreements) or reviewer.")] = "clinician",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from the first line "
+                                                 "of stdin (scripts) instead of prompting.")] = False,
+    oidc: Annotated[bool, typer.Option("--oidc", help="An OIDC user: role only, no password (the identity "
+                                       "provider signs them in).")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Change an existing user's role/password.")] = False,
+    sets: SetOpt = None,
+    params: ParamsOpt = None,
+) -> None:
+    """Add a user of the clinician app; the password is prompted for (never an argument)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.errors import UiAuthError
+        from pipeline.ui.auth import UserStore, check_name, check_password
+
+        check_name(name)
+        password = None
+        if not oidc:
+            if password_stdin:
+                password = sys.stdin.readline().rstrip("\r\n")
+                if not password:
+                    raise UiAuthError("--password-stdin: no password on the first line of stdin",
+                                      hint="pipe it in, e.g. `printf '%s\\n' \"$PASSWORD\" | "
+                                           f"xrayops ui users add {name} --password-stdin`")
+            else:
+                password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+            check_password(password)
+        UserStore(settings.ui_users_file).add(name, role, password, replace=replace)
+        typer.echo(f"{'updated' if replace else 'added'} {name} ({role}{', OIDC' if oidc else ''}) in "
+                   f"{settings.ui_users_file}")
+
+
+@ui_users_app.command("list")
+def ui_users_list(sets: SetOpt = None, params: ParamsOpt = None) -> None:
+    """List the users of the clinician app (names, roles, password or OIDC)."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.ui.auth import UserStore
+
+        for name, entry in sorted(UserStore(settings.ui_users_file).load().items()):
+            typer.echo(f"{name}\t{entry['role']}\t{'password' if entry.get('password') else 'oidc'}")
+
+
+@ui_users_app.command("remove")
+def ui_users_remove(name: Annotated[str, typer.Argument(help="User name.")], sets: SetOpt = None,
+                    params: ParamsOpt = None) -> None:
+    """Remove a user of the clinician app."""
+    with friendly_errors():
+        settings = settings_for(params, sets)
+        from pipeline.ui.auth import UserStore
+
+        UserStore(settings.ui_users_file).remove(name)
+        typer.echo(f"removed {name} from {settings.ui_users_file}")
 
 
 monitor_app = typer.Typer(help="Drift monitoring: a report per run (default command) and its timeline (`ui`).")

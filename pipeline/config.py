@@ -385,6 +385,14 @@ class ServeSection(_Section):
     min_side: int = Field(ge=1, description="Smallest accepted image side.")
     max_aspect: float = Field(ge=1, description="Largest accepted aspect ratio.")
     workers: int = Field(ge=1, description="Inference thread pool size.")
+    max_queue: int = Field(ge=0, description="Predictions that may wait for an inference thread beyond "
+                           "serve.workers; more are refused at once with 503 `overloaded` + Retry-After.")
+    request_timeout_s: float = Field(gt=0, description="Longest a prediction may wait and run; then 504 `timeout` "
+                                     "(work already running finishes and its answer is dropped).")
+    rate_limit_per_s: float | None = Field(gt=0, description="Requests per second per API key on /v1/* (token "
+                                           "bucket); above it 429 `rate_limited` + Retry-After. null = no limit.")
+    rate_limit_burst: int = Field(ge=1, description="Requests a key may send at once before serve.rate_limit_per_s "
+                                  "applies (bucket size).")
     alias_poll_s: float = Field(gt=0, description="Seconds between checks for a moved alias.")
     engine: Literal["onnx", "tf"] = Field(description="Inference engine of the compiled path.")
     log_flush_s: float = Field(ge=0, description="Seconds between production-log flushes (0 = write every "

@@ -86,6 +86,7 @@ def write_project(root: Path) -> Path:
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params = apply_overrides(params, ["serve.require_api_key=false", "serve.alias_poll_s=3600",
+                                      "serve.rate_limit_per_s=null",  # a latency benchmark, not a rate-limit one
                                       "serve.log_flush_s=1.0", "data.version_with_dvc=false"])
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -940,7 +940,7 @@ def pacs_listen(
 
         target = pacs_url(settings, url)
         changes = OrthancChanges(settings.pacs.orthanc_url or orthanc_rest_url(target),
-                                 auth=_pacs_auth(settings), timeout_s=_pacs_timeout(settings))
+                                 auth=_pacs_auth(settings), timeout_s=settings.data.dicomweb.timeout_s)
         changes.last_seq()  # an unreachable Orthanc fails here, before the model is loaded
         handle, close = _pacs_handler(settings, target, params, list(sets or []))
         try:
@@ -955,16 +955,11 @@ def pacs_listen(
                    f"{'; a transient failure will be retried' if summary.pending_retry else ''}")
 
 
-def _pacs_timeout(settings: Any) -> float:
-    cfg = getattr(settings.data, "dicomweb", None)
-    return float(cfg.timeout_s) if cfg is not None else 30.0
-
-
 def _pacs_auth(settings: Any) -> Any:
     from pipeline.pacs.dicomweb import PacsAuth
 
-    cfg = getattr(settings.data, "dicomweb", None)
-    return PacsAuth.from_env(cfg.username_env, cfg.password_env, cfg.token_env) if cfg is not None else PacsAuth()
+    cfg = settings.data.dicomweb
+    return PacsAuth.from_env(cfg.username_env, cfg.password_env, cfg.token_env)
 
 
 def _pacs_handler(settings: Any, url: str, params: Path | None, sets: list[str]) -> tuple[Any, Any]:

@@ -131,19 +131,16 @@ def pacs_url(settings: Settings, url: str | None = None) -> str:
     Raises:
         ConfigError: neither is set.
     """
-    cfg = getattr(settings.data, "dicomweb", None)
-    target = url or (cfg.url if cfg is not None else None)
+    target = url or settings.data.dicomweb.url
     if not target:
         raise ConfigError("no PACS URL: pass --url or set data.dicomweb.url (the DICOMweb root, e.g. "
                           "http://pacs.example.org:8042/dicom-web)")
-    return str(target)
+    return target
 
 
 def pacs_client(settings: Settings, url: str | None = None) -> PacsClient:
     """The DICOMweb client of ``data.dicomweb`` (timeouts, credentials from the environment), at ``url`` if given."""
-    cfg = getattr(settings.data, "dicomweb", None)
-    target = pacs_url(settings, url)
-    return PacsClient.from_config(cfg, url=target) if cfg is not None else PacsClient(target)
+    return PacsClient.from_config(settings.data.dicomweb, url=pacs_url(settings, url))
 
 
 def study_ref(study_uid: str, salt: bytes) -> str:

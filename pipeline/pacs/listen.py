@@ -114,8 +114,8 @@ class OrthancChanges:
         if resp.status_code >= 500:
             raise PacsUnavailable(f"{where} failed (HTTP {resp.status_code})", status=resp.status_code)
         if resp.status_code != 200:
-            raise PacsError(f"{where} refused GET {path.split('?')[0].rsplit('/', 1)[0] or path} "
-                            f"(HTTP {resp.status_code})", status=resp.status_code,
+            raise PacsError(f"{where} refused a request of the listener (HTTP {resp.status_code})",
+                            status=resp.status_code,
                             hint="the change feed is Orthanc's REST API: check the URL and the credentials")
         try:
             return resp.json()

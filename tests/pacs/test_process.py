@@ -203,3 +203,16 @@ def test_process_without_a_served_model_is_a_logged_outcome(orthanc: Orthanc, ma
     assert result.exit_code == 1 and "model_unavailable" in result.output, result.output
     assert list(records.read_records(settings)["status"]) == ["model_unavailable"]
     assert sr_instances(PacsClient(orthanc.dicomweb_url), study) == []
+
+    # the listener treats it as transient: the cursor stays before the study's change, to be retried
+    _stable(orthanc, study)
+    argv = ["pacs", "listen", "--url", orthanc.dicomweb_url, "--once", "--params", str(settings.root / "params.yaml"),
+            "--set", f"pacs.state_dir={tmp_path / 'pacs'}", "--set", "pacs.dispatch=direct",
+            "--set", "pacs.start_at=beginning"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 0 and "model_unavailable" in result.output, result.output
+        assert "a transient failure will be retried" in result.output
+    with urllib.request.urlopen(f"{orthanc.http_url}/changes?last", timeout=10) as resp:
+        last = json.loads(resp.read())["Last"]
+    assert (records.read_cursor(settings) or 0) < last

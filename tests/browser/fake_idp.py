@@ -1,8 +1,9 @@
 """A minimal OpenID Connect provider on loopback, for sign-in tests without a real identity provider.
 
 Discovery document, authorization endpoint (approves at once as :attr:`FakeIdP.email`, redirecting back with a
-code), token endpoint (client secret checked; an RS256 ID token with the request's nonce) and the JWKS. Enough
-for Authlib (which Streamlit's ``st.login`` uses) to run the authorization-code flow end to end; nothing more.
+code), token endpoint (client secret checked; an RS256 ID token with the request's nonce, made with joserfc,
+Authlib's own JOSE library) and the JWKS. Enough for Authlib (which Streamlit's ``st.login`` uses) to run the
+authorization-code flow end to end; nothing more.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import time
 import urllib.parse
 from typing import Any
 
-from authlib.jose import JsonWebKey, jwt
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
 
 class FakeIdP:
     def __init__(self, client_id: str, client_secret: str) -> None:
         self.client_id, self.client_secret = client_id, client_secret
         self.email = "dr.who@example.org"
-        self.key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "test-key"})
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "test-key", "use": "sig", "alg": "RS256"})
         self.codes: dict[str, dict[str, str]] = {}
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_port}"
@@ -54,7 +56,7 @@ class FakeIdP:
                   "email": self.email, "email_verified": True, "name": "Test Clinician"}
         if nonce:
             claims["nonce"] = nonce
-        return jwt.encode({"alg": "RS256", "kid": "test-key"}, claims, self.key).decode()
+        return jwt.encode({"alg": "RS256", "kid": "test-key"}, claims, self.key)
 
     def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
         idp = self
@@ -66,8 +68,7 @@ class FakeIdP:
                 if url.path == "/.well-known/openid-configuration":
                     self._json(idp.metadata())
                 elif url.path == "/jwks":
-                    self._json({"keys": [idp.key.as_dict(is_private=False) | {"kid": "test-key", "use": "sig",
-                                                                                 "alg": "RS256"}]})
+                    self._json({"keys": [idp.key.as_dict(private=False)]})
                 elif url.path == "/authorize":
                     if query.get("client_id") != idp.client_id:
                         self._json({"error": "unauthorized_client"}, 400)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pipeline.config import Settings
 from pipeline.data.deid import load_salt
 from pipeline.data.manifest import IngestOptions, Mapper, ingest_records
 from pipeline.data.policy import AdmissionPolicy
+from pipeline.data.progress import progress_bar
 from pipeline.data.sources import Source, get_source
 from pipeline.data.sources.base import check_label_rows
 from pipeline.data.versioning import DatasetVersion, fetch, track
@@ -157,19 +157,6 @@ def _ingest(settings: Settings, version: DatasetVersion | None, show_progress: b
     if notes is not None and notes.excluded_images:
         logger.info("label mapping excluded %d image(s) (%s)", notes.excluded_images,
                     ", ".join(f"{k}: {v}" for k, v in notes.excluded.most_common(8)))
-    with _progress(len(records), "ingest", show_progress) as advance:
+    with progress_bar(len(records), "ingest", show_progress) as advance:
         return ingest_records(records, settings.dataset_dir, opts, extra, progress=advance, mapper=mapper,
                               lock_timeout_s=settings.data.ingest.lock_timeout_s)
-
-
-@contextmanager
-def _progress(total: int, label: str, enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)

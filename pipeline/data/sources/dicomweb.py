@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.progress import progress_bar
 from pipeline.data.sources.base import LabelRows, MappedXraySource, RawRecord, SourceNotes, read_csv_lines
 from pipeline.data.sources.dicom_folder import LABEL_COLUMNS, UID_COLUMNS
 from pipeline.durable import fsync_path
@@ -107,9 +108,7 @@ class DicomwebSource(MappedXraySource):
         with self.client() as client:
             refs = list(client.iter_instances(self.cfg.study_filter))
             counts = {"instances": len(refs), "fetched": 0, "cached": 0, "bytes_fetched": 0}
-            from pipeline.data.ingest import _progress
-
-            with _progress(len(refs), "pull", self.show_progress) as advance:
+            with progress_bar(len(refs), "pull", self.show_progress) as advance:
                 for ref in refs:
                     dest = cache_path(root, ref.study_uid, ref.sop_uid)
                     if dest.is_file() and dest.stat().st_size > 0:

@@ -59,14 +59,46 @@ def page(chromium: Any) -> Iterator[Any]:
         context.close()
 
 
+def save_screenshot(page: Any, name: str) -> Path:
+    """docs/screenshots/<name>.png of the whole page."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    out = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(out), full_page=True)
+    return out
+
+
 @pytest.fixture
 def screenshot() -> Callable[[Any, str], Path]:
     """``screenshot(page, "name")`` → docs/screenshots/name.png (the README shows the current set)."""
+    return save_screenshot
 
-    def take(page: Any, name: str) -> Path:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        out = SCREENSHOTS / f"{name}.png"
-        page.screenshot(path=str(out), full_page=True)
-        return out
 
-    return take
+# --------------------------------------------------------------------------- one real training run, shared
+
+
+@pytest.fixture(scope="session")
+def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """MLflow + Prefect servers (temporary SQLite, Prefect UI on), a tiny deployed project and a worker."""
+    from tests.browser.stack import start_training_stack
+
+    stack = start_training_stack(tmp_path_factory.mktemp("ui-stack"))
+    try:
+        yield stack
+    finally:
+        left = stack.stop()
+        assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture(scope="session")
+def form_run(training_stack: Any, chromium: Any) -> Any:
+    """A training run started the way a person does: the deployment's "Custom run" form in Chromium, the
+    source and model picked from their drop-downs, simulation switched on; waited for until it ends."""
+    from tests.browser.stack import FORM_RUN_TIMEOUT_S, start_run_from_form
+
+    context = chromium.new_context(viewport={"width": 1280, "height": 2000})  # the UI scrolls inside its frame
+    context.set_default_timeout(60_000)
+    try:
+        run = start_run_from_form(training_stack, context.new_page(), save_screenshot, FORM_RUN_TIMEOUT_S)
+    finally:
+        context.close()
+    return run

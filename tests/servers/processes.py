@@ -211,11 +211,13 @@ def start_mlflow(backend_uri: str, artifacts: Path, log_dir: Path) -> tuple[str,
     return f"http://127.0.0.1:{port}", start("mlflow", cmd, log_dir)
 
 
-def start_prefect(database_url: str, home: Path, log_dir: Path) -> tuple[str, Group]:
+def start_prefect(database_url: str, home: Path, log_dir: Path, *, ui: bool = False) -> tuple[str, Group]:
+    """A Prefect server; with ``ui`` it also serves its web UI at the same address (``.../api`` stripped)."""
     port = free_port()
     env: dict[str, str | None] = {
         "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": database_url, "PREFECT_API_URL": None,
-        "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+        "PREFECT_UI_ENABLED": "true" if ui else "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}  # what the UI's JavaScript calls
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return f"http://127.0.0.1:{port}/api", start("prefect-server", cmd, log_dir, env)
 

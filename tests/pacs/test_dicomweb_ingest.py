@@ -235,6 +235,48 @@ def test_pull_interrupted_by_an_outage_resumes_with_only_the_missing(tmp_path: P
         server.stop()
 
 
+def test_a_killed_pull_leaves_only_complete_files_and_resumes(fresh_orthanc: Orthanc, tmp_path: Path) -> None:
+    """SIGKILL `xrayops ingest` mid-pull: every file under its final name is complete (written under a temporary
+    name, then renamed), and the rerun fetches exactly the instances that are missing."""
+    import re
+    import signal
+    import time
+
+    write_params(tmp_path, TINY)
+    files = {}
+    for n in range(40):
+        data = dicom_bytes(xray(n % 4, side=512), patient_id=PATIENT_IDS[n % 7], modality="CR")
+        files[str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
+        upload(fresh_orthanc, data)
+    labels = _write_csv(tmp_path / "labels.csv", "SOPInstanceUID,label", [(s, "NORMAL") for s in files])
+    pull = tmp_path / "pull"
+    args = [sys.executable, "-m", "pipeline.cli", "ingest", "--source", "dicomweb", "--url", fresh_orthanc.dicomweb_url,
+            "--labels", str(labels), "--input", str(pull), "--out", str(tmp_path / "ds"), "--no-dvc",
+            "--params", str(tmp_path / "params.yaml")]
+    env = {**os.environ, "XRAYOPS_PSEUDONYM_SALT": SALT, "COLUMNS": "200"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(pull.rglob("*.dcm"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = sorted(pull.rglob("*.dcm"))
+    assert 3 <= len(done) < len(files), f"the pull was not interrupted mid-way ({len(done)} of {len(files)})"
+    for path in done:
+        assert path.read_bytes() == files[path.stem], "a file under its final name is incomplete"
+    assert not (pull / INSTANCES_FILE).exists()
+
+    rerun = _xrayops(tmp_path, "ingest", "--source", "dicomweb", "--url", fresh_orthanc.dicomweb_url, "--labels",
+                     str(labels), "--input", str(pull), "--out", str(tmp_path / "ds"))
+    assert rerun.returncode == 0, rerun.stderr
+    log = " ".join((rerun.stdout + rerun.stderr).split())
+    match = re.search(r"(\d+) fetched .* (\d+) already in the pull cache", log)
+    assert match, log
+    assert (int(match.group(1)), int(match.group(2))) == (len(files) - len(done), len(done))
+    assert not list(pull.rglob(f"*{TEMP_SUFFIX}"))
+    assert json.loads((tmp_path / "ds" / "ingest_summary.json").read_text())["ingested"] == len(files)
+
+
 def test_unreachable_pacs_is_one_line_and_exit_2(tmp_path: Path) -> None:
     from tests.servers.processes import free_port
 

@@ -216,3 +216,21 @@ def test_process_without_a_served_model_is_a_logged_outcome(orthanc: Orthanc, ma
     with urllib.request.urlopen(f"{orthanc.http_url}/changes?last", timeout=10) as resp:
         last = json.loads(resp.read())["Last"]
     assert (records.read_cursor(settings) or 0) < last
+
+
+def test_secondary_capture_of_the_explanation_goes_to_the_study(orthanc: Orthanc, champion_project: Settings,
+                                                                tmp_path: Path) -> None:
+    _, sets = pacs_settings(champion_project, tmp_path)
+    study = send_study(orthanc, tmp_path / "in", 71)
+    code, out = cli(champion_project, [*sets, "pacs.secondary_capture=true"], "pacs", "process", "--url",
+                    orthanc.dicomweb_url, "--study", study)
+    assert code == 0, out
+    client = PacsClient(orthanc.dicomweb_url)
+    series = {s["0020000E"]["Value"][0]: (s.get("0008103E") or {}).get("Value", [""])[0]
+              for s in client.search_series(study, fields=["0008103E"])}
+    assert len(series) == 3 and any("not for diagnosis" in d for d in series.values())
+    sc = [i for i in client.search_instances(study, fields=["00080016"])
+          if i["00080016"]["Value"][0] == "1.2.840.10008.5.1.4.1.1.7"]
+    assert len(sc) == 1
+    ds = client.retrieve_instance(study, sc[0]["0020000E"]["Value"][0], sc[0]["00080018"]["Value"][0])
+    assert ds.PhotometricInterpretation == "RGB" and ds.StudyInstanceUID == study

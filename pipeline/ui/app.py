@@ -18,6 +18,7 @@ from typing import Any
 
 import streamlit as st
 
+from pipeline.ui.adjudication import adjudication_page
 from pipeline.ui.auth import UiUser
 from pipeline.ui.login import auth_plan, sign_out_button, signed_in_user
 from pipeline.ui.render import SETS_ENV, blend, display_gray, ui_settings
@@ -173,8 +174,6 @@ def pacs_page(settings: Any, user: UiUser) -> None:
 
 
 def main() -> None:
-    from pipeline.ui.adjudication import adjudication_page
-
     st.set_page_config(page_title="xrayops — chest X-ray review", layout="wide")
     st.title("Chest X-ray review")
     keys = (os.environ.get("XRAYOPS_PARAMS", ""), os.environ.get(SETS_ENV, ""))

@@ -54,6 +54,7 @@ GATE_REJECTED = "gate_rejected"
 MODEL_UNAVAILABLE = "model_unavailable"
 PACS_ERROR = "pacs_error"
 PACS_UNAVAILABLE = "pacs_unavailable"
+UNEXPECTED = "error"
 OUTCOMES = {
     SR_STORED: "the result SR was stored in the study",
     ALREADY_PROCESSED: "the study already holds this model version's SR",
@@ -62,6 +63,7 @@ OUTCOMES = {
     MODEL_UNAVAILABLE: "no verified champion is served (see `xrayops serve` /readyz reasons)",
     PACS_ERROR: "the PACS refused a request or answered something unreadable",
     PACS_UNAVAILABLE: "the PACS could not be reached or failed (temporary: retried by the listener)",
+    UNEXPECTED: "an unexpected error (a defect: the log names its type)",
 }
 TRANSIENT = frozenset({MODEL_UNAVAILABLE, PACS_UNAVAILABLE})  # the listener retries these later
 
@@ -206,6 +208,9 @@ def process_study(ctx: PacsContext, study_uid: str) -> PacsOutcome:
         outcome = PacsOutcome(PACS_UNAVAILABLE, ref, _first_line(exc))
     except PacsError as exc:
         outcome = PacsOutcome(PACS_ERROR, ref, _first_line(exc))
+    except Exception as exc:  # noqa: BLE001 - one study must not stop the listener; the message may hold UIDs
+        outcome = PacsOutcome(UNEXPECTED, ref, f"unexpected {type(exc).__name__} while processing the study "
+                                               "(a defect: please report it)")
     outcome = _timed(outcome, started)
     _record(ctx, outcome)
     (logger.info if outcome.ok else logger.warning)("%s", outcome.line())

@@ -932,26 +932,33 @@ def pacs_listen(
     sets: SetOpt = None,
     params: ParamsOpt = None,
 ) -> None:
-    """Poll Orthanc's change feed and process each stable study (pacs.dispatch: flow | direct | deployment)."""
+    """Process each stable study as it arrives (pacs.feed: Orthanc's change feed or QIDO; pacs.dispatch: flow |
+    direct | deployment)."""
     with friendly_errors():
         settings = settings_for(params, sets)
-        from pipeline.pacs.listen import OrthancChanges, listen, orthanc_rest_url
-        from pipeline.pacs.process import pacs_url
+        from pipeline.pacs.listen import OrthancChanges, QidoStudies, listen, orthanc_rest_url
+        from pipeline.pacs.process import pacs_client, pacs_url
 
         target = pacs_url(settings, url)
-        changes = OrthancChanges(settings.pacs.orthanc_url or orthanc_rest_url(target),
-                                 auth=_pacs_auth(settings), timeout_s=settings.data.dicomweb.timeout_s)
-        changes.last_seq()  # an unreachable Orthanc fails here, before the model is loaded
+        feed: Any
+        if settings.pacs.feed == "qido":
+            feed = QidoStudies(pacs_client(settings, target), days=settings.pacs.qido_days,
+                               quiet_s=settings.pacs.qido_quiet_s)
+            feed.client.ping()  # an unreachable PACS fails here, before the model is loaded
+        else:
+            feed = OrthancChanges(settings.pacs.orthanc_url or orthanc_rest_url(target),
+                                  auth=_pacs_auth(settings), timeout_s=settings.data.dicomweb.timeout_s)
+            feed.last_seq()  # an unreachable Orthanc fails here, before the model is loaded
         handle, close = _pacs_handler(settings, target, params, list(sets or []))
         try:
-            summary = listen(settings, changes, handle, once=once, max_seconds=max_seconds)
+            summary = listen(settings, feed, handle, once=once, max_seconds=max_seconds)
         finally:
             close()
-            changes.close()
+            getattr(feed, "client", feed).close()
         for line in summary.outcomes:
             typer.echo(line)
-        typer.echo(f"{summary.studies} stable studies processed ({summary.statuses or 'none'}); cursor at change "
-                   f"{summary.last_seq if summary.last_seq is not None else 'unchanged'}"
+        cursor = f"; cursor at change {summary.last_seq}" if summary.last_seq is not None else ""
+        typer.echo(f"{summary.studies} stable studies processed ({summary.statuses or 'none'}){cursor}"
                    f"{'; a transient failure will be retried' if summary.pending_retry else ''}")
 
 

@@ -419,6 +419,12 @@ class PacsSection(_Section):
     organisation: str = Field(min_length=1, description="VerifyingOrganization of signed-off reports.")
     orthanc_url: str | None = Field(description="Orthanc REST root for the listener's change feed; null = "
                                     "the DICOMweb URL without its last path segment (…/dicom-web → …).")
+    feed: Literal["orthanc", "qido"] = Field(description="How the listener finds stable studies: Orthanc's change "
+                                             "feed, or QIDO-RS searches by StudyDate (any DICOMweb PACS).")
+    qido_days: int = Field(ge=1, le=31, description="pacs.feed=qido: search studies dated within this many days "
+                           "(today included).")
+    qido_quiet_s: float = Field(ge=0, description="pacs.feed=qido: a study is stable once its instance count has "
+                                "not changed for this long (0 = at first sight).")
     poll_s: float = Field(gt=0, description="Seconds between polls of the change feed.")
     changes_limit: int = Field(ge=1, le=10000, description="Changes read per request of the change feed.")
     start_at: Literal["latest", "beginning"] = Field(description="Where a listener without a cursor "

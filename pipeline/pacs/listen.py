@@ -19,6 +19,9 @@ the study is retried at the next poll; every other outcome (an SR, no frontal im
 PACS) moves the cursor on. A first start begins at the feed's current end (``pacs.start_at: latest``: the listener
 does not process the archive's history) or at its beginning (``beginning``).
 
+For a PACS without this feed, :class:`QidoStudies` (``pacs.feed: qido``) finds stable studies with QIDO-RS alone:
+studies of the last days by StudyDate whose instance count has not changed for ``pacs.qido_quiet_s`` seconds.
+
 The handler is a plain callable (study UID → outcome): the CLI passes one that runs the Prefect flow
 ``pacs_inference_flow`` in this process, starts a run of a deployment, or calls the library directly
 (``pacs.dispatch``). This module never imports Prefect.
@@ -49,6 +52,10 @@ class Outcome(Protocol):
     def transient(self) -> bool: ...
 
     def line(self) -> str: ...
+
+
+class Feed(Protocol):
+    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool: ...
 
 
 @dataclass
@@ -131,6 +138,10 @@ class OrthancChanges:
         page = self._get("/changes", {"since": since, "limit": limit})
         return list(page.get("Changes", [])), int(page.get("Last", since)), bool(page.get("Done", True))
 
+    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool:
+        """One poll of the feed (:func:`poll_once`)."""
+        return poll_once(settings, self, handle, summary)
+
     def study_uid(self, orthanc_id: str) -> str | None:
         """The StudyInstanceUID of an Orthanc study id (None when the study was deleted meanwhile)."""
         try:
@@ -140,6 +151,19 @@ class OrthancChanges:
                 return None
             raise
         return (study.get("MainDicomTags") or {}).get("StudyInstanceUID")
+
+
+def _handled(summary: ListenSummary, outcome: Outcome | None) -> bool:
+    """Count an outcome; True when it is transient (to be retried)."""
+    if outcome is None:
+        return False
+    summary.studies += 1
+    summary.outcomes.append(outcome.line())
+    status = str(getattr(outcome, "status", "submitted"))
+    summary.statuses[status] = summary.statuses.get(status, 0) + 1
+    if outcome.transient:
+        summary.pending_retry = True
+    return outcome.transient
 
 
 def start_cursor(settings: Settings, changes: OrthancChanges) -> int:
@@ -165,15 +189,8 @@ def poll_once(settings: Settings, changes: OrthancChanges, handle: Callable[[str
             summary.changes += 1
             if change.get("ChangeType") == STABLE_STUDY:
                 uid = changes.study_uid(str(change.get("ID", "")))
-                outcome = handle(uid) if uid else None
-                if outcome is not None:
-                    summary.studies += 1
-                    summary.outcomes.append(outcome.line())
-                    status = str(getattr(outcome, "status", "submitted"))
-                    summary.statuses[status] = summary.statuses.get(status, 0) + 1
-                    if outcome.transient:
-                        summary.pending_retry = True
-                        return False  # the cursor stays before this change: retried at the next poll
+                if uid and _handled(summary, handle(uid)):
+                    return False  # transient: the cursor stays before this change, retried at the next poll
             cursor = seq
             records.write_cursor(settings, cursor)
             summary.last_seq = cursor
@@ -181,10 +198,11 @@ def poll_once(settings: Settings, changes: OrthancChanges, handle: Callable[[str
             return True
 
 
-def listen(settings: Settings, changes: OrthancChanges, handle: Callable[[str], Outcome | None], *,
+def listen(settings: Settings, feed: Feed, handle: Callable[[str], Outcome | None], *,
            once: bool = False, max_seconds: float | None = None,
            sleep: Callable[[float], None] = time.sleep) -> ListenSummary:
-    """Poll the feed every ``pacs.poll_s`` seconds and hand each stable study to ``handle``.
+    """Poll ``feed`` (:class:`OrthancChanges` or :class:`QidoStudies`) every ``pacs.poll_s`` seconds and hand each
+    stable study to ``handle``.
 
     ``once``: handle what is pending and return. ``max_seconds``: return after that long (between polls).
     A PACS that cannot be reached is logged (one line) and polled again, except with ``once``, which raises.
@@ -196,7 +214,7 @@ def listen(settings: Settings, changes: OrthancChanges, handle: Callable[[str], 
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     while True:
         try:
-            poll_once(settings, changes, handle, summary)
+            feed.poll(settings, handle, summary)
         except PacsUnavailable as exc:
             if once:
                 raise
@@ -206,3 +224,60 @@ def listen(settings: Settings, changes: OrthancChanges, handle: Callable[[str], 
             return summary
         wait = settings.pacs.poll_s if deadline is None else min(settings.pacs.poll_s, deadline - time.monotonic())
         sleep(max(0.0, wait))
+
+
+class QidoStudies:
+    """Stable studies found with QIDO-RS alone, for a PACS without Orthanc's change feed (``pacs.feed: qido``).
+
+    Each poll searches the studies dated within the last ``pacs.qido_days`` days (``StudyDate`` range, today
+    included) with their instance count (``NumberOfStudyRelatedInstances``). A study whose count has not changed for
+    ``pacs.qido_quiet_s`` seconds is taken as stable (Orthanc's StableAge, judged from outside) and handed over
+    once per count: more images, or our own SR, make it eligible again, and the idempotency of
+    :func:`pipeline.pacs.process.process_study` answers ``already_processed``. Nothing is persisted: a restarted
+    listener re-checks the window's studies (one series search each). Studies sent later than their StudyDate
+    window (priors, late archives) are not seen: process those with ``xrayops pacs process``.
+    """
+
+    def __init__(self, client: Any, *, days: int, quiet_s: float, clock: Callable[[], float] = time.monotonic,
+                 today: Callable[[], Any] | None = None) -> None:
+        from datetime import date
+
+        self.client, self.days, self.quiet_s, self.clock = client, days, quiet_s, clock
+        self.today = today or date.today
+        self._state: dict[str, tuple[str | None, float, bool]] = {}  # uid → (count, unchanged since, handed over)
+
+    def _studies(self) -> dict[str, str | None]:
+        from datetime import timedelta
+
+        from pipeline.pacs.dicomweb import STUDY_UID, json_value
+
+        today = self.today()
+        window = f"{today - timedelta(days=self.days - 1):%Y%m%d}-{today:%Y%m%d}"
+        found: dict[str, str | None] = {}
+        offset, size = 0, getattr(self.client, "page_size", 100)
+        while True:
+            page = self.client.search_studies({"StudyDate": window}, fields=["00201208"], limit=size, offset=offset)
+            for item in page:
+                uid = json_value(item, STUDY_UID)
+                if uid:
+                    found[uid] = json_value(item, "00201208")
+            if len(page) < size:
+                return found
+            offset += len(page)
+
+    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool:
+        """Hand over the studies that became stable; False when a transient outcome stopped the poll."""
+        summary.polls += 1
+        found, now = self._studies(), self.clock()
+        self._state = {uid: state for uid, state in self._state.items() if uid in found}
+        for uid, count in found.items():
+            seen, since, done = self._state.get(uid, (None, now, False))
+            if uid not in self._state or seen != count:
+                since, done = now, False
+            self._state[uid] = (count, since, done)
+            if done or now - since < self.quiet_s:
+                continue
+            if _handled(summary, handle(uid)):
+                return False  # not marked as handed over: retried at the next poll
+            self._state[uid] = (count, since, True)
+        return True

@@ -36,15 +36,15 @@ TOKENS = [MRN, *PHI.values(), "Zyxqvist", "Henrietta"]
 
 
 def send_study(orthanc: Orthanc, folder: Path, index: int, views: tuple[str, ...] = ("PA",), side: int = 64,
-               modality: str = "CR") -> str:
+               modality: str = "CR", study: str | None = None, study_date: str = "20261201") -> str:
     """A PHI-bearing study (one instance per view) sent over C-STORE; its StudyInstanceUID."""
-    study, series = generate_uid(), generate_uid()
+    study, series = study or generate_uid(), generate_uid()
     paths = []
     for i, view in enumerate(views):
         data = dicom_bytes(xray(index + i, side=side), patient_id=MRN, phi=PHI, view=view, modality=modality)
         data = edited(data, StudyInstanceUID=study, SeriesInstanceUID=series, SeriesNumber=1, InstanceNumber=i + 1,
-                      StudyDate="20261201", StudyTime="101500", StudyID="1")
-        paths.append(folder / f"s{index}-{i}.dcm")
+                      StudyDate=study_date, StudyTime="101500", StudyID="1")
+        paths.append(folder / f"s{index}-{i}-{series[-6:]}.dcm")
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         paths[-1].write_bytes(data)
     storescu(orthanc, paths)
@@ -103,7 +103,7 @@ def test_process_stores_an_sr_in_the_study_equal_to_the_api(orthanc: Orthanc, ch
     predictor = store.require()
     assert (got["algorithm_name"], got["algorithm_version"]) == (predictor.model_name, predictor.version)
     assert got["device_uids"] == [device_uid(predictor.model_name, predictor.version)]
-    pa = [p for p in sorted((tmp_path / "in").glob("s11-*.dcm")) if p.name.endswith("-1.dcm")][0]
+    pa = next((tmp_path / "in").glob("s11-1-*.dcm"))
     api = InferenceService(settings, store, LogWriter(tmp_path / "api-log", flush_s=0)).predict(pa.read_bytes())
     assert got["probability"] == pytest.approx(api.probability, abs=1e-9)
     assert got["present"] is (api.label == predictor.positive_class)
@@ -234,3 +234,45 @@ def test_secondary_capture_of_the_explanation_goes_to_the_study(orthanc: Orthanc
     assert len(sc) == 1
     ds = client.retrieve_instance(study, sc[0]["0020000E"]["Value"][0], sc[0]["00080018"]["Value"][0])
     assert ds.PhotometricInterpretation == "RGB" and ds.StudyInstanceUID == study
+
+
+def test_qido_feed_hands_over_quiet_studies_once_per_instance_count(fresh_orthanc: Orthanc,
+                                                                    champion_project: Settings,
+                                                                    tmp_path: Path) -> None:
+    from dataclasses import dataclass
+    from datetime import date
+
+    from pipeline.pacs.listen import ListenSummary, QidoStudies
+
+    @dataclass
+    class Seen:
+        status: str = "sr_stored"
+        transient: bool = False
+
+        def line(self) -> str:
+            return self.status
+
+    today = f"{date.today():%Y%m%d}"
+    study = send_study(fresh_orthanc, tmp_path / "in", 81, study_date=today)
+    send_study(fresh_orthanc, tmp_path / "in", 82, study_date="19990101")  # outside the window
+    now = [0.0]
+    feed = QidoStudies(PacsClient(fresh_orthanc.dicomweb_url), days=1, quiet_s=60, clock=lambda: now[0])
+    handed: list[str] = []
+    settings, sets = pacs_settings(champion_project, tmp_path)
+
+    def poll(at: float) -> list[str]:
+        now[0], before = at, len(handed)
+        feed.poll(settings, lambda uid: handed.append(uid) or Seen(), ListenSummary())
+        return handed[before:]
+
+    assert poll(0) == [] and poll(59) == [] and poll(61) == [study] and poll(200) == []
+    send_study(fresh_orthanc, tmp_path / "in", 83, study=study, study_date=today)  # one more image
+    assert poll(201) == [] and poll(262) == [study]
+
+    # through the CLI: quiet 0 = at first sight; a restarted listener re-checks and recognises its SR
+    qido = [*sets, "pacs.feed=qido", "pacs.qido_quiet_s=0", "pacs.dispatch=direct"]
+    code, out = cli(champion_project, qido, "pacs", "listen", "--url", fresh_orthanc.dicomweb_url, "--once")
+    assert code == 0 and "1 stable studies processed ({'sr_stored': 1})" in out, out
+    code, out = cli(champion_project, qido, "pacs", "listen", "--url", fresh_orthanc.dicomweb_url, "--once")
+    assert code == 0 and "already_processed" in out and "sr_stored" not in out, out
+    assert len(sr_instances(PacsClient(fresh_orthanc.dicomweb_url), study)) == 1

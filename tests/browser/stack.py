@@ -184,7 +184,12 @@ def start_run_from_form(stack: TrainingStack, page: Any, screenshot: Any, timeou
     screenshot(page, "prefect-run-form")
     t0 = time.monotonic()
     page.get_by_role("button", name="Submit").click()
-    page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+($|\?)"))  # the UI goes back to the deployment
+    try:
+        page.wait_for_url(re.compile(r"/deployments/deployment/[^/]+($|\?)"))  # the UI goes back to the deployment
+    except Exception as exc:  # say what the form showed instead (a validation error, a toast)
+        page.screenshot(path=str(stack.log_dir / "form-not-submitted.png"), full_page=True)
+        raise AssertionError(f"the form was not submitted; the page shows:\n{page.inner_text('body')[-2000:]}\n"
+                             f"{stack.logs(20)}") from exc
 
     with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(TRAINING_DEPLOYMENT)

@@ -1,5 +1,10 @@
 """Evidence pack per registry version: what a review board reads, mapped to CLAIM 2024 and TRIPOD+AI.
 
+Standards: CLAIM 2024 update (Tejani et al., Radiology: Artificial Intelligence 2024;6(4):e240300,
+doi:10.1148/ryai.240300; 44 items, numbered differently from CLAIM 2020) and TRIPOD+AI (Collins et
+al., BMJ 2024;385:e078378, doi:10.1136/bmj-2023-078378; 27 items). How the item numbers were
+verified, and which items are left to the study team, is in :mod:`pipeline.registry.evidence_report`.
+
 The pack is read back from what the pipeline recorded (the version's tags, its training run's
 artifacts, the dataset folder's ingest summary, split and certificate, the audit log), like the
 model card, so it can be regenerated at any time (``xrayops registry evidence N``). It holds
@@ -183,7 +188,7 @@ def deidentification(s: Sources) -> dict[str, Any]:
 
 
 def flow(s: Sources) -> dict[str, Any]:
-    """Inclusion/exclusion counts, files found → ingested → split (CLAIM flow of cases)."""
+    """Inclusion/exclusion counts, files found → ingested → split (CLAIM 2024 item 35, TRIPOD+AI 20a)."""
     m, cert = s.summary, s.certificate
     if not m:
         return {}

@@ -1,10 +1,32 @@
 """The reviewer-facing parts of an evidence pack: the checklist, the change envelope, the diff, the HTML.
 
-:func:`checklist` maps CLAIM 2024 (Tejani et al., Radiology: AI 2024) and TRIPOD+AI (Collins et
-al., BMJ 2024) items that this pipeline can answer, plus three governance items, to the pack
-section and the artefacts that answer them, each with a status (``answered`` / ``partly`` /
-``not_available``). Item numbers follow the published checklists as we read them; the titles
-are short paraphrases. All functions here are pure: the pack dict in, JSON-able values or HTML out.
+:func:`checklist` maps items of two reporting standards, plus three governance items, to the pack
+section and the artefacts that answer them, each with a status: ``answered`` / ``partly`` /
+``not_available`` (the pipeline answers the item but this version has no record of it) /
+``study_team`` (not answered by the pipeline by design: to be completed by the study team; the
+note says why). The mapping lists the items the pipeline answers in full or in part and the
+central items it cannot answer; it is not the whole checklist, which the study team completes.
+
+Item numbers and titles were checked (2026-12-01) against:
+
+* **CLAIM 2024**: Tejani AS, Klontzas ME, Gatti AA, Mongan JT, Moy L, Park SH, Kahn CE Jr.
+  "Checklist for Artificial Intelligence in Medical Imaging (CLAIM): 2024 Update." Radiology:
+  Artificial Intelligence 2024;6(4):e240300, https://doi.org/10.1148/ryai.240300 (PMC11304031);
+  44 items. The RSNA article itself could not be reached from this machine: the numbering was
+  read from three independent public transcriptions of its checklist that agree item by item (one
+  states it was compared 44/44 against PMC11304031), and their titles are used here, shortened.
+  Note that the 2024 numbering differs from CLAIM 2020 (42 items) from item 11 on: e.g.
+  de-identification is 11 (12 in 2020), internal / external testing are 32 / 33, the numbers
+  included and excluded 35, demographics per partition 36, failure analysis 39.
+* **TRIPOD+AI**: Collins GS, Moons KGM, Dhiman P, et al. "TRIPOD+AI statement: updated guidance
+  for reporting clinical prediction models that use regression or machine learning methods."
+  BMJ 2024;385:e078378, https://doi.org/10.1136/bmj-2023-078378 (checklist also at
+  https://www.tripod-statement.org/); 27 items, 52 sub-items. Checked against two independent
+  verbatim transcriptions of the published checklist (CC BY 4.0), which agree with each other.
+
+Titles are short forms of the published item titles; the note says what the pipeline covers and
+what it leaves to the study team. All functions here are pure: the pack dict in, JSON-able values
+or HTML out.
 """
 
 from __future__ import annotations
@@ -16,46 +38,88 @@ from typing import Any
 
 from pipeline.config import Settings
 
-ANSWERED, PARTLY, NOT_AVAILABLE = "answered", "partly", "not_available"
+ANSWERED, PARTLY, NOT_AVAILABLE, STUDY_TEAM = "answered", "partly", "not_available", "study_team"
+STUDY_TEAM_NOTE = "not answered by the pipeline: to be completed by the study team"
 
-# (standard, item, title, sections, note when only partly answered by design; None = fully answerable)
+CLAIM, TRIPOD, GOVERNANCE = "CLAIM 2024", "TRIPOD+AI", "governance"
+# The item numbers the published checklists have (CLAIM 2024: 1-44; TRIPOD+AI: 27 items, 52 sub-items).
+CLAIM_2024_ITEMS = tuple(str(n) for n in range(1, 45))
+TRIPOD_AI_ITEMS = ("1", "2", "3a", "3b", "3c", "4", "5a", "5b", "6a", "6b", "6c", "7", "8a", "8b", "8c", "9a", "9b",
+                   "9c", "10", "11", "12a", "12b", "12c", "12d", "12e", "12f", "12g", "13", "14", "15", "16", "17",
+                   "18a", "18b", "18c", "18d", "18e", "18f", "19", "20a", "20b", "20c", "21", "22", "23a", "23b",
+                   "24", "25", "26", "27a", "27b", "27c")
+
+# (standard, item, title, sections, note when only partly answered by design; None = fully answerable).
+# No sections = not answered by the pipeline (status study_team, the note says why).
 ITEMS: tuple[tuple[str, str, str, tuple[str, ...], str | None], ...] = (
-    ("CLAIM 2024", "7", "Data sources", ("provenance",), None),
-    ("CLAIM 2024", "8", "Eligibility criteria (inclusion / exclusion)", ("flow",), None),
-    ("CLAIM 2024", "11", "De-identification methods", ("deidentification",), None),
-    ("CLAIM 2024", "14", "Definition of the reference standard (labels)", ("provenance",),
+    (CLAIM, "7", "Data sources", ("provenance",), None),
+    (CLAIM, "8", "Inclusion and exclusion criteria", ("flow",), None),
+    (CLAIM, "11", "De-identification methods", ("deidentification",), None),
+    (CLAIM, "14", "Definition of method(s) used to obtain the reference standard", ("provenance",),
      "labels come from the data source's label mapping; no adjudication or annotator record is kept"),
-    ("CLAIM 2024", "18", "Inter- and intra-rater variability of the reference standard", (),
-     "not measured: one label per image"),
-    ("CLAIM 2024", "19", "How data were assigned to partitions, with proportions", ("leakage",), None),
-    ("CLAIM 2024", "20", "Level at which partitions are disjoint (patient)", ("leakage",), None),
-    ("CLAIM 2024", "22", "Detailed model description (inputs, outputs, architecture)", ("model",), None),
-    ("CLAIM 2024", "23", "Software libraries, frameworks and packages", ("software",), None),
-    ("CLAIM 2024", "25", "Training details (hyperparameters, seed, code version)", ("training",), None),
-    ("CLAIM 2024", "26", "Method of selecting the final model (promotion gate)", ("gate",), None),
-    ("CLAIM 2024", "28", "Metrics of model performance", ("metrics",), None),
-    ("CLAIM 2024", "29", "Statistical measures of uncertainty (CIs)", ("metrics",), None),
-    ("CLAIM 2024", "30", "Robustness or sensitivity analysis (shortcut test)", ("failure_analysis",), None),
-    ("CLAIM 2024", "31", "Explainability methods and their validation", ("explanations",), None),
-    ("CLAIM 2024", "32", "Validation on external data", (), "single data source: no external test set"),
-    ("CLAIM 2024", "33", "Flow of cases (inclusion / exclusion diagram)", ("flow",), None),
-    ("CLAIM 2024", "34", "Demographic and clinical characteristics per partition", ("demographics",), None),
-    ("CLAIM 2024", "36", "Diagnostic accuracy with precision, calibration", ("metrics", "calibration"), None),
-    ("CLAIM 2024", "37", "Failure analysis of incorrectly classified cases", ("failure_analysis",), None),
-    ("CLAIM 2024", "38", "Limitations", ("model_card",), None),
-    ("CLAIM 2024", "39", "Implications for practice, intended use", ("model_card",), None),
-    ("TRIPOD+AI", "5a", "Data sources and their dates / versions", ("provenance",), None),
-    ("TRIPOD+AI", "12a", "How data were used: partitioning, leakage avoided", ("leakage",), None),
-    ("TRIPOD+AI", "12e", "Performance measures: discrimination, calibration, clinical utility",
+    (CLAIM, "17", "Annotation of test set", ("provenance",),
+     "test labels come from the same source label mapping as training labels; no separate test-set annotation"),
+    (CLAIM, "18", "Measures of inter- and intrarater variability", (),
+     "not measured by the pipeline: one label per image"),
+    (CLAIM, "19", "How data were assigned to partitions (proportions)", ("leakage",), None),
+    (CLAIM, "20", "Level at which partitions are disjoint (patient)", ("leakage",), None),
+    (CLAIM, "21", "Intended sample size (testing data)", (),
+     "no sample-size calculation in the pipeline; the test partition's achieved size is in #demographics"),
+    (CLAIM, "22", "Detailed description of model (inputs, outputs, architecture)", ("model",), None),
+    (CLAIM, "23", "Software libraries, frameworks, and packages", ("software",), None),
+    (CLAIM, "24", "Initialization of model parameters (train.weights)", ("training",), None),
+    (CLAIM, "25", "Details of training approach (hyperparameters, seed, code version)", ("training",), None),
+    (CLAIM, "26", "Method of selecting the final model (best validation checkpoint, promotion gate)",
+     ("training", "gate"), None),
+    (CLAIM, "28", "Metrics of model performance", ("metrics",), None),
+    (CLAIM, "29", "Statistical measures of significance and uncertainty (CIs)", ("metrics",), None),
+    (CLAIM, "30", "Robustness or sensitivity analysis (shortcut test)", ("failure_analysis",), None),
+    (CLAIM, "31", "Methods for explainability or interpretability, and their validation", ("explanations",), None),
+    (CLAIM, "32", "Evaluation on internal data (held-out test partition)", ("metrics",), None),
+    (CLAIM, "33", "Testing on external data", (), "single data source: no external test set"),
+    (CLAIM, "35", "Numbers of patients or examinations included and excluded (flow diagram)", ("flow",), None),
+    (CLAIM, "36", "Demographic and clinical characteristics of cases in each partition", ("demographics",), None),
+    (CLAIM, "37", "Performance metrics and measures of statistical uncertainty", ("metrics", "subgroups"),
+     "on the test partition and its subgroups; training and validation curves stay in the training run"),
+    (CLAIM, "38", "Estimates of diagnostic performance and their precision (with calibration)",
      ("metrics", "calibration"), None),
-    ("TRIPOD+AI", "12f", "Model updating and its acceptance criteria", ("change_envelope",), None),
-    ("TRIPOD+AI", "14", "Fairness: performance across subgroups", ("subgroups",), None),
-    ("TRIPOD+AI", "15", "Model output and how the threshold was identified", ("threshold",), None),
-    ("TRIPOD+AI", "23b", "Heterogeneity of performance across clusters (sites)", ("subgroups",), None),
-    ("TRIPOD+AI", "24", "Results of model updating (versus the previous model)", ("diff",), None),
-    ("governance", "G1", "Gate decision on this version", ("gate",), None),
-    ("governance", "G2", "Human approval (reviewer, time, reason)", ("approval",), None),
-    ("governance", "G3", "Audit log records of this version, chain head", ("audit",), None),
+    (CLAIM, "39", "Failure analysis of incorrectly classified cases", ("failure_analysis",), None),
+    (CLAIM, "40", "Study limitations", ("model_card",),
+     "the model card's known limitations; the study's own limitations are the study team's"),
+    (CLAIM, "41", "Implications for practice, including intended use and/or clinical role", ("model_card",),
+     "the model card's intended use; implications for practice are the study team's"),
+    (CLAIM, "43", "Availability of software, trained model, and/or data", (),
+     "the pack records where the model and code version are; whether and how they are shared is the study team's"),
+    (TRIPOD, "5a", "Sources of data (development and evaluation)", ("provenance",),
+     "source and dataset versions; the rationale and representativeness are the study team's"),
+    (TRIPOD, "6b", "Eligibility criteria for study participants", ("flow",), None),
+    (TRIPOD, "10", "Sample size", (), "no sample-size calculation in the pipeline"),
+    (TRIPOD, "12a", "How the data were used in the analysis, including partitioning", ("leakage",), None),
+    (TRIPOD, "12c", "Type of model, model-building steps, hyperparameter tuning, internal validation",
+     ("model", "training"), None),
+    (TRIPOD, "12e", "Measures and plots to evaluate performance (discrimination, calibration, clinical utility)",
+     ("metrics", "calibration"), None),
+    (TRIPOD, "12f", "Model updating arising from the model evaluation", ("change_envelope",),
+     "the change envelope fixes how later versions may be retrained and their acceptance criteria; "
+     "no recalibration arising from this evaluation is performed"),
+    (TRIPOD, "13", "Class imbalance methods", ("training",),
+     "whether inverse-frequency class weights were used (train.class_weights); the rationale is the study team's"),
+    (TRIPOD, "14", "Fairness: approaches used to address model fairness (subgroup criteria of the gate)",
+     ("subgroups", "gate"), None),
+    (TRIPOD, "15", "Model output, and how the classification threshold was identified", ("threshold",), None),
+    (TRIPOD, "17", "Ethical approval", (), "ethics approval and consent or waiver are outside the pipeline"),
+    (TRIPOD, "20a", "Flow of participants through the study", ("flow",), None),
+    (TRIPOD, "20b", "Characteristics of the participants (demographics, outcome events)", ("demographics",), None),
+    (TRIPOD, "21", "Number of participants and outcome events in each analysis", ("demographics",), None),
+    (TRIPOD, "22", "Full model specification (code, object, API)", ("model",),
+     "the SavedModel and ONNX locations; access restrictions and reuse terms are the study team's"),
+    (TRIPOD, "23a", "Model performance estimates with confidence intervals, including key subgroups",
+     ("metrics", "subgroups"), None),
+    (TRIPOD, "23b", "Heterogeneity in model performance across clusters (sites)", ("subgroups",), None),
+    (TRIPOD, "24", "Results of model updating (versus the previous model)", ("diff",), None),
+    (GOVERNANCE, "G1", "Gate decision on this version", ("gate",), None),
+    (GOVERNANCE, "G2", "Human approval (reviewer, time, reason)", ("approval",), None),
+    (GOVERNANCE, "G3", "Audit log records of this version, chain head", ("audit",), None),
 )
 
 
@@ -64,7 +128,9 @@ def checklist(sections: dict[str, Any], links: dict[str, list[dict[str, str]]]) 
     rows = []
     for standard, item, title, keys, note in ITEMS:
         present = [k for k in keys if _filled(sections.get(k), k)]
-        if not keys or not present:
+        if not keys:
+            status, note = STUDY_TEAM, f"{STUDY_TEAM_NOTE} ({note})" if note else STUDY_TEAM_NOTE
+        elif not present:
             status = NOT_AVAILABLE
         elif note or len(present) < len(keys) or any(_partial(sections.get(k), k) for k in present):
             status = PARTLY
@@ -181,7 +247,7 @@ def _num(v: Any) -> bool:
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;"
          "vertical-align:top}th{background:#f3f3f3}.answered{color:#176117}.partly{color:#9a6a00}"
-         ".not_available{color:#a11}code{font-size:12px}")
+         ".not_available{color:#a11}.study_team{color:#555}code{font-size:12px}")
 
 
 def render_html(pack: dict[str, Any]) -> str:

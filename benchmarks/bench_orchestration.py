@@ -109,7 +109,8 @@ def run_flow(params_path: Path) -> tuple[float, float]:
     from flows.training import TrainingParameters, training_flow
 
     t0 = time.perf_counter()
-    state = training_flow(TrainingParameters(params_path=str(params_path)), return_state=True)
+    params = TrainingParameters(params_path=str(params_path), simulate_production=True)  # as the direct path does
+    state = training_flow(params, return_state=True)
     wall = time.perf_counter() - t0
     if not state.is_completed():
         raise RuntimeError(f"the training flow did not complete: {state}")

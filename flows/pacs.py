@@ -4,8 +4,14 @@ A thin wrapper of :func:`pipeline.pacs.process.process_study`. The PACS client, 
 production-log writer are built once per process and reused by every run in it (:func:`context`): the listener
 (``xrayops pacs listen`` with ``pacs.dispatch: flow``) runs this flow in its own process once per stable study, and
 loading the model for each study would cost seconds. The flow ends ``Completed`` for every outcome that is an answer
-(an SR, no frontal image, a gate refusal) and ``Failed`` only for a transient one (PACS unreachable, no verified
-model) so the Prefect UI shows what needs a retry.
+(an SR, no frontal image, a gate refusal) and ``Failed`` for a transient one (PACS unreachable, no verified
+model) so the Prefect UI shows what needs a retry, and for ``study_unknown`` (a run that cannot see the listener's
+pending store: a misconfigured worker).
+
+A run never gets a study UID: Prefect keeps run parameters in its database and shows them in its UI, outside our
+de-identified stores. The dispatcher (:func:`run_flow`, :func:`submit_deployment_run`) keeps the UID in the 0600
+pending store (:func:`pipeline.pacs.process.hand_over`) and passes the salted reference ``S…``; the run reads the
+UID back there.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from pipeline.config import Settings, load_settings, with_overrides
-from pipeline.pacs.process import PacsContext, PacsOutcome, pacs_client, process_study
+from pipeline.pacs.process import STUDY_UNKNOWN, PacsContext, PacsOutcome, hand_over, pacs_client, process_study_ref
 
 _CONTEXTS: dict[tuple[str | None, tuple[str, ...], str | None], PacsContext] = {}
 _LOCK = threading.Lock()
@@ -37,34 +43,39 @@ def context(settings: Settings, url: str | None, key: tuple[str | None, tuple[st
 
 
 @task(name="process-study", cache_policy=NO_CACHE)
-def process_study_task(ctx: PacsContext, study_uid: str) -> PacsOutcome:
-    outcome = process_study(ctx, study_uid)
+def process_study_task(ctx: PacsContext, study_ref: str) -> PacsOutcome:
+    outcome = process_study_ref(ctx, study_ref)
     get_run_logger().info("%s", outcome.line())  # de-identified: the salted study reference only
     return outcome
 
 
 @flow(name="xrayops-pacs-inference", log_prints=False, validate_parameters=True)
-def pacs_inference_flow(study_uid: str, url: str | None = None, params_path: str | None = None,
+def pacs_inference_flow(study_ref: str, url: str | None = None, params_path: str | None = None,
                         overrides: list[str] | None = None) -> Any:
     """Process one study of the PACS at ``url`` (default ``data.dicomweb.url``) with the served champion.
 
     Args:
-        study_uid: StudyInstanceUID of a stable study (it is never logged; the run logs its salted reference).
+        study_ref: the study's salted reference (S + 16 hex digits), never its UID: the listener keeps the UID
+            under <pacs.state_dir>/pending/ before it starts the run, and the run reads it there.
         url: DICOMweb root of the PACS.
         params_path: params.yaml (empty = the project's).
         overrides: section.field=value strings.
     """
     settings = with_overrides(load_settings(params_path), list(overrides or []))
     ctx = context(settings, url, (params_path, tuple(overrides or []), url))
-    outcome = process_study_task(ctx, study_uid)
-    if outcome.transient:
+    outcome = process_study_task(ctx, study_ref)
+    if outcome.transient or outcome.status == STUDY_UNKNOWN:
         return Failed(message=outcome.line(), data=outcome)
     return Completed(message=outcome.line(), data=outcome)
 
 
-def run_flow(study_uid: str, url: str | None, params_path: str | None, overrides: list[str]) -> PacsOutcome:
-    """Run the flow in this process and return its outcome (a Failed run's too: it is a transient outcome)."""
-    state = pacs_inference_flow(study_uid, url, params_path, overrides, return_state=True)
+def run_flow(settings: Settings, study_uid: str, url: str | None, params_path: str | None,
+             overrides: list[str]) -> PacsOutcome:
+    """Hand the study over (its UID kept in the pending store of ``settings``, which must be the settings that
+    ``params_path`` + ``overrides`` give), run the flow in this process with its reference, and return the outcome
+    (a Failed run's too)."""
+    ref = hand_over(settings, study_uid)
+    state = pacs_inference_flow(ref, url, params_path, overrides, return_state=True)
     return state.result(raise_on_failure=False)
 
 
@@ -83,16 +94,16 @@ class Submitted:
 
 def submit_deployment_run(settings: Settings, study_uid: str, url: str | None, params_path: str | None,
                           overrides: list[str]) -> Submitted:
-    """Start a run of ``pacs.deployment`` for the study and return at once (``timeout=0``)."""
+    """Hand the study over (as :func:`run_flow`) and start a run of ``pacs.deployment`` with its reference;
+    return at once (``timeout=0``). The worker must share ``pacs.state_dir`` and the salt with the listener."""
     from prefect.deployments import run_deployment
 
-    from pipeline.data.deid import load_salt
     from pipeline.errors import ConfigError
-    from pipeline.pacs.process import study_ref
 
     if not settings.pacs.deployment:
         raise ConfigError("pacs.dispatch is 'deployment' but pacs.deployment is not set",
                           hint="--set pacs.deployment=xrayops-pacs-inference/<deployment>, or pacs.dispatch=flow")
+    ref = hand_over(settings, study_uid)
     run = run_deployment(settings.pacs.deployment, timeout=0, parameters={
-        "study_uid": study_uid, "url": url, "params_path": params_path, "overrides": overrides})
-    return Submitted(study_ref(study_uid, load_salt(settings.data.ingest.salt_env, settings.home)), str(run.name))
+        "study_ref": ref, "url": url, "params_path": params_path, "overrides": overrides})
+    return Submitted(ref, str(run.name))

@@ -994,7 +994,8 @@ def _pacs_handler(settings: Any, url: str, params: Path | None, sets: list[str])
                                                         str(params) if params else None, sets)), lambda: None
     from flows.pacs import run_flow
 
-    return (lambda study_uid: run_flow(study_uid, url, str(params) if params else None, sets)), lambda: None
+    return (lambda study_uid: run_flow(settings, study_uid, url, str(params) if params else None,
+                                       sets)), lambda: None
 
 
 def main() -> None:

@@ -20,6 +20,11 @@
 Every outcome is returned (never raised, except for a misconfiguration) and recorded de-identified
 (:mod:`pipeline.pacs.records`): the study is named by its salted reference ``S…`` (:func:`study_ref`) in logs,
 records and the production log; its UIDs go back to the PACS and into the link store only.
+
+A study handed to a Prefect run (``pacs.dispatch: flow | deployment``) is handed over by reference:
+:func:`hand_over` keeps its UID in the 0600 ``pending/`` store and returns the reference, the run gets only that
+(Prefect stores run parameters in its database and shows them in its UI), and :func:`process_study_ref` reads the
+UID back; no UID kept for the reference → ``study_unknown``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ MODEL_UNAVAILABLE = "model_unavailable"
 PACS_ERROR = "pacs_error"
 PACS_UNAVAILABLE = "pacs_unavailable"
 UNEXPECTED = "error"
+STUDY_UNKNOWN = "study_unknown"
 OUTCOMES = {
     SR_STORED: "the result SR was stored in the study",
     ALREADY_PROCESSED: "the study already holds this model version's SR",
@@ -64,6 +70,8 @@ OUTCOMES = {
     PACS_ERROR: "the PACS refused a request or answered something unreadable",
     PACS_UNAVAILABLE: "the PACS could not be reached or failed (temporary: retried by the listener)",
     UNEXPECTED: "an unexpected error (a defect: the log names its type)",
+    STUDY_UNKNOWN: "no study UID is kept for this reference under <pacs.state_dir>/pending (the run must share "
+                   "the listener's pacs.state_dir and XRAYOPS_PSEUDONYM_SALT; or the study was handled meanwhile)",
 }
 TRANSIENT = frozenset({MODEL_UNAVAILABLE, PACS_UNAVAILABLE})  # the listener retries these later
 
@@ -214,6 +222,34 @@ def process_study(ctx: PacsContext, study_uid: str) -> PacsOutcome:
     outcome = _timed(outcome, started)
     _record(ctx, outcome)
     (logger.info if outcome.ok else logger.warning)("%s", outcome.line())
+    return outcome
+
+
+def hand_over(settings: Settings, study_uid: str) -> str:
+    """Keep the study's UID in the pending store (0600) and return its reference, the only thing a run gets."""
+    ref = study_ref(study_uid, load_salt(settings.data.ingest.salt_env, settings.home))
+    records.save_pending(settings, ref, study_uid)
+    return ref
+
+
+def process_study_ref(ctx: PacsContext, ref: str) -> PacsOutcome:
+    """:func:`process_study` for a study handed over by reference (:func:`hand_over`); the UID kept for it is
+    deleted once the outcome is final (a transient one keeps it for the retry). Nothing kept, or a UID whose
+    reference under this salt is another one → ``study_unknown`` (recorded and logged like any outcome)."""
+    try:
+        uid = records.load_pending(ctx.settings, ref)
+    except ValueError:
+        uid, ref = None, "S?"  # not a reference at all: never echo what was passed (it may be a UID)
+    if uid is None or study_ref(uid, ctx.salt) != ref:
+        outcome = PacsOutcome(STUDY_UNKNOWN, ref, OUTCOMES[STUDY_UNKNOWN] if uid is None else
+                              "the study UID kept for this reference has another reference under this process's "
+                              "XRAYOPS_PSEUDONYM_SALT: the listener and the run must share the salt")
+        _record(ctx, outcome)
+        logger.warning("%s", outcome.line())
+        return outcome
+    outcome = process_study(ctx, uid)
+    if not outcome.transient:
+        records.drop_pending(ctx.settings, ref)
     return outcome
 
 

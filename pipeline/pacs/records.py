@@ -7,6 +7,10 @@
   the source image and of our SR). Writing the VERIFIED SR back needs them; they are the PACS's identifiers, not
   patient data, but they do identify a study, so they live only here, are never logged, never go to MLflow or
   the production log, and the link is deleted once the result is signed off.
+- ``pending/<study_ref>.json`` (mode 0600): the StudyInstanceUID of a study handed to a Prefect run, keyed by its
+  salted reference. The listener writes it before it starts the run, so the run's parameters (stored in Prefect's
+  database and shown in its UI) carry the reference only; the run reads the UID here and deletes the file once
+  the study has a final outcome (a transient one keeps it for the retry).
 - ``cursor.json``: the listener's last processed Orthanc change sequence number, replaced atomically.
 """
 
@@ -27,6 +31,7 @@ from pipeline.serving.production_log import append, read_part, warn_skipped
 
 RECORDS_DIR = "records"
 LINKS_DIR = "links"
+PENDING_DIR = "pending"
 CURSOR_FILE = "cursor.json"
 
 
@@ -105,6 +110,31 @@ def load_link(settings: Settings, request_id: str) -> Link | None:
 
 def drop_link(settings: Settings, request_id: str) -> None:
     _link_path(settings, request_id).unlink(missing_ok=True)
+
+
+def _pending_path(settings: Settings, study_ref: str) -> Path:
+    if len(study_ref) != 17 or study_ref[0] != "S" or any(c not in "0123456789abcdef" for c in study_ref[1:]):
+        raise ValueError("a study reference is S + 16 hex digits")
+    return state_dir(settings) / PENDING_DIR / f"{study_ref}.json"
+
+
+def save_pending(settings: Settings, study_ref: str, study_uid: str) -> Path:
+    """Keep the UID of a study about to be handed to a run that only gets ``study_ref`` (file mode 0600)."""
+    return write_json_atomic(_pending_path(settings, study_ref), {"study_uid": study_uid})
+
+
+def load_pending(settings: Settings, study_ref: str) -> str | None:
+    """The UID kept for ``study_ref`` (None: none kept, or the file is unreadable)."""
+    path = _pending_path(settings, study_ref)
+    try:
+        uid = json.loads(path.read_text()).get("study_uid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return uid if isinstance(uid, str) and uid else None
+
+
+def drop_pending(settings: Settings, study_ref: str) -> None:
+    _pending_path(settings, study_ref).unlink(missing_ok=True)
 
 
 def read_cursor(settings: Settings) -> int | None:

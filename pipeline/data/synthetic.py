@@ -8,18 +8,21 @@ shift); ``shift`` > 0 simulates a different scanner/protocol for drift monitorin
 
 Two presets (``data.synthetic.preset``):
 
-- ``realistic``: three sites (:data:`SITES`) with their own scanner
+- ``realistic`` (the default): three sites (:data:`SITES`) with their own scanner
   (manufacturer, noise, blur, exposure, collimation, laterality marker), share of AP
-  (portable) views and disease prevalence; patient sex and age (older when sick); lesions
-  whose size and contrast spread from obvious to barely visible; benign look-alikes (a
-  nodule, a plate-like streak) in some normal images; AP views with a magnified heart and
-  more scatter. Site B stamps a "portable" bar on most of its sick patients' images and few
-  of the others': a spurious cue correlated with the label that a shortcut learner can use
-  (:func:`has_portable_marker` tells which images carry it, for shortcut tests).
-  Not the default yet: the default CNN does not start learning on it on every seed before
-  early stopping (test AUC 0.60–0.94 across seeds and lesion settings tried).
-- ``easy`` (the default): the first cohort (one site, high-contrast lesions); a small CNN
-  separates it perfectly (test AUC 1.0), which makes a gate's ΔAUC degenerate.
+  (portable) views and disease prevalence; patient sex and age (older when sick); patchy
+  opacities from faint to obvious; AP views with a magnified heart and more scatter. Two
+  limits on what any model can see keep the AUC near 0.9 rather than 1: pneumonia occult on
+  the radiograph in :data:`OCCULT_SHARE` of sick patients, and in :data:`MIMIC_SHARE` of well
+  patients an opacity of another cause drawn exactly like pneumonia (others get benign
+  look-alikes: a nodule, a plate-like streak). Site B stamps a "portable" bar on most of its
+  sick patients' images and few of the others': a spurious cue correlated with the label
+  that a shortcut learner can use (:func:`has_portable_marker` tells which images carry it,
+  for shortcut tests). With ``params.yaml``'s defaults the small CNN reaches test AUC
+  0.88–0.92 (``benchmarks/bench_default_cohort.py`` runs it seed after seed).
+- ``easy``: the first cohort (one site, high-contrast lesions); a small CNN separates it
+  perfectly (test AUC 1.0), which makes a gate's ΔAUC degenerate. Tests use it: they assert
+  behaviour, not a cohort's difficulty.
 
 Layout written under ``root``::
 
@@ -98,6 +101,9 @@ SITES = (
     Site("site-C", "Cobalt DX-9", 0.20, 0.90, 0.65, 0.024, 1.08, 0.94, 0.45, 0.035, 2, (0.0, 0.0)),
 )
 PRESETS = ("realistic", "easy")
+# The realistic preset's two limits on what any model can see, which put the AUC near 0.89 rather than 1:
+OCCULT_SHARE = 0.07  # sick patients whose pneumonia is occult on the radiograph (seen on CT only)
+MIMIC_SHARE = 0.18  # well patients with an opacity of another cause that looks exactly like pneumonia
 
 
 @dataclass(frozen=True)
@@ -258,23 +264,19 @@ def _render_realistic(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     _mediastinum_and_ribs(img, xr, yr, torso, lungs, heart_w, prng)
     texture = _smooth_noise(irng, s, scale=max(2, s // 24))
 
-    if patient.label == CLASSES[1]:  # lesions from obvious to barely visible
-        subtle = prng.random() < 0.2  # one in five barely visible: what keeps the AUC below 1
-        strength = prng.uniform(0.02, 0.06) if subtle else 0.2 + 0.25 * prng.beta(1.5, 1.5)
-        for _ in range(int(prng.integers(1, 4))):
-            lung, cx = lungs[int(prng.integers(0, 2))]
-            bx = cx + prng.uniform(-0.5, 0.5) * lung_w + irng.normal(0, 0.01)
-            by = lung_y + prng.uniform(-0.2, 0.6) * lung_h + irng.normal(0, 0.01)
-            r = prng.uniform(0.03, 0.09)
-            blob = np.exp(-(((xr - bx) ** 2 + (yr - by) ** 2) / (2 * r**2)))
-            img = img + lung * blob * strength * (0.6 + 0.8 * texture)
-    elif prng.random() < 0.25:  # benign look-alikes in well patients
+    mimic = prng.random()
+    if patient.label == CLASSES[1]:  # lesions from faint to obvious; a few occult on the radiograph
+        if mimic >= OCCULT_SHARE:
+            img = _consolidation(img, xr, yr, lungs, lung_w, lung_h, lung_y, prng, irng, texture)
+    elif mimic < MIMIC_SHARE:  # the same opacity with another cause (atelectasis, oedema, a scar)
+        img = _consolidation(img, xr, yr, lungs, lung_w, lung_h, lung_y, prng, irng, texture)
+    elif mimic < MIMIC_SHARE + 0.25:  # benign look-alikes: a small nodule or a plate-like streak
         lung, cx = lungs[int(prng.integers(0, 2))]
         bx, by = cx + prng.uniform(-0.4, 0.4) * lung_w, lung_y + prng.uniform(-0.3, 0.5) * lung_h
-        if prng.random() < 0.5:  # a small nodule
+        if prng.random() < 0.5:
             r = prng.uniform(0.015, 0.03)
             img = img + lung * np.exp(-(((xr - bx) ** 2 + (yr - by) ** 2) / (2 * r**2))) * prng.uniform(0.08, 0.18)
-        else:  # a plate-like streak
+        else:
             streak = np.exp(-((yr - by - 0.3 * (xr - bx)) ** 2) / (2 * 0.006**2)) * (np.abs(xr - bx) < 0.08)
             img = img + lung * streak * prng.uniform(0.06, 0.14)
 
@@ -283,6 +285,21 @@ def _render_realistic(patient: Patient, k: int, spec: CohortSpec) -> np.ndarray:
     if has_portable_marker(patient, k, spec):
         h, w = max(2, s // 40), max(6, s // 6)
         img[s // 20:s // 20 + h, s // 2 - w // 2:s // 2 + w // 2] = 0.9
+    return img
+
+
+def _consolidation(img: np.ndarray, xr: np.ndarray, yr: np.ndarray, lungs: list[tuple[np.ndarray, float]],
+                   lung_w: float, lung_h: float, lung_y: float, prng: np.random.Generator, irng: np.random.Generator,
+                   texture: np.ndarray) -> np.ndarray:
+    """One to three patchy opacities in the lung fields, from faint to obvious (the realistic preset)."""
+    strength = 0.15 + 0.3 * prng.beta(1.5, 1.5)
+    for _ in range(int(prng.integers(1, 4))):
+        lung, cx = lungs[int(prng.integers(0, 2))]
+        bx = cx + prng.uniform(-0.5, 0.5) * lung_w + irng.normal(0, 0.01)
+        by = lung_y + prng.uniform(-0.2, 0.6) * lung_h + irng.normal(0, 0.01)
+        r = prng.uniform(0.03, 0.09)
+        blob = np.exp(-(((xr - bx) ** 2 + (yr - by) ** 2) / (2 * r**2)))
+        img = img + lung * blob * strength * (0.6 + 0.8 * texture)
     return img
 
 

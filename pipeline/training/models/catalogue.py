@@ -8,8 +8,8 @@ named ``embedding`` (serving and drift monitoring read it); the output layer is 
 from pipeline.training.models.spec import ModelSpec, register
 
 register(ModelSpec(
-    name="xray_cnn", builder="pipeline.training.models.cnn:xray_cnn", image_size=128, channels=1, family="xray",
-    description="Small GroupNorm CNN with global pooling for grayscale chest X-rays (fast CPU default).",
+    name="xray_cnn", builder="pipeline.training.models.cnn:xray_cnn", image_size=64, channels=1, family="xray",
+    description="Small GroupNorm CNN with global pooling for grayscale chest X-rays (fast CPU default; 64 px).",
 ))
 
 # --- the seed notebook's models (Q6–Q9), as written there

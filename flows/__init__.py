@@ -10,3 +10,5 @@ FEEDBACK_FLOW = "xrayops-feedback"
 TRAINING_DEPLOYMENT = f"{TRAINING_FLOW}/training"
 MONITORING_DEPLOYMENT = f"{MONITORING_FLOW}/monitoring"
 FEEDBACK_DEPLOYMENT = f"{FEEDBACK_FLOW}/feedback"
+PACS_FLOW = "xrayops-pacs-inference"
+PACS_DEPLOYMENT = f"{PACS_FLOW}/pacs"  # for pacs.dispatch: deployment (set pacs.deployment to it)

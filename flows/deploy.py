@@ -10,7 +10,9 @@
   it from that folder, no image is built);
 - schedules: training ``orchestrate.training_cron`` (weekly), monitoring
   ``orchestrate.monitoring_cron`` (daily), both in ``orchestrate.timezone``; the
-  feedback flow, when present, is deployed without a schedule (manual/automation trigger).
+  feedback flow, when present, is deployed without a schedule (manual/automation trigger);
+  so is the PACS inference flow (``xrayops-pacs-inference/pacs``), which ``xrayops pacs listen`` runs once per
+  study with ``pacs.dispatch: deployment`` and ``pacs.deployment`` set to that name.
 - a concurrency limit per deployment, ``orchestrate.concurrency_limit`` (default 1): a run that
   would exceed it waits in the queue until one ends (two trainings never write the same
   dataset, checkpoints and registry at once).
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, TRAINING_DEPLOYMENT
+from flows import FEEDBACK_DEPLOYMENT, MONITORING_DEPLOYMENT, PACS_DEPLOYMENT, TRAINING_DEPLOYMENT
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, DeployError
 
@@ -69,6 +71,7 @@ SPECS = (
     FlowSpec("flows.monitoring", ("monitoring_flow", "drift_flow", "monitor_flow"), MONITORING_DEPLOYMENT,
              lambda s: s.orchestrate.monitoring_cron),
     FlowSpec("flows.feedback", ("feedback_flow",), FEEDBACK_DEPLOYMENT, lambda s: None),
+    FlowSpec("flows.pacs", ("pacs_inference_flow",), PACS_DEPLOYMENT, lambda s: None),
 )
 
 

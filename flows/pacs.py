@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
+from flows import PACS_FLOW
 from pipeline.config import Settings, load_settings, with_overrides
 from pipeline.pacs.process import STUDY_UNKNOWN, PacsContext, PacsOutcome, hand_over, pacs_client, process_study_ref
 
@@ -49,7 +50,7 @@ def process_study_task(ctx: PacsContext, study_ref: str) -> PacsOutcome:
     return outcome
 
 
-@flow(name="xrayops-pacs-inference", log_prints=False, validate_parameters=True)
+@flow(name=PACS_FLOW, log_prints=False, validate_parameters=True)
 def pacs_inference_flow(study_ref: str, url: str | None = None, params_path: str | None = None,
                         overrides: list[str] | None = None) -> Any:
     """Process one study of the PACS at ``url`` (default ``data.dicomweb.url``) with the served champion.
@@ -98,11 +99,13 @@ def submit_deployment_run(settings: Settings, study_uid: str, url: str | None, p
     return at once (``timeout=0``). The worker must share ``pacs.state_dir`` and the salt with the listener."""
     from prefect.deployments import run_deployment
 
+    from flows import PACS_DEPLOYMENT
     from pipeline.errors import ConfigError
 
     if not settings.pacs.deployment:
         raise ConfigError("pacs.dispatch is 'deployment' but pacs.deployment is not set",
-                          hint="--set pacs.deployment=xrayops-pacs-inference/<deployment>, or pacs.dispatch=flow")
+                          hint=f"`xrayops deploy` applies {PACS_DEPLOYMENT}: --set "
+                          f"pacs.deployment={PACS_DEPLOYMENT}, or pacs.dispatch=flow")
     ref = hand_over(settings, study_uid)
     run = run_deployment(settings.pacs.deployment, timeout=0, parameters={
         "study_ref": ref, "url": url, "params_path": params_path, "overrides": overrides})

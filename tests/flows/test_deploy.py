@@ -77,3 +77,28 @@ def test_the_server_stores_the_limit(prefect_harness: None, make_settings: Calla
     assert deployment.global_concurrency_limit.limit == 2
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
     assert deployment.entrypoint == "flows/training.py:training_flow"
+
+
+@pytest.mark.slow
+def test_deploy_applies_the_pacs_deployment_the_listener_can_run(prefect_harness: None,
+                                                                  make_settings: Callable[..., Settings],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deploy_all`` (what ``xrayops deploy`` calls) applies ``xrayops-pacs-inference/pacs``: unscheduled, its
+    form asks for the study reference only (``pacs.dispatch: deployment`` passes nothing else identifying)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import PACS_DEPLOYMENT
+    from flows.deploy import deploy_all
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # deploy refuses without a real server's URL
+    deployed = {d.name: d for d in deploy_all(make_settings(), pool="xrayops-test-pool", paused=True)}
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment_by_name(PACS_DEPLOYMENT)
+        for d in deployed.values():  # the harness server is shared: monitoring tests expect none
+            client.delete_deployment(d.deployment_id)
+    assert PACS_DEPLOYMENT in deployed and deployed[PACS_DEPLOYMENT].cron is None
+    assert stored.entrypoint == "flows/pacs.py:pacs_inference_flow" and stored.schedules == []
+    assert stored.work_pool_name == "xrayops-test-pool"
+    schema = stored.parameter_openapi_schema
+    assert schema["required"] == ["study_ref"] and "study_uid" not in schema["properties"]

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from pydantic.json_schema import SkipJsonSchema
 
 from flows.caching import (
@@ -46,12 +46,20 @@ FORM_SETTINGS: dict[str, str] = {"source": "data.source", "input": "data.input",
                                  "require_approval": "promote.require_approval"}
 
 
+def _no_null_defaults(schema: dict[str, Any]) -> None:
+    """Drop ``"default": null`` from the fields' schema: unset is not a value of the field's type."""
+    for prop in schema.get("properties", {}).values():
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
 class TrainingParameters(BaseModel):
     """What a person can change when starting a training run. Blank fields take their value from params.yaml."""
 
     # A field left unset (None) is read from params.yaml when the run starts. The JSON schema shows each field
     # with its own type only (no "or null" switch in the UI); a deployment's form shows the params.yaml values
     # as defaults (deployment_form).
+    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
 
     source: SourceName | Unset = Field(None, title="Dataset source",
                                        description="Where the images come from (data.source).")
@@ -71,6 +79,12 @@ class TrainingParameters(BaseModel):
                                  description="section.field=value strings, e.g. train.batch_size=16.")
     params_path: str | Unset = Field(None, title="params.yaml path",
                                      description="Empty = the worker's $XRAYOPS_PARAMS or the project's params.yaml.")
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Unset fields are left out (not null) wherever the parameters are written as JSON: the schema's
+        default, a run's stored parameters. A null would not validate against the field's schema."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     def settings(self) -> Settings:
         """params.yaml, then the form fields as the typed values they are (a folder ``/data/cxr #2`` or rev

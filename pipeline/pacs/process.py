@@ -296,14 +296,17 @@ def _report(ctx: PacsContext, result: Any, data: bytes, chosen: dict[str, str], 
     """Store the SR (+ overlay), write FHIR, keep the link; the outcome of a scored study."""
     import pydicom
 
-    source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    from pipeline.data.dicom import quiet_pydicom
+
     positive = result.positive_class or result.classes[-1]
     model = ModelResult(result.model_name, str(result.model_version), positive, float(result.probability),
                         float(result.threshold if result.threshold is not None else 0.5), result.label == positive)
-    report = build_result_sr(source, model, institution=ctx.settings.pacs.institution_name)
-    outgoing = [report]
-    if result.explanation is not None:
-        outgoing.append(build_overlay_sc(source, result.explanation.overlay_png, model))
+    with quiet_pydicom():  # pydicom logs and warns malformed values verbatim (a birth date, a name): PHI
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        report = build_result_sr(source, model, institution=ctx.settings.pacs.institution_name)
+        outgoing = [report]
+        if result.explanation is not None:
+            outgoing.append(build_overlay_sc(source, result.explanation.overlay_png, model))
     stored = ctx.client.store_instances(outgoing, study_uid=chosen["study"])
     if str(report.SOPInstanceUID) not in stored.stored:
         raise PacsError("the PACS did not store the result SR (STOW-RS listed it as failed)")

@@ -36,14 +36,14 @@ TOKENS = [MRN, *PHI.values(), "Zyxqvist", "Henrietta"]
 
 
 def send_study(orthanc: Orthanc, folder: Path, index: int, views: tuple[str, ...] = ("PA",), side: int = 64,
-               modality: str = "CR", study: str | None = None, study_date: str = "20261201") -> str:
-    """A PHI-bearing study (one instance per view) sent over C-STORE; its StudyInstanceUID."""
+               modality: str = "CR", study: str | None = None, study_date: str = "20261201", **tags: str) -> str:
+    """A PHI-bearing study (one instance per view, ``tags`` set on each) sent over C-STORE; its StudyInstanceUID."""
     study, series = study or generate_uid(), generate_uid()
     paths = []
     for i, view in enumerate(views):
         data = dicom_bytes(xray(index + i, side=side), patient_id=MRN, phi=PHI, view=view, modality=modality)
         data = edited(data, StudyInstanceUID=study, SeriesInstanceUID=series, SeriesNumber=1, InstanceNumber=i + 1,
-                      StudyDate=study_date, StudyTime="101500", StudyID="1")
+                      StudyDate=study_date, StudyTime="101500", StudyID="1", **tags)
         paths.append(folder / f"s{index}-{i}-{series[-6:]}.dcm")
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         paths[-1].write_bytes(data)
@@ -276,3 +276,34 @@ def test_qido_feed_hands_over_quiet_studies_once_per_instance_count(fresh_orthan
     code, out = cli(champion_project, qido, "pacs", "listen", "--url", fresh_orthanc.dicomweb_url, "--once")
     assert code == 0 and "already_processed" in out and "sr_stored" not in out, out
     assert len(sr_instances(PacsClient(fresh_orthanc.dicomweb_url), study)) == 1
+
+
+def test_an_unexpected_error_is_one_line_without_phi_and_the_listener_goes_on(
+        fresh_orthanc: Orthanc, champion_project: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The catch-all ``error`` outcome through a real path: an image whose header passes the admission policy and the
+    gate and is scored, but carries a malformed birth date (``17/04/1923``, a real-world DA defect) that highdicom
+    refuses while the SR is built, with the date in its message. The outcome names the exception's type only."""
+    caplog.set_level(logging.INFO, logger="pipeline.pacs")
+    settings, sets = pacs_settings(champion_project, tmp_path)
+    sets = [*sets, "pacs.dispatch=direct", "pacs.start_at=beginning"]
+    birth = "17/04/1923"
+    broken = send_study(fresh_orthanc, tmp_path / "in", 91, PatientBirthDate=birth)
+    good = send_study(fresh_orthanc, tmp_path / "in", 92)
+    for study in (broken, good):
+        _stable(fresh_orthanc, study)
+    caplog.clear()  # writing the test file made pydicom warn about the date: only what the listener logs counts
+    code, out = cli(champion_project, sets, "pacs", "listen", "--url", fresh_orthanc.dicomweb_url, "--once")
+    assert code == 0 and "2 stable studies processed" in out, out
+    assert "'error': 1" in out and "'sr_stored': 1" in out and "Traceback" not in out, out
+    client = PacsClient(fresh_orthanc.dicomweb_url)
+    assert sr_instances(client, broken) == [] and len(sr_instances(client, good)) == 1  # the listener went on
+
+    done = records.read_records(settings)
+    ref = done.loc[done["status"] == "error", "study_ref"].item()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.pacs.process" and "error:" in r.getMessage()]
+    assert lines == [f"study {ref}: error: unexpected ValueError while processing the study (a defect: please "
+                     "report it)"]
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback: its message holds the birth date
+    secret = [*TOKENS, birth, broken, good]
+    assert not [t for t in secret if t in caplog.text + out]
+    assert find_tokens([settings.production_log, records.state_dir(settings) / records.RECORDS_DIR], secret) == {}

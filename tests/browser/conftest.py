@@ -2,13 +2,17 @@
 
 The browser comes from the system package manager (``infra/scripts/ensure-chromium.sh``; `.ci/run` runs it);
 Playwright's own browser download is never used. Each test gets a fresh context (no shared cookies) and
-saves screenshots under ``docs/screenshots/`` through ``screenshot(page, name)``.
+saves screenshots through ``screenshot(page, name)``: into a temporary folder of the session, or into
+``docs/screenshots/`` (the set the README shows) when ``XRAYOPS_UPDATE_SCREENSHOTS=1`` — so a test run
+leaves the working tree clean unless asked to refresh the docs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,17 +63,26 @@ def page(chromium: Any) -> Iterator[Any]:
         context.close()
 
 
+@functools.cache
+def screenshot_dir() -> Path:
+    """docs/screenshots/ with XRAYOPS_UPDATE_SCREENSHOTS=1, else one temporary folder for this test process."""
+    if os.environ.get("XRAYOPS_UPDATE_SCREENSHOTS") == "1":
+        return SCREENSHOTS
+    return Path(tempfile.mkdtemp(prefix="xrayops-screenshots-"))
+
+
 def save_screenshot(page: Any, name: str) -> Path:
-    """docs/screenshots/<name>.png of the whole page."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    out = SCREENSHOTS / f"{name}.png"
+    """``<screenshot_dir()>/<name>.png`` of the whole page."""
+    folder = screenshot_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}.png"
     page.screenshot(path=str(out), full_page=True)
     return out
 
 
 @pytest.fixture
 def screenshot() -> Callable[[Any, str], Path]:
-    """``screenshot(page, "name")`` → docs/screenshots/name.png (the README shows the current set)."""
+    """``screenshot(page, "name")`` → the saved PNG (see :func:`screenshot_dir`)."""
     return save_screenshot
 
 

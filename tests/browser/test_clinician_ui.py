@@ -2,7 +2,7 @@
 
 Sign in, upload a radiograph, see probability + explanation overlay + model version, submit feedback; the feedback
 store holds the record with the user's pseudonymous id (never the name); a visit without signing in never reaches
-the upload; Streamlit's developer toolbar (Deploy) is hidden. Screenshots go to docs/screenshots/.
+the upload; Streamlit's developer toolbar (Deploy) is hidden. Screenshots: see tests/browser/conftest.py.
 """
 
 from __future__ import annotations

@@ -915,6 +915,7 @@ def pacs_process(
 
         with pacs_client(settings, url) as client:
             client.ping()  # an unreachable PACS fails here, before the model is loaded
+            _import_tensorflow_quietly()
             ctx = PacsContext(settings, client)
             ctx.refresh()
             outcome = process_study(ctx, study)
@@ -949,6 +950,7 @@ def pacs_listen(
             feed = OrthancChanges(settings.pacs.orthanc_url or orthanc_rest_url(target),
                                   auth=_pacs_auth(settings), timeout_s=settings.data.dicomweb.timeout_s)
             feed.last_seq()  # an unreachable Orthanc fails here, before the model is loaded
+        _import_tensorflow_quietly()
         handle, close = _pacs_handler(settings, target, params, list(sets or []))
         try:
             summary = listen(settings, feed, handle, once=once, max_seconds=max_seconds)
@@ -960,6 +962,13 @@ def pacs_listen(
         cursor = f"; cursor at change {summary.last_seq}" if summary.last_seq is not None else ""
         typer.echo(f"{summary.studies} stable studies processed ({summary.statuses or 'none'}){cursor}"
                    f"{'; a transient failure will be retried' if summary.pending_retry else ''}")
+
+
+def _import_tensorflow_quietly() -> None:
+    """TensorFlow (the served model's) without its CUDA/oneDNN start-up noise on CPU hosts, as `serve` does."""
+    from pipeline.runtime import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
 
 
 def _pacs_auth(settings: Any) -> Any:

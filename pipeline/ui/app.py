@@ -34,12 +34,13 @@ def get_settings(params_env: str, sets_env: str) -> Any:
 @st.cache_resource(show_spinner="Loading the served model…")
 def get_service(params_env: str, sets_env: str) -> Any:
     """One inference service per (params, overrides), shared by all sessions of this process."""
-    from pipeline.runtime import quiet_tools
+    from pipeline.runtime import import_tensorflow_quietly, quiet_tools
     from pipeline.serving.model_store import ModelStore
     from pipeline.serving.production_log import LogWriter
     from pipeline.serving.service import InferenceService
 
     quiet_tools()
+    import_tensorflow_quietly()  # no CUDA/oneDNN start-up noise in the Streamlit process's log on CPU hosts
     settings = ui_settings()
     store = ModelStore(settings).start()
     return InferenceService(settings, store, LogWriter(settings.production_log, 0))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -307,3 +309,23 @@ def test_an_unexpected_error_is_one_line_without_phi_and_the_listener_goes_on(
     secret = [*TOKENS, birth, broken, good]
     assert not [t for t in secret if t in caplog.text + out]
     assert find_tokens([settings.production_log, records.state_dir(settings) / records.RECORDS_DIR], secret) == {}
+
+
+def test_pacs_process_command_prints_no_tensorflow_start_up_noise(orthanc: Orthanc, champion_project: Settings,
+                                                                  tmp_path: Path) -> None:
+    """`xrayops pacs process` in its own process, as an operator runs it: TensorFlow is imported like `xrayops serve`
+    does (pipeline.runtime.import_tensorflow_quietly), so a CPU host's stderr shows no CUDA/oneDNN start-up lines."""
+    _, sets = pacs_settings(champion_project, tmp_path)
+    study = send_study(orthanc, tmp_path / "in", 97)
+    exe = Path(sys.executable).with_name("xrayops")
+    argv = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "pipeline.cli"]),
+            "pacs", "process", "--url", orthanc.dicomweb_url, "--study", study,
+            "--params", str(champion_project.root / "params.yaml")]
+    for s in sets:
+        argv += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "KMP_"))}  # as in a fresh shell
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "SR stored" in done.stdout, done.stdout + done.stderr
+    noise = [line for line in done.stderr.splitlines() if any(t in line for t in ("cuInit", "oneDNN", "cudart"))]
+    assert noise == [], done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -70,11 +70,25 @@ def pacs_inference_flow(study_ref: str, url: str | None = None, params_path: str
     return Completed(message=outcome.line(), data=outcome)
 
 
+def refuse_credentials_in_url(url: str | None) -> None:
+    """A flow run's parameters are stored in Prefect's database and shown in its UI: a PACS URL with
+    ``user:password@`` must not become one (fail closed, before anything is handed over)."""
+    from pipeline.connections import has_credentials, mask_uri
+    from pipeline.errors import ConfigError
+
+    if has_credentials(url):
+        raise ConfigError(f"the PACS URL {mask_uri(str(url))} carries credentials, which Prefect would store with "
+                          "the flow run's parameters",
+                          hint="pass the URL without them and set XRAYOPS_PACS_USER / XRAYOPS_PACS_PASSWORD (or "
+                          "XRAYOPS_PACS_TOKEN; names in data.dicomweb), or use pacs.dispatch=direct")
+
+
 def run_flow(settings: Settings, study_uid: str, url: str | None, params_path: str | None,
              overrides: list[str]) -> PacsOutcome:
     """Hand the study over (its UID kept in the pending store of ``settings``, which must be the settings that
     ``params_path`` + ``overrides`` give), run the flow in this process with its reference, and return the outcome
     (a Failed run's too)."""
+    refuse_credentials_in_url(url)
     ref = hand_over(settings, study_uid)
     state = pacs_inference_flow(ref, url, params_path, overrides, return_state=True)
     return state.result(raise_on_failure=False)
@@ -106,6 +120,7 @@ def submit_deployment_run(settings: Settings, study_uid: str, url: str | None, p
         raise ConfigError("pacs.dispatch is 'deployment' but pacs.deployment is not set",
                           hint=f"`xrayops deploy` applies {PACS_DEPLOYMENT}: --set "
                           f"pacs.deployment={PACS_DEPLOYMENT}, or pacs.dispatch=flow")
+    refuse_credentials_in_url(url)
     ref = hand_over(settings, study_uid)
     run = run_deployment(settings.pacs.deployment, timeout=0, parameters={
         "study_ref": ref, "url": url, "params_path": params_path, "overrides": overrides})

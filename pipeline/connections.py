@@ -27,6 +27,14 @@ def mask_uri(uri: str) -> str:
     return uri.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
 
 
+def has_credentials(uri: str | None) -> bool:
+    """Whether ``uri`` carries a ``user[:password]@`` part."""
+    try:
+        return bool(uri) and "@" in urlsplit(str(uri)).netloc
+    except ValueError:
+        return "@" in str(uri)
+
+
 def connection_reason(exc: BaseException) -> str:
     """Why a connection failed, in words: the deepest OS error of the chain (e.g. "connection refused"),
     else the exception type."""

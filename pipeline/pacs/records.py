@@ -77,7 +77,10 @@ def read_records(settings: Settings) -> pd.DataFrame:
     warn_skipped(folder, bad)
     if not frames:
         return pd.DataFrame(columns=["processed_at", "event", "request_id", "study_ref", "status"])
-    df = pd.concat(frames, ignore_index=True)
+    columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+    # all-NA columns (an outcome without a request id or a model) are dropped before and restored after the
+    # concat: pandas otherwise warns (FutureWarning) on every read; the values are the same either way
+    df = pd.concat([f.dropna(axis=1, how="all") for f in frames], ignore_index=True).reindex(columns=columns)
     df["processed_at"] = pd.to_datetime(df["processed_at"], utc=True)
     return df.sort_values("processed_at", kind="stable").reset_index(drop=True)
 

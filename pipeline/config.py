@@ -241,6 +241,9 @@ class TrainSection(_Section):
     learning_rate: float = Field(gt=0, description="Initial learning rate.")
     loss: Literal["crossentropy", "focal"] = Field(description="Loss; focal applies to binary tasks.")
     class_weights: bool = Field(description="Weight classes by inverse frequency in the training split.")
+    calibration: Literal["platt", "none"] = Field(
+        description="Binary models: Platt scaling fitted on the validation split after training and folded into "
+        "the output layer (the saved model outputs calibrated probabilities; AUC and ranking unchanged).")
     early_stopping_patience: int = Field(ge=1, description="Epochs without val improvement before stopping.")
     reduce_lr_patience: int = Field(ge=1, description="Epochs without val improvement before halving the LR.")
     weights: str = Field(description="Transfer backbones: imagenet | none | path to a .weights.h5 file.")

@@ -52,12 +52,9 @@ def calibration_intercept(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.nda
     return np.where(_estimable(y, w), a, np.nan)
 
 
-def calibration_slope(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``b`` of the weighted logistic fit ``logit P(y=1) = a + b·logit(p)`` per resample (Newton's method).
-
-    NaN where the fit has no finite answer: one class only, or classes separated by the score
-    (then the likelihood grows without bound as ``b`` does).
-    """
+def _joint_fit(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(a, b, converged)`` of the weighted logistic fits ``logit P(y=1) = a + b·logit(p)``, one per row of
+    ``w`` (Newton's method, at most 5 units per step)."""
     y, lp, w = np.asarray(y, dtype=float), logit(p), np.atleast_2d(np.asarray(w, dtype=float))
     a, b = np.zeros(len(w)), np.ones(len(w))
     converged = np.zeros(len(w), dtype=bool)
@@ -76,7 +73,41 @@ def calibration_slope(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray
         converged = ok & (np.hypot(da, db) < _TOL * (1 + np.abs(b)))
         if np.all(converged | ~ok):
             break
-    return np.where(_estimable(y, w) & converged & (np.abs(b) < _MAX_SLOPE), b, np.nan)
+    return a, b, converged
+
+
+def calibration_slope(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``b`` of the weighted logistic fit ``logit P(y=1) = a + b·logit(p)`` per resample (Newton's method).
+
+    NaN where the fit has no finite answer: one class only, or classes separated by the score
+    (then the likelihood grows without bound as ``b`` does).
+    """
+    w = np.atleast_2d(np.asarray(w, dtype=float))
+    _, b, converged = _joint_fit(y, p, w)
+    return np.where(_estimable(np.asarray(y, dtype=float), w) & converged & (np.abs(b) < _MAX_SLOPE), b, np.nan)
+
+
+def platt_fit(y: np.ndarray, p: np.ndarray) -> tuple[float, float] | None:
+    """Platt scaling on scores ``p``: ``(a, b)`` of ``logit P(y=1) = a + b·logit(p)``, fitted by maximum
+    likelihood on one sample (L-BFGS on the convex negative log-likelihood: unlike the plain Newton steps of
+    :func:`calibration_slope` it also converges from far away, e.g. for a very overconfident model); None when
+    it has no finite answer (one class, or classes separated by the score)."""
+    from scipy.optimize import minimize
+
+    y, z = np.asarray(y, dtype=float), logit(p)
+    if not (0 < y.sum() < len(y)):
+        return None
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t = theta[0] + theta[1] * z
+        r = _sigmoid(t) - y
+        return float(np.sum(np.logaddexp(0, t) - y * t)), np.array([r.sum(), (r * z).sum()])
+
+    res = minimize(nll, np.array([0.0, 1.0]), jac=True, method="L-BFGS-B")
+    a, b = (float(v) for v in res.x)
+    if not res.success or not np.isfinite([a, b]).all() or abs(b) >= _MAX_SLOPE:
+        return None
+    return a, b
 
 
 def calibration_fit(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -193,6 +193,7 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
     """
     import keras
 
+    from pipeline.training.calibrate import calibrate_binary
     from pipeline.training.hardware import prepare_for_fit, setup_hardware
     from pipeline.training.models import build_model, get_spec
 
@@ -226,6 +227,8 @@ def run_train(settings: Settings, dataset_dir: Path | None = None, version: Data
                        if settings.train.class_weights else None)
             hist = _fit_phases(model, _Fit(settings, train_ds, val_ds, weights, len(classes), ckpt_dir, tracker, hw,
                                            extra_callbacks))
+            if hw.is_chief and len(classes) == 2:
+                _record_calibration(calibrate_binary(model, val_ds, settings.train.calibration), tracker)
             model_uri = _log_model(model, ispec, settings, hist, train_ds) if tracker is not None else ""
         seconds = time.perf_counter() - started
         result = TrainResult(run_id=tracker.run_id if tracker else "", experiment_id=tracker.experiment_id
@@ -438,6 +441,16 @@ def _full_history(tracker: _Tracker | None, local: dict[str, list[float]]) -> di
                                                  key=lambda m: m.timestamp)}
         hist[key] = [float(points[s]) for s in sorted(points)]
     return hist or local
+
+
+def _record_calibration(calibration: dict[str, Any], tracker: _Tracker | None) -> None:
+    """The calibration as a tag (method) and metrics (a resumed run may log them again: params could not)."""
+    import mlflow
+
+    if tracker is None:
+        return
+    mlflow.set_tag("calibration", calibration["method"])
+    mlflow.log_metrics({f"calibration_{k}": float(v) for k, v in calibration.items() if k != "method"})
 
 
 def _log_model(model: Any, ispec: InputSpec, settings: Settings, hist: dict[str, list[float]], train_ds: Any) -> str:

@@ -15,6 +15,8 @@ three broken models go through the real evaluation (``evaluate_scores``: thresho
 validation split, metrics + CIs on test) and the real gate decision (``decide`` with the dataset's
 real split certificate and validation result, no champion: the absolute floors only):
 
+Each is calibrated on validation like the default job's models (``train.calibration``).
+
 - untrained: the default architecture with its initial weights;
 - shuffled labels: the default architecture trained as the default job trains, on the training images
   with their labels permuted;
@@ -140,6 +142,13 @@ def controls(params: Path) -> list[dict[str, Any]]:
     }
     rows = []
     for name, (view, model) in broken.items():
+        if settings.train.calibration != "none":  # as the default job does after training
+            import tensorflow as tf
+
+            from pipeline.training.calibrate import calibrate_binary
+
+            val = tf.data.Dataset.from_tensor_slices((view(images["val"]), labels["val"])).batch(64)
+            calibrate_binary(model, val, settings.train.calibration)
         scored = {s: Scored(frames[s], labels[s], predict_proba(model, view(images[s]))) for s in ("val", "test")}
         result = evaluate_scores(settings, scored["val"], scored["test"], 2)
         decision = decide(Evidence("binary", result.metrics, result.ci, checks), settings.promote,

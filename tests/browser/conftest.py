@@ -35,7 +35,11 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop *running* in the main thread while
+# it is started, and every later test that calls Prefect's sync API there would get coroutines back
+# ("'coroutine' object is not subscriptable", "asyncio.run() cannot be called from a running event loop").
+# Package-scoped fixtures end with the last test of tests/browser/, before the next folder's tests run.
+@pytest.fixture(scope="package")
 def chromium() -> Iterator[Any]:
     """A launched headless Chromium (session-wide); skips with the reason when the machine has none."""
     path = chromium_path()
@@ -89,7 +93,7 @@ def screenshot() -> Callable[[Any, str], Path]:
 # --------------------------------------------------------------------------- one real training run, shared
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """MLflow + Prefect servers (temporary SQLite, Prefect UI on), a tiny deployed project and a worker."""
     from tests.browser.stack import start_training_stack
@@ -102,7 +106,7 @@ def training_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         assert not left, f"processes left running: {left}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def form_run(training_stack: Any, chromium: Any) -> Any:
     """A training run started the way a person does: the deployment's "Custom run" form in Chromium, the
     source and model picked from their drop-downs, simulation switched on; waited for until it ends."""

@@ -7,6 +7,7 @@ validated against the config models, and ``--params PATH``.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -604,7 +605,11 @@ def monitor_ui(
             code = process.wait()
         except KeyboardInterrupt:
             process.terminate()
-            code = process.wait()
+            try:
+                code = process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a UI busy starting up may not honour SIGTERM: never hang Ctrl-C
+                process.kill()
+                code = process.wait()
         raise typer.Exit(code)
 
 

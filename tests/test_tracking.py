@@ -80,7 +80,8 @@ def test_run_summary_and_what_is_printed_hold_no_password(make_settings: Callabl
         validation={"critical_failures": [], "data_docs": None},
         certificate={"images": 3, "patients": 2, "patient_overlap": 0, "certificate_sha256": "c"},
         trained=trained, evaluation=evaluation, version=SimpleNamespace(version=1),
-        decision=SimpleNamespace(promote=True, reason="ok", failed=[]), promotion={"promoted": True}, drift=None)
+        decision=SimpleNamespace(promote=True, reason="ok", failed=[], inputs={}), promotion={"promoted": True},
+        drift=None)
     assert summary["tracking_uri"] == "http://alice:***@mlflow.example.com:5000"
     assert "--backend-store-uri http://alice:***@mlflow.example.com:5000" in summary["mlflow_ui"]
     assert SECRET not in json.dumps(summary)

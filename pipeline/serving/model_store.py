@@ -119,7 +119,8 @@ class ModelStore:
         # the first load is announced by the entry point (the API's start-up line); a swap is news
         logger.log(logging.DEBUG if first else logging.INFO, "serving %s v%s (alias %s, engine %s, threshold %s; "
                    "was %s)", predictor.model_name, predictor.version, self.alias,
-                   getattr(predictor.engine, "name", "?"), getattr(predictor, "threshold", None), previous)
+                   getattr(getattr(predictor, "engine", None), "name", "?"), getattr(predictor, "threshold", None),
+                   previous)
         return True
 
     def _record_serving(self, why: str | None = None) -> None:

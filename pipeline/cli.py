@@ -601,6 +601,8 @@ def monitor_ui(
         process = start_ui(path, host, port, dict(os.environ))
         typer.echo(f"Evidently UI on http://{host}:{port}  (workspace {path}; Ctrl-C stops it)")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the UI too, like Ctrl-C
+        # and Ctrl-C works even when started from a shell that ignores SIGINT (a background job inherits SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             code = process.wait()
         except KeyboardInterrupt:

@@ -94,18 +94,33 @@ def _absorb_norm_and_activation(model: Any, conv: Any) -> Any:
     return target
 
 
+def _sigmoid_head(model: Any) -> Any:
+    """The output layer when it is one sigmoid unit named ``predictions`` (the zoo's binary head), else None."""
+    import keras
+
+    try:
+        head = model.get_layer("predictions")
+    except ValueError:
+        return None
+    if getattr(head, "units", None) == 1 and head.activation is keras.activations.sigmoid:
+        return head
+    return None
+
+
 def _grad_model(model: Any, target: Any) -> Any:
-    """``model.inputs → [target's feature map, model.output]``.
+    """``model.inputs → [target's feature map, model.output, the binary head's input (or the output again)]``.
 
     A nested sub-model's ``.output`` is its *inner* output tensor; the feature map in this
     graph is the output of the node where the outer model calls it, so try its call nodes.
     """
     import keras
 
+    head = _sigmoid_head(model)
+    head_input = head.input if head is not None else model.output
     candidates = [t for node in target._inbound_nodes for t in _flat(node.output_tensors)]
     for tensor in reversed(candidates):
         try:
-            return keras.Model(model.inputs, [tensor, model.output])
+            return keras.Model(model.inputs, [tensor, model.output, head_input])
         except ValueError:
             continue
     raise GradCamError(f"layer {target.name!r} is not connected to the inputs of {model.name!r}")
@@ -154,13 +169,17 @@ def _build(model: Any) -> GradCam:
 
     target, path = find_target_layer(model)
     grad_model = _grad_model(model, target)
+    head = _sigmoid_head(model)
 
     @tf.function(reduce_retracing=True)
     def step(images: Any, class_index: Any) -> tuple[Any, Any]:
         with tf.GradientTape() as tape:
-            feats, out = grad_model(images, training=False)
+            feats, out, head_input = grad_model(images, training=False)
             out = tf.cast(out, tf.float32)
-            if out.shape[-1] == 1:
+            if head is not None:  # binary: the logit, not the probability, whose gradient vanishes when it saturates
+                score = (tf.matmul(tf.cast(head_input, tf.float32), tf.cast(head.kernel, tf.float32))
+                         + tf.cast(head.bias, tf.float32))[:, 0]
+            elif out.shape[-1] == 1:
                 score = out[:, 0]
             else:
                 chosen = tf.where(class_index < 0, tf.argmax(out, axis=-1, output_type=tf.int32),

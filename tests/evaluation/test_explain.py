@@ -47,6 +47,28 @@ def test_gradcam_finds_the_last_conv_and_returns_heatmap_and_png(name: str, opti
     assert one.shape == (1, *batch.shape[1:3]) and png_one.startswith(b"\x89PNG")
 
 
+def test_binary_gradcam_follows_the_logit_so_a_saturated_probability_still_has_a_map() -> None:
+    """A confident (or strongly calibrated) binary model outputs p = 0 or 1 in float32: the probability's
+    gradient is 0 there, the logit's is not. The map is the same up to a positive factor where nothing
+    saturates."""
+    from pipeline.training.models import build_model
+
+    model = build_model("xray_cnn", image_size=48)
+    batch = _images(model)
+    before, _ = grad_cam_for(model).maps(batch)
+    head = model.get_layer("predictions")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 1e4, bias])  # every probability saturates at 0.0 or 1.0
+    sharp = build_model("xray_cnn", image_size=48)  # a fresh model object: Grad-CAMs are cached per model
+    sharp.set_weights(model.get_weights())
+    out = sharp(batch).numpy()
+    assert np.all((out == 0.0) | (out == 1.0)), out
+    raw, _ = grad_cam_for(sharp).maps(batch)
+    assert np.all(np.ptp(raw.reshape(len(raw), -1), axis=1) > 0), "a map for every image"
+    for a, b in zip(before, raw, strict=True):  # the logit scales by 1e4: same map up to that factor
+        np.testing.assert_allclose(b, a * 1e4, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+
+
 def test_gradcam_under_mixed_precision_matches_float32() -> None:
     import keras
 

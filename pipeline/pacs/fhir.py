@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.durable import fsync_path
+from pipeline.durable import write_atomic
 from pipeline.pacs.sr import SCHEME, ModelResult, device_uid, finding_code
 
 logger = logging.getLogger(__name__)
@@ -115,19 +114,8 @@ def build_bundle(result: ModelResult, *, request_id: str, study_uid: str, sr_uid
 def write_bundle(bundle: dict[str, Any], folder: Path, request_id: str) -> Path:
     """``<folder>/<request_id>.json`` (mode 0600), written whole or not at all."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target = folder / f"{request_id}.json"
-    tmp = folder / f".{request_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(bundle, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(folder)
-    return target
+    return write_atomic(folder / f"{request_id}.json", json.dumps(bundle, indent=2, sort_keys=True).encode(),
+                        mode=0o600)
 
 
 def post_bundle(bundle: dict[str, Any], url: str, timeout_s: float) -> tuple[str, str, int | None]:

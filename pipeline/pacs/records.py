@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.durable import fsync_path
+from pipeline.durable import write_atomic
 from pipeline.serving.production_log import append, read_part, warn_skipped
 
 RECORDS_DIR = "records"
@@ -46,20 +44,9 @@ def fhir_dir(settings: Settings) -> Path:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any], mode: int = 0o600) -> Path:
-    """Write ``payload`` whole or not at all (temporary file, fsync, rename, folder fsync)."""
+    """Write ``payload`` whole or not at all (:func:`pipeline.durable.write_atomic`) in a 0700 folder."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
-    return path
+    return write_atomic(path, json.dumps(payload, sort_keys=True).encode(), mode=mode)
 
 
 def append_record(settings: Settings, row: dict[str, Any]) -> None:

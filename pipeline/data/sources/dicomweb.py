@@ -31,10 +31,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from typing import Any
 from pipeline.data.progress import progress_bar
 from pipeline.data.sources.base import LabelRows, MappedXraySource, RawRecord, SourceNotes, read_csv_lines
 from pipeline.data.sources.dicom_folder import LABEL_COLUMNS, UID_COLUMNS
-from pipeline.durable import fsync_path
+from pipeline.durable import write_atomic
 from pipeline.errors import SourceError
 
 logger = logging.getLogger(__name__)
@@ -115,7 +113,7 @@ class DicomwebSource(MappedXraySource):
                         counts["cached"] += 1
                     else:
                         data = client.retrieve_instance_bytes(ref.study_uid, ref.series_uid, ref.sop_uid)
-                        write_atomic(dest, data)
+                        write_atomic(dest, data, temp_suffix=TEMP_SUFFIX)
                         counts["fetched"] += 1
                         counts["bytes_fetched"] += len(data)
                     if advance:
@@ -188,27 +186,12 @@ def cache_path(root: Path, study_uid: str, sop_uid: str) -> Path:
     return root / study_uid / f"{sop_uid}.dcm"
 
 
-def write_atomic(dest: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file next to ``dest``, fsync it, rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(dest.parent)
-
-
 def write_instances(root: Path, instances: list[tuple[str, str, str]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(INSTANCE_COLUMNS)
     writer.writerows(instances)
-    write_atomic(root / INSTANCES_FILE, buf.getvalue().encode())
+    write_atomic(root / INSTANCES_FILE, buf.getvalue().encode(), temp_suffix=TEMP_SUFFIX)
 
 
 def read_instances(root: Path) -> list[tuple[str, str, str]]:

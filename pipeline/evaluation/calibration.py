@@ -52,9 +52,12 @@ def calibration_intercept(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.nda
     return np.where(_estimable(y, w), a, np.nan)
 
 
-def _joint_fit(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(a, b, converged)`` of the weighted logistic fits ``logit P(y=1) = a + b·logit(p)``, one per row of
-    ``w`` (Newton's method, at most 5 units per step)."""
+def calibration_slope(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``b`` of the weighted logistic fit ``logit P(y=1) = a + b·logit(p)`` per resample (Newton's method).
+
+    NaN where the fit has no finite answer: one class only, or classes separated by the score
+    (then the likelihood grows without bound as ``b`` does).
+    """
     y, lp, w = np.asarray(y, dtype=float), logit(p), np.atleast_2d(np.asarray(w, dtype=float))
     a, b = np.zeros(len(w)), np.ones(len(w))
     converged = np.zeros(len(w), dtype=bool)
@@ -73,18 +76,7 @@ def _joint_fit(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray,
         converged = ok & (np.hypot(da, db) < _TOL * (1 + np.abs(b)))
         if np.all(converged | ~ok):
             break
-    return a, b, converged
-
-
-def calibration_slope(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``b`` of the weighted logistic fit ``logit P(y=1) = a + b·logit(p)`` per resample (Newton's method).
-
-    NaN where the fit has no finite answer: one class only, or classes separated by the score
-    (then the likelihood grows without bound as ``b`` does).
-    """
-    w = np.atleast_2d(np.asarray(w, dtype=float))
-    _, b, converged = _joint_fit(y, p, w)
-    return np.where(_estimable(np.asarray(y, dtype=float), w) & converged & (np.abs(b) < _MAX_SLOPE), b, np.nan)
+    return np.where(_estimable(y, w) & converged & (np.abs(b) < _MAX_SLOPE), b, np.nan)
 
 
 def platt_fit(y: np.ndarray, p: np.ndarray) -> tuple[float, float] | None:

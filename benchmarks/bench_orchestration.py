@@ -68,7 +68,7 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     from pipeline.data.validate import run_validation
     from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.job import log_reference_profile, run_summary, simulate_and_report
-    from pipeline.registry.promote import conclude, judge_challenger
+    from pipeline.registry.promote import promote_challenger
     from pipeline.registry.write import register_version
     from pipeline.training.train import run_train
 
@@ -92,8 +92,8 @@ def run_direct(params_path: Path) -> tuple[float, dict[str, float]]:
     evaluation = timed("evaluate", run_evaluate, settings, trained)
     timed("evaluate", log_reference_profile, settings, trained, evaluation)
     mv = timed("register", register_version, settings, trained, evaluation)
-    decision = timed("gate", judge_challenger, settings, mv, evaluation, trained.run_id)
-    promotion = timed("promote", conclude, settings, mv, decision)
+    promoted = timed("gate + promote", promote_challenger, settings, trained, evaluation, registered=mv)
+    decision, promotion = promoted.decision, promoted.promotion
     drift = timed("simulate + drift", simulate_and_report, settings)
     timed("summary", run_summary, settings, started=started, ingest=ingested, validation=validation,
           certificate=certificate, trained=trained, evaluation=evaluation, version=mv, decision=decision,

@@ -188,35 +188,24 @@ def register(settings: Settings, trained: Any, evaluation: Any) -> Any:
     return mv
 
 
-@task(name="gate", cache_policy=NO_CACHE)
-def gate(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any:
-    from pipeline.registry.promote import judge_challenger
-
-    decision = judge_challenger(settings, version, evaluation, trained.run_id)
-    create_markdown_artifact(decision.to_markdown(), key="promotion-gate", description="Promotion gate decision")
-    return decision
-
-
-@task(name="promote", cache_policy=NO_CACHE)
-def promote(settings: Settings, version: Any, decision: Any, evaluation: Any = None,
-            trained: Any = None) -> dict[str, Any]:
-    """Move ``champion`` when the gate passed (after a reviewer's approval in the UI when required), under
-    the registry lock (+ ``promote.registry_write_limit``). If the champion changed since the gate ran,
-    the version is gated again against it when the evaluation is given; otherwise the move is refused."""
+@task(name="gate-and-promote", cache_policy=NO_CACHE)
+def gate_and_promote(settings: Settings, version: Any, evaluation: Any, trained: Any) -> Any:
+    """Gate the registered version, record the decision and move ``champion`` when the gate passed (after
+    a reviewer's approval in the UI when required), under the registry lock (+ ``promote.registry_write_limit``):
+    :func:`pipeline.registry.promote.promote_challenger`, the one promotion path. Each decision (a re-gate
+    too, when the champion changed meanwhile) is published as the ``promotion-gate`` artifact."""
     from flows.approval import request_approval
     from flows.registry_lock import registry_write_lock
-    from pipeline.registry.promote import conclude, judge_challenger
+    from pipeline.registry.promote import promote_challenger
 
-    if not decision.promote:
-        get_run_logger().warning("challenger v%s not promoted: %s", version.version, decision.reason)
+    def publish(decision: Any) -> None:
+        create_markdown_artifact(decision.to_markdown(), key="promotion-gate", description="Promotion gate decision")
 
-    def regate() -> Any:
-        again = judge_challenger(settings, version, evaluation, trained.run_id)
-        create_markdown_artifact(again.to_markdown(), key="promotion-gate", description="Promotion gate (re-run)")
-        return again
-
-    return conclude(settings, version, decision, approval=request_approval, lock=registry_write_lock(settings),
-                    regate=regate if evaluation is not None and trained is not None else None)
+    result = promote_challenger(settings, trained, evaluation, registered=version, approval=request_approval,
+                                lock=registry_write_lock(settings), on_decision=publish)
+    if not result.decision.promote:
+        get_run_logger().warning("challenger v%s not promoted: %s", version.version, result.decision.reason)
+    return result
 
 
 @task(name="simulate-and-monitor", cache_policy=NO_CACHE)
@@ -264,10 +253,9 @@ def training_flow(params: TrainingParameters = TrainingParameters()) -> dict[str
     certificate = split(settings)
     trained = train(settings, version)
     evaluation = evaluate(settings, trained)
-    # the steps of pipeline.registry.promote.promote_challenger, one task each
-    mv = register.with_options(**io_options(settings))(settings, trained, evaluation)
-    decision = gate(settings, mv, evaluation, trained)
-    promotion = promote(settings, mv, decision, evaluation, trained)
+    mv = register.with_options(**io_options(settings))(settings, trained, evaluation)  # retried: MLflow I/O
+    promoted = gate_and_promote(settings, mv, evaluation, trained)
+    decision, promotion = promoted.decision, promoted.promotion
     drift = simulate_and_monitor(settings) if (params.simulate_production and settings.monitor.simulate_rows) else None
     summary = run_summary(settings, started=started, ingest=ingest_summary, validation=validation,
                           certificate=certificate, trained=trained, evaluation=evaluation, version=mv,

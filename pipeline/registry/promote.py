@@ -1,10 +1,11 @@
 """The one promotion path: register → gate → record the decision → move the aliases.
 
 :func:`promote_challenger` is what the CLI (``xrayops promote``), the Prefect training flow
-(through its thin tasks) and the test fixtures run. When ``promote.require_approval`` is set
-the alias only moves after a reviewer approved: the caller passes an ``approval`` callback
-(the flow passes :func:`flows.approval.request_approval`, which pauses for the Prefect UI
-form); without one the version waits for ``xrayops registry approve`` (:func:`approve_version`).
+(its ``gate-and-promote`` task, after registering in a retried task) and the test fixtures
+run. When ``promote.require_approval`` is set the alias only moves after a reviewer approved:
+the caller passes an ``approval`` callback (the flow passes
+:func:`flows.approval.request_approval`, which pauses for the Prefect UI form); without one
+the version waits for ``xrayops registry approve`` (:func:`approve_version`).
 Which version may hold ``champion`` is :func:`pipeline.registry.contract.champion_blocker`.
 """
 
@@ -131,7 +132,8 @@ def conclude(settings: Settings, version: Any, decision: GateDecision, *, approv
 
 def promote_challenger(settings: Settings, trained: TrainResult, evaluation: EvalResult, *,
                        approval: Approval | None = None, move_aliases: bool = True,
-                       lock: AliasLock | None = None) -> Promotion:
+                       lock: AliasLock | None = None, registered: Any = None,
+                       on_decision: Callable[[GateDecision], None] | None = None) -> Promotion:
     """Register the evaluated model, gate it, record the decision and (when allowed) make it champion.
 
     When the champion changes between the gate and the alias move, the version is gated again
@@ -142,18 +144,23 @@ def promote_challenger(settings: Settings, trained: TrainResult, evaluation: Eva
         move_aliases: False stops after recording the decision (``promotion == {"promoted": False}``);
             the aliases are then moved by :func:`conclude` or ``move_champion`` later.
         lock: an outer lock around alias moves (see :func:`pipeline.registry.lock.alias_lock`).
+        registered: the version :func:`register_version` already made for ``trained`` (the Prefect
+            flow registers in its own retried task); None registers it here.
+        on_decision: called with each recorded decision (the first and any re-gate), e.g. to publish it.
     """
-    version = register_version(settings, trained, evaluation)
-    decision = judge_challenger(settings, version, evaluation, trained.run_id)
-    if not move_aliases:
-        return Promotion(version, decision, {"promoted": False})
-    decisions = [decision]
+    version = registered if registered is not None else register_version(settings, trained, evaluation)
+    decisions: list[GateDecision] = []
 
-    def regate() -> GateDecision:
+    def judge() -> GateDecision:
         decisions.append(judge_challenger(settings, version, evaluation, trained.run_id))
+        if on_decision is not None:
+            on_decision(decisions[-1])
         return decisions[-1]
 
-    promotion = conclude(settings, version, decision, approval=approval, lock=lock, regate=regate)
+    decision = judge()
+    if not move_aliases:
+        return Promotion(version, decision, {"promoted": False})
+    promotion = conclude(settings, version, decision, approval=approval, lock=lock, regate=judge)
     return Promotion(version, decisions[-1], promotion)
 
 

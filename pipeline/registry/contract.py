@@ -16,7 +16,8 @@ Groups of tags, each written by one step:
 - :class:`GateTags`: the promotion gate's verdict;
 - :class:`ApprovalTags`: a reviewer's decision (or the timeout);
 - :class:`ChampionTags`: alias moves (champion since / why / previous champion / restored by);
-- :class:`RollbackTags`: a rollback away from the version.
+- :class:`RollbackTags`: a rollback away from the version;
+- :class:`EvidenceTags`: where the version's evidence pack was published.
 
 :class:`VersionRecord` reads them all from a ``ModelVersion`` and holds the rule of which
 version may hold ``champion`` (:func:`champion_blocker`).
@@ -41,6 +42,7 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
 # --------------------------------------------------------------------------- run artifacts
 
+EVALUATION_DIR = "evaluation"
 EVALUATION_ARTIFACT = "evaluation/metrics.json"
 OPERATING_POINT_ARTIFACT = "evaluation/operating_point.json"
 SUBGROUPS_ARTIFACT = "evaluation/subgroups.json"
@@ -56,6 +58,12 @@ ROLLBACK_DIR = "registry"
 MODEL_CARD_DIR = "model_card"
 CARD_DIR = "model_cards"  # under <reports_dir>
 EXPLAIN_ARTIFACT = "evaluation/explain.json"
+SLICES_ARTIFACT = "evaluation/slices.json"
+ARCHITECTURE_DIR = "architecture"
+ARCHITECTURE_REPORT_ARTIFACT = f"{ARCHITECTURE_DIR}/report.json"
+ARCHITECTURE_TEXT_ARTIFACT = f"{ARCHITECTURE_DIR}/report.txt"
+FILTERS_ARTIFACT = f"{ARCHITECTURE_DIR}/first_layer_filters.png"
+FEATURE_MAPS_ARTIFACT = f"{ARCHITECTURE_DIR}/feature_maps.png"
 EVIDENCE_DIR = "evidence"  # under <reports_dir>, and in the training run
 
 
@@ -65,6 +73,7 @@ def plot_artifact(name: str) -> str:
 
 
 GRADCAM_ARTIFACT = plot_artifact("gradcam_grid")
+TRAINING_CURVES_ARTIFACT = plot_artifact("training_curves")
 RELIABILITY_ARTIFACT = plot_artifact("reliability")
 
 
@@ -422,6 +431,29 @@ class RollbackTags:
         return cls(at, tags.get("rolled_back_reason") or "", _text(tags, "rolled_back_by"))
 
 
+@dataclass(frozen=True)
+class EvidenceTags:
+    """Written when the version's evidence pack is (re)published: tag ``evidence_pack`` = the run URI of its HTML."""
+
+    html_uri: str | None = None
+
+    TAG = "evidence_pack"
+
+    def to_tags(self) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        _put(tags, self.TAG, self.html_uri)
+        return tags
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> EvidenceTags | None:
+        """None when no pack was published for the version."""
+        uri = _text(tags, cls.TAG)
+        return cls(uri) if uri else None
+
+
+EVIDENCE_TAG = EvidenceTags.TAG
+
+
 # --------------------------------------------------------------------------- the whole version
 
 GATE, APPROVAL, ROLLED_BACK, NOT_READY = "gate", "approval", "rolled_back", "not_ready"
@@ -459,6 +491,7 @@ class VersionRecord:
     approval: ApprovalTags | None
     champion: ChampionTags
     rollback: RollbackTags | None
+    evidence: EvidenceTags | None = None
     description: str = ""
     created_ms: int | None = None
     status: str | None = None  # MLflow's registration status (READY, PENDING_REGISTRATION, FAILED_REGISTRATION)
@@ -470,6 +503,7 @@ class VersionRecord:
                    lineage=VersionTags.from_tags(tags), export=ExportTags.from_tags(tags),
                    gate=GateTags.from_tags(tags), approval=ApprovalTags.from_tags(tags),
                    champion=ChampionTags.from_tags(tags), rollback=RollbackTags.from_tags(tags),
+                   evidence=EvidenceTags.from_tags(tags),
                    description=getattr(mv, "description", None) or "",
                    created_ms=getattr(mv, "creation_timestamp", None), status=getattr(mv, "status", None))
 

@@ -36,11 +36,17 @@ from pipeline.errors import RegistryError
 from pipeline.registry.contract import (
     CHAMPION,
     DECISION_CURVE_ARTIFACT,
+    EVALUATION_ARTIFACT,
+    EVALUATION_DIR,
     EXPLAIN_ARTIFACT,
     FAILURE_ANALYSIS_ARTIFACT,
+    GATE_DIR,
+    MODEL_CARD_DIR,
     OPERATING_POINT_ARTIFACT,
+    PLOTS_DIR,
     RELIABILITY_ARTIFACT,
     SUBGROUPS_ARTIFACT,
+    EvidenceTags,
     VersionRecord,
     approval_artifact,
     card_path,
@@ -57,11 +63,10 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "xrayops-evidence/1"
 MARKER = "Evidence pack:"
-TAG = "evidence_pack"  # version tag: the run URI of the pack's HTML
 DEMOGRAPHIC_COLUMNS = ("sex", "age_band", "site", "view_position", "manufacturer", "label")
 PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "prefect", "pydicom", "great-expectations",
             "evidently", "dvc", "onnxruntime", "pandas", "pillow")
-RUN_DIRS = ("evaluation", "plots", "gate", "model_card")
+RUN_DIRS = (EVALUATION_DIR, PLOTS_DIR, GATE_DIR, MODEL_CARD_DIR)
 
 
 @dataclass
@@ -154,7 +159,7 @@ def _links(s: Sources) -> dict[str, list[dict[str, str]]]:
         "deidentification": code("pipeline.data.deid", "pipeline.data.image_store", "pipeline.data.dicom"),
         "flow": files(SUMMARY_FILE, CERTIFICATE_FILE), "leakage": files(CERTIFICATE_FILE, SPLIT_FILE),
         "demographics": files(MANIFEST_FILE, SPLIT_FILE), "model": code("pipeline.training.models"),
-        "training": code("pipeline.training.train"), "metrics": mlflow("evaluation/metrics.json"),
+        "training": code("pipeline.training.train"), "metrics": mlflow(EVALUATION_ARTIFACT),
         "subgroups": mlflow(SUBGROUPS_ARTIFACT), "calibration": mlflow(RELIABILITY_ARTIFACT, DECISION_CURVE_ARTIFACT),
         "failure_analysis": mlflow(FAILURE_ANALYSIS_ARTIFACT), "explanations": mlflow(EXPLAIN_ARTIFACT),
         "software": code("pipeline.tracking"), "threshold": mlflow(OPERATING_POINT_ARTIFACT),
@@ -394,7 +399,8 @@ def publish_evidence(settings: Settings, version: Any, dataset_dir: Path | None 
     client.log_artifact(run_id, str(json_path), str(Path(evidence_artifact(v, "json")).parent))
     client.log_artifact(run_id, str(html_path), str(Path(evidence_artifact(v, "html")).parent))
     uri = run_uri(run_id, evidence_artifact(v, "html"))
-    client.set_model_version_tag(settings.registered_model, v, TAG, uri)
+    for key, value in EvidenceTags(html_uri=uri).to_tags().items():
+        client.set_model_version_tag(settings.registered_model, v, key, value)
     mv = client.get_model_version(settings.registered_model, v)
     kept = [line for line in (mv.description or "").splitlines() if not line.startswith(MARKER)]
     link = f"{MARKER} `{uri}` (file `{mask_uri(str(html_path))}`)"

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.config import Settings
-from pipeline.registry.contract import CHAMPION, card_path, evidence_path
-from pipeline.registry.evidence import MARKER, TAG, build_pack
+from pipeline.registry.contract import CHAMPION, EVIDENCE_TAG, card_path, evidence_path
+from pipeline.registry.evidence import MARKER, build_pack
 from pipeline.registry.evidence_report import ANSWERED, ITEMS, NOT_AVAILABLE, PARTLY, STUDY_TEAM
 from pipeline.registry.read import artifact_exists, get_alias, get_version
 from tests.data.helpers import PHI, find_tokens
@@ -96,7 +96,7 @@ def test_registered_version_has_a_complete_pack(champion_project: Settings) -> N
     assert "<svg" in html and "CLAIM 2024" in html and "TRIPOD+AI" in html
     card = card_path(settings, v).read_text()
     assert "## Evidence pack" in card and "evidence.html" in card
-    assert mv.tags[TAG].endswith(f"evidence/v{v}/evidence.html")
+    assert mv.tags[EVIDENCE_TAG].endswith(f"evidence/v{v}/evidence.html")
     assert any(line.startswith(MARKER) for line in (mv.description or "").splitlines())
     assert artifact_exists(settings, mv.run_id, f"evidence/v{v}/evidence.json")
 

@@ -34,8 +34,10 @@ from pipeline.evaluation.subgroups import SubgroupSpec, subgroup_table
 from pipeline.registry.contract import (
     DECISION_CURVE_ARTIFACT,
     EVALUATION_ARTIFACT,
+    EXPLAIN_ARTIFACT,
     FAILURE_ANALYSIS_ARTIFACT,
     OPERATING_POINT_ARTIFACT,
+    SLICES_ARTIFACT,
     SUBGROUPS_ARTIFACT,
     plot_artifact,
 )
@@ -273,7 +275,7 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.log_dict(result.operating_point, OPERATING_POINT_ARTIFACT)
             mlflow.set_tag("operating_threshold", f"{result.operating_point['threshold']:.6f}")
         if result.slices:
-            mlflow.log_table(pd.DataFrame(result.slices), "evaluation/slices.json")
+            mlflow.log_table(pd.DataFrame(result.slices), SLICES_ARTIFACT)
         if result.subgroups is not None:
             mlflow.log_dict(result.subgroups, SUBGROUPS_ARTIFACT)
         if result.decision_curve is not None:
@@ -285,7 +287,7 @@ def _log_to_mlflow(settings: Settings, run_id: str, result: EvalResult, val: Sco
             mlflow.log_metric("gradcam_sanity_rank_corr", sanity["rank_corr"])
         if result.explain:
             mlflow.log_metrics(explain_metrics(result.explain))
-            mlflow.log_dict(result.explain, "evaluation/explain.json")
+            mlflow.log_dict(result.explain, EXPLAIN_ARTIFACT)
             mlflow.set_tag("gradcam_sanity", result.explain["status"])
         assert result.test is not None
         for name, fig in {**evaluation_figures(result, val), **result.figures}.items():

@@ -32,6 +32,14 @@ from pipeline.data.manifest import read_manifest, read_summary
 from pipeline.data.split import read_split, verify_certificate
 from pipeline.data.versioning import DatasetVersion
 from pipeline.locking import file_lock
+from pipeline.registry.contract import (
+    ARCHITECTURE_REPORT_ARTIFACT,
+    ARCHITECTURE_TEXT_ARTIFACT,
+    FEATURE_MAPS_ARTIFACT,
+    FILTERS_ARTIFACT,
+    TRAINING_CURVES_ARTIFACT,
+    UNVERSIONED,
+)
 from pipeline.tracking import code_version, ensure_experiment, loggable_params, mask_secrets, pip_requirements
 from pipeline.training.checkpoints import OWNER_FILE, claim_checkpoint_dir
 from pipeline.training.inputs import InputSpec, check_files, make_dataset, split_frame
@@ -319,10 +327,12 @@ def _log_run_inputs(settings: Settings, train_df: pd.DataFrame, val_df: pd.DataF
     import mlflow
 
     mlflow.log_params(loggable_params(settings))  # passwords in URI settings masked
-    mlflow.set_tags(mask_secrets({"dataset": dataset["name"], "dvc_md5": str(dataset["dvc_md5"]),
-                                  "dvc_rev": str(dataset["dvc_rev"]), "split_certificate": dataset["split_certificate"],
-                                  "hardware": hardware["kind"], "replicas": str(hardware["replicas"]),
-                                  "mixed_precision": str(hardware["mixed_precision"]).lower()}))
+    # lineage states the data version like the registry contract does: UNVERSIONED, never "None"
+    tags = {"dataset": dataset["name"], "dvc_md5": dataset["dvc_md5"] or UNVERSIONED,
+            "dvc_rev": dataset["dvc_rev"] or UNVERSIONED, "split_certificate": dataset["split_certificate"],
+            "hardware": hardware["kind"], "replicas": str(hardware["replicas"]),
+            "mixed_precision": str(hardware["mixed_precision"]).lower()}
+    mlflow.set_tags(mask_secrets({k: v for k, v in tags.items() if v is not None}))
     mlflow.log_params({"input.image_size": ispec.image_size, "input.channels": ispec.channels,
                        "classes": ",".join(classes), "n_train": len(train_df), "n_val": len(val_df),
                        "global_batch_size": settings.train.batch_size * int(hardware["replicas"])})
@@ -460,7 +470,7 @@ def _log_model(model: Any, ispec: InputSpec, settings: Settings, hist: dict[str,
     sample = np.zeros((2, ispec.image_size, ispec.image_size, ispec.channels), np.float32)
     signature = infer_signature(sample, np.asarray(model(sample, training=False)))
     info = mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=pip_requirements())
-    mlflow.log_figure(_curves_figure(hist), "plots/training_curves.png")
+    mlflow.log_figure(_curves_figure(hist), TRAINING_CURVES_ARTIFACT)
     _log_architecture(model, _sample_image(train_ds))
     return str(info.model_uri)
 
@@ -479,12 +489,12 @@ def _log_architecture(model: Any, image: np.ndarray | None) -> None:
     from pipeline.training.models.visualize import feature_maps_figure, filters_figure
 
     report = architecture_report(model)
-    mlflow.log_dict(report.to_dict(), "architecture/report.json")
-    mlflow.log_text(report.to_text(), "architecture/report.txt")
+    mlflow.log_dict(report.to_dict(), ARCHITECTURE_REPORT_ARTIFACT)
+    mlflow.log_text(report.to_text(), ARCHITECTURE_TEXT_ARTIFACT)
     mlflow.log_metrics({"model_params": float(report.keras_total_params),
                         "model_forward_mflops": report.total_flops / 1e6})
-    figures = {"architecture/first_layer_filters.png": filters_figure(model),
-               "architecture/feature_maps.png": feature_maps_figure(model, image) if image is not None else None}
+    figures = {FILTERS_ARTIFACT: filters_figure(model),
+               FEATURE_MAPS_ARTIFACT: feature_maps_figure(model, image) if image is not None else None}
     for path, fig in figures.items():
         if fig is not None:
             mlflow.log_figure(fig, path)

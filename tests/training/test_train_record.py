@@ -10,6 +10,16 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import Settings
+from pipeline.registry.contract import (
+    ARCHITECTURE_DIR,
+    ARCHITECTURE_REPORT_ARTIFACT,
+    ARCHITECTURE_TEXT_ARTIFACT,
+    FEATURE_MAPS_ARTIFACT,
+    FILTERS_ARTIFACT,
+    PLOTS_DIR,
+    TRAINING_CURVES_ARTIFACT,
+    UNVERSIONED,
+)
 
 
 @pytest.mark.slow
@@ -32,16 +42,17 @@ def test_training_run_leaves_a_complete_mlflow_record(train_settings: Callable[.
     tags = run.data.tags
     assert {"git_commit", "git_dirty", "lock_sha256", "seed", "split_certificate", "dvc_md5"} <= set(tags)
     assert tags["seed"] == "42"
+    assert tags["dvc_md5"] == tags["dvc_rev"] == UNVERSIONED  # data.version_with_dvc=false: stated, never "None"
     # dataset lineage as MLflow inputs
     inputs = [{t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs]
     assert {i["mlflow.data.context"] for i in inputs} == {"training", "validation"}
     assert all(i["split_certificate"] == tags["split_certificate"] for i in inputs)
     # artifacts: curves, architecture report + figures; model with signature and explicit requirements
-    artifacts = {a.path for a in client.list_artifacts(result.run_id, "architecture")}
-    assert {"architecture/report.json", "architecture/report.txt", "architecture/first_layer_filters.png",
-            "architecture/feature_maps.png"} <= artifacts
-    assert "plots/training_curves.png" in {a.path for a in client.list_artifacts(result.run_id, "plots")}
-    report = json.loads(Path(client.download_artifacts(result.run_id, "architecture/report.json")).read_text())
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, ARCHITECTURE_DIR)}
+    assert {ARCHITECTURE_REPORT_ARTIFACT, ARCHITECTURE_TEXT_ARTIFACT, FILTERS_ARTIFACT,
+            FEATURE_MAPS_ARTIFACT} <= artifacts
+    assert TRAINING_CURVES_ARTIFACT in {a.path for a in client.list_artifacts(result.run_id, PLOTS_DIR)}
+    report = json.loads(Path(client.download_artifacts(result.run_id, ARCHITECTURE_REPORT_ARTIFACT)).read_text())
     assert report["total_params"] == report["keras_total_params"] and not report["mismatches"]
     import mlflow
 

@@ -402,9 +402,10 @@ def log_monitoring_run(settings: Settings, summary: dict[str, Any], out_dir: Pat
     configure_mlflow(settings)
     exp = ensure_experiment(settings, f"{settings.experiment_name}/monitoring")
     traffic = str(summary.get("traffic", "production"))
-    tags = {"model_name": str(summary.get("model_name")), "model_version": str(summary.get("model_version")),
+    tags = {"model_name": summary.get("model_name"), "model_version": summary.get("model_version"),
             "status": summary["status"], "drift_detected": str(bool(summary.get("drift_detected"))).lower(),
             "traffic": traffic}
+    tags = {k: str(v) for k, v in tags.items() if v is not None}  # a missing value is no tag, never "None"
     name = f"{'simulated-' if traffic == 'simulation' else ''}drift-v{summary.get('model_version')}"
     with mlflow.start_run(experiment_id=exp, run_name=name, tags=tags) as run:
         metrics = {"current_rows": summary["current_rows"], "reference_rows": summary["reference_rows"],

@@ -47,7 +47,7 @@ from pipeline.data.image_store import IMAGES_DIR
 from pipeline.data.parallel import ordered_map
 from pipeline.data.policy import POLICY_REASONS
 from pipeline.data.quarantine import QUARANTINE_FILE, QuarantineEntry, QuarantineWriter
-from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, Outcome, read_one
+from pipeline.data.reader import FEATURE_COLUMNS, IngestOptions, ReadOutcome, read_one
 from pipeline.data.sources.base import RawRecord
 from pipeline.durable import fsync_path
 from pipeline.locking import file_lock
@@ -95,7 +95,7 @@ SCHEMA = pa.schema(
 
 
 # mapper(read, records) -> outcomes in input order (see ingest_records)
-Mapper = Callable[[Callable[[RawRecord], Outcome], Iterable[RawRecord]], Iterable[Outcome]]
+Mapper = Callable[[Callable[[RawRecord], ReadOutcome], Iterable[RawRecord]], Iterable[ReadOutcome]]
 
 
 def ingest_records(records: Iterable[RawRecord], out_dir: Path, opts: IngestOptions,

@@ -4,7 +4,7 @@ Kept apart from :mod:`pipeline.data.manifest` (which writes Parquet) so that pro
 workers do not import pandas or pyarrow (NumPy, Pillow, and the sources package with
 its config models; pydicom on the first DICOM file):
 ``read_one`` runs in worker processes, threads or Dask workers alike and returns a
-picklable :class:`Outcome`.
+picklable :class:`ReadOutcome`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class IngestOptions:
 
 
 @dataclass
-class Outcome:
+class ReadOutcome:
     """A manifest row (accepted file), a quarantine entry (unusable file) or an exclusion (a valid
     file outside the admission policy, e.g. a CT: listed in ``excluded.csv``)."""
 
@@ -58,7 +58,7 @@ class Outcome:
     excluded: QuarantineEntry | None = None
 
 
-def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> Outcome:
+def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> ReadOutcome:
     """Read, hash, decode and check one file; store its de-identified copy and describe it."""
     qref = quarantine_ref(record.ref, opts.salt)
     try:
@@ -78,16 +78,16 @@ def read_one(record: RawRecord, out_dir: Path, opts: IngestOptions) -> Outcome:
         if not patient:
             raise BadImage("missing_patient", "no patient id in the label file or the DICOM header")
     except OutOfPolicy as exc:
-        return Outcome(excluded=QuarantineEntry(qref, exc.reason, exc.detail))
+        return ReadOutcome(excluded=QuarantineEntry(qref, exc.reason, exc.detail))
     except BadImage as exc:
-        return Outcome(quarantine=QuarantineEntry(qref, exc.reason, exc.detail))
+        return ReadOutcome(quarantine=QuarantineEntry(qref, exc.reason, exc.detail))
     except OSError as exc:
         detail = f"unreadable: {exc.strerror or type(exc).__name__}"
-        return Outcome(quarantine=QuarantineEntry(qref, "truncated", detail))
+        return ReadOutcome(quarantine=QuarantineEntry(qref, "truncated", detail))
     image_id = sha[:16]
     rel = store_image(image, data, record, out_dir, image_id)
-    return Outcome(row={**_row(image, record, opts, label, label_index, patient), "image_id": image_id,
-                        "path": rel, "sha256": sha, "_qref": qref})
+    return ReadOutcome(row={**_row(image, record, opts, label, label_index, patient), "image_id": image_id,
+                            "path": rel, "sha256": sha, "_qref": qref})
 
 
 def _row(image: DecodedImage, record: RawRecord, opts: IngestOptions, label: str, label_index: int,

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 STABLE_STUDY = "StableStudy"
 
 
-class Outcome(Protocol):
+class ListenOutcome(Protocol):
     @property
     def transient(self) -> bool: ...
 
@@ -55,7 +55,8 @@ class Outcome(Protocol):
 
 
 class Feed(Protocol):
-    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool: ...
+    def poll(self, settings: Settings, handle: Callable[[str], ListenOutcome | None],
+             summary: ListenSummary) -> bool: ...
 
 
 @dataclass
@@ -138,7 +139,7 @@ class OrthancChanges:
         page = self._get("/changes", {"since": since, "limit": limit})
         return list(page.get("Changes", [])), int(page.get("Last", since)), bool(page.get("Done", True))
 
-    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool:
+    def poll(self, settings: Settings, handle: Callable[[str], ListenOutcome | None], summary: ListenSummary) -> bool:
         """One poll of the feed (:func:`poll_once`)."""
         return poll_once(settings, self, handle, summary)
 
@@ -153,7 +154,7 @@ class OrthancChanges:
         return (study.get("MainDicomTags") or {}).get("StudyInstanceUID")
 
 
-def _handled(summary: ListenSummary, outcome: Outcome | None) -> bool:
+def _handled(summary: ListenSummary, outcome: ListenOutcome | None) -> bool:
     """Count an outcome; True when it is transient (to be retried)."""
     if outcome is None:
         return False
@@ -177,7 +178,7 @@ def start_cursor(settings: Settings, changes: OrthancChanges) -> int:
     return cursor
 
 
-def poll_once(settings: Settings, changes: OrthancChanges, handle: Callable[[str], Outcome | None],
+def poll_once(settings: Settings, changes: OrthancChanges, handle: Callable[[str], ListenOutcome | None],
               summary: ListenSummary) -> bool:
     """Handle every pending change; True when the feed is exhausted, False when a transient outcome stopped it."""
     cursor = start_cursor(settings, changes)
@@ -198,7 +199,7 @@ def poll_once(settings: Settings, changes: OrthancChanges, handle: Callable[[str
             return True
 
 
-def listen(settings: Settings, feed: Feed, handle: Callable[[str], Outcome | None], *,
+def listen(settings: Settings, feed: Feed, handle: Callable[[str], ListenOutcome | None], *,
            once: bool = False, max_seconds: float | None = None,
            sleep: Callable[[float], None] = time.sleep) -> ListenSummary:
     """Poll ``feed`` (:class:`OrthancChanges` or :class:`QidoStudies`) every ``pacs.poll_s`` seconds and hand each
@@ -265,7 +266,7 @@ class QidoStudies:
                 return found
             offset += len(page)
 
-    def poll(self, settings: Settings, handle: Callable[[str], Outcome | None], summary: ListenSummary) -> bool:
+    def poll(self, settings: Settings, handle: Callable[[str], ListenOutcome | None], summary: ListenSummary) -> bool:
         """Hand over the studies that became stable; False when a transient outcome stopped the poll."""
         summary.polls += 1
         found, now = self._studies(), self.clock()

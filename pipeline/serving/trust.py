@@ -76,7 +76,7 @@ _FIX = ("promote a gated version (`xrayops promote`, `xrayops registry approve`)
 
 
 @dataclass(frozen=True)
-class Verdict:
+class TrustVerdict:
     """The outcome of checking the served alias: ``reason`` None = the version may be served."""
 
     reason: str | None
@@ -89,7 +89,7 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Evidence:
+class TrustEvidence:
     """What :func:`judge` decides on, read from the registry by :func:`check_alias`."""
 
     record: VersionRecord  # the version holding the alias
@@ -112,7 +112,7 @@ def _time(text: str | None) -> datetime | None:
         return None
 
 
-def judge(ev: Evidence, *, model: str, alias: str, require_approval: bool) -> tuple[str, str] | None:
+def judge(ev: TrustEvidence, *, model: str, alias: str, require_approval: bool) -> tuple[str, str] | None:
     """The rule (pure): ``(reason, detail)`` when the version must not be served, else None."""
     r = ev.record
     what = f"{model} v{r.version} (alias '{alias}')"
@@ -150,7 +150,7 @@ def _decision_problem(decision: Mapping[str, Any] | None, r: VersionRecord, mode
     return None
 
 
-def _promotion_problem(ev: Evidence, what: str) -> tuple[str, str] | None:
+def _promotion_problem(ev: TrustEvidence, what: str) -> tuple[str, str] | None:
     r = ev.record
     since = _time(r.champion.since)
     if since is None:
@@ -185,7 +185,7 @@ def _name(version: str | None) -> str:
 # --------------------------------------------------------------------------- reading the evidence
 
 
-def check_alias(settings: Settings, alias: str) -> Verdict:
+def check_alias(settings: Settings, alias: str) -> TrustVerdict:
     """Find the version holding ``alias`` and decide whether it may be served (see the module docstring).
 
     The alias and its evidence are separate registry reads, and a promotion running at the
@@ -207,28 +207,28 @@ SETTLE_S = 0.5  # how long a promotion in flight may take between its alias move
 _SNAPSHOT_TRIES = 3
 
 
-def _check_once(settings: Settings, alias: str) -> Verdict:
+def _check_once(settings: Settings, alias: str) -> TrustVerdict:
     model = settings.registered_model
     try:
         client = _client(settings)
         for _ in range(_SNAPSHOT_TRIES):
             mv = get_alias(settings, alias)  # only "not found" is None; other errors raise (fail closed)
             if mv is None:
-                return Verdict(ALIAS_MISSING, f"no version of {model} holds alias '{alias}' (it was deleted, or "
-                               f"the registered model does not exist); {_FIX}")
+                return TrustVerdict(ALIAS_MISSING, f"no version of {model} holds alias '{alias}' (it was deleted, "
+                                    f"or the registered model does not exist); {_FIX}")
             ev = _evidence(settings, client, mv, alias)
             again = get_alias(settings, alias)
             if again is not None and str(again.version) == str(mv.version):
                 break  # the alias did not move while its evidence was read
     except ServiceUnavailable as exc:
         logger.warning("registry read for alias %s failed: %s", alias, str(exc)[:300])
-        return Verdict(REGISTRY_UNREACHABLE, f"the model registry ({_where(settings)}) could not be read, so alias "
-                       f"'{alias}' could not be verified; check that it is reachable (see the server log for the "
-                       "error)")
+        return TrustVerdict(REGISTRY_UNREACHABLE, f"the model registry ({_where(settings)}) could not be read, so "
+                            f"alias '{alias}' could not be verified; check that it is reachable (see the server log "
+                            "for the error)")
     found = judge(ev, model=model, alias=alias, require_approval=settings.promote.require_approval)
     if found is None:
-        return Verdict(None, f"{model} v{mv.version} holds alias '{alias}' and is verified", mv)
-    return Verdict(found[0], f"{found[1]}; {_FIX}", mv)
+        return TrustVerdict(None, f"{model} v{mv.version} holds alias '{alias}' and is verified", mv)
+    return TrustVerdict(found[0], f"{found[1]}; {_FIX}", mv)
 
 
 def _where(settings: Settings) -> str:
@@ -244,7 +244,7 @@ def _client(settings: Settings) -> Any:
         raise ServiceUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _evidence(settings: Settings, client: Any, mv: Any, alias: str) -> Evidence:
+def _evidence(settings: Settings, client: Any, mv: Any, alias: str) -> TrustEvidence:
     try:
         record = VersionRecord.from_version(mv)
         decision = approval = None
@@ -256,7 +256,7 @@ def _evidence(settings: Settings, client: Any, mv: Any, alias: str) -> Evidence:
         if alias == CHAMPION:
             replaced = _record(client, settings.registered_model, record.champion.previous_version)
             latest = _latest_champion(client, settings.registered_model, exclude=record.version)
-        return Evidence(record, decision, approval, replaced, latest)
+        return TrustEvidence(record, decision, approval, replaced, latest)
     except ServiceUnavailable:
         raise
     except Exception as exc:  # any read failure: the alias cannot be verified, fail closed

@@ -104,11 +104,11 @@ def test_serving_start_and_stop_are_recorded(reg: Settings, monkeypatch: pytest.
     from types import SimpleNamespace
 
     from pipeline.serving import model_store
-    from pipeline.serving.trust import Verdict
+    from pipeline.serving.trust import TrustVerdict
 
     v1, v2 = new_version(reg), new_version(reg)
     holder = {"version": v1}
-    monkeypatch.setattr(model_store, "check_alias", lambda settings, alias: Verdict(None, "ok", holder["version"]))
+    monkeypatch.setattr(model_store, "check_alias", lambda settings, alias: TrustVerdict(None, "ok", holder["version"]))
     store = model_store.ModelStore(reg, loader=lambda s, v, alias: SimpleNamespace(
         version=str(v.version), model_name="m"))
     store.refresh()

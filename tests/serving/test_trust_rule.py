@@ -42,7 +42,7 @@ def approval(version: str, approved: bool = True) -> dict[str, Any]:
 def judge(rec: VersionRecord, dec: dict[str, Any] | None = None, *, appr: dict[str, Any] | None = None,
           replaced: VersionRecord | None = None, latest: tuple[str, str] | None = None, alias: str = "champion",
           require_approval: bool = False) -> str | None:
-    ev = trust.Evidence(rec, dec, appr, replaced,
+    ev = trust.TrustEvidence(rec, dec, appr, replaced,
                         (latest[0], datetime.fromisoformat(latest[1])) if latest else None)
     found = trust.judge(ev, model=MODEL, alias=alias, require_approval=require_approval)
     return found[0] if found else None
@@ -121,6 +121,6 @@ def test_other_aliases_need_the_gate_but_not_the_champion_history() -> None:
 def test_every_reason_has_a_meaning_and_details_carry_no_exception_text() -> None:
     assert set(trust.REASONS) == {trust.ALIAS_MISSING, trust.REGISTRY_UNREACHABLE, trust.NOT_GATED,
                                   trust.NOT_APPROVED, trust.NOT_PROMOTED, trust.LINEAGE_MISMATCH, trust.LOAD_FAILED}
-    ev = trust.Evidence(record("3", verdict="fail"), None, None, None, None)
+    ev = trust.TrustEvidence(record("3", verdict="fail"), None, None, None, None)
     reason, detail = trust.judge(ev, model=MODEL, alias="champion", require_approval=False)  # type: ignore[misc]
     assert reason == trust.NOT_GATED and "v3" in detail and "Traceback" not in detail

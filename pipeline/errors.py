@@ -40,6 +40,7 @@ builtin as a second base, so ``except FileNotFoundError`` around it keeps workin
     ├── DeployError                          Prefect deployments could not be applied
     ├── PacsError                            a PACS (DICOMweb) refused or failed a request (URL masked)
     │   └── PacsUnavailable (+ServiceUnavailable)  the PACS cannot be reached, timed out or answered 5xx
+    ├── PortInUse (OSError)                  a local service cannot bind its port: something listens there
     └── ServingError                         the API and the clinician UI
         ├── NotReady                         no model loaded (yet)
         ├── ExplainUnavailable               Grad-CAM not available for this model/deployment

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Settings
-from pipeline.evaluation.metrics import patient_weights, percentile_interval
+from pipeline.evaluation.metrics import batched_confusion, batched_paired_delta, patient_weights, percentile_interval
 from pipeline.evaluation.subgroups import UNKNOWN, attribute_column, batched_auc, group_labels
 from pipeline.registry.contract import FAILURE_ANALYSIS_ARTIFACT
 
@@ -146,17 +146,17 @@ def quality_bins(values: np.ndarray, patients: np.ndarray, bins: int, min_patien
     return labels, merges
 
 
-def _rate_row(attribute: str, group: str, y: np.ndarray, wrong: np.ndarray, patients: np.ndarray,
+def _rate_row(attribute: str, group: str, y: np.ndarray, pred: np.ndarray, patients: np.ndarray,
               spec: FailureSpec) -> dict[str, Any]:
     """FP rate among negatives and FN rate among positives of one group, with patient-level CIs."""
     w = np.vstack([np.ones(len(y)), patient_weights(patients, spec.n_resamples, spec.seed)])
-    neg, pos = (y == 0).astype(float), (y == 1).astype(float)
+    c = batched_confusion(y, pred, w)  # row 0: the plain counts; then one row per resample
     with np.errstate(invalid="ignore", divide="ignore"):
-        fp_rate = (w @ (neg * wrong)) / (w @ neg)
-        fn_rate = (w @ (pos * wrong)) / (w @ pos)
+        fp_rate = c["fp"] / (c["fp"] + c["tn"])
+        fn_rate = c["fn"] / (c["fn"] + c["tp"])
     return {"attribute": attribute, "group": group, "patients": int(pd.unique(patients).size),
-            "images": int(len(y)), "negatives": int(neg.sum()), "positives": int(pos.sum()),
-            "false_positives": int((neg * wrong).sum()), "false_negatives": int((pos * wrong).sum()),
+            "images": int(len(y)), "negatives": int(c["fp"][0] + c["tn"][0]), "positives": int(c["fn"][0] + c["tp"][0]),
+            "false_positives": int(c["fp"][0]), "false_negatives": int(c["fn"][0]),
             "fp_rate": _r(fp_rate[0]), "fp_rate_ci": [_r(v) for v in percentile_interval(fp_rate[1:], spec.level)],
             "fn_rate": _r(fn_rate[0]), "fn_rate_ci": [_r(v) for v in percentile_interval(fn_rate[1:], spec.level)]}
 
@@ -170,12 +170,12 @@ def error_rates(frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, threshold: fl
         holds ``attribute``, ``group``, counts, ``fp_rate``/``fn_rate`` and their ``_ci``.
     """
     y, p = np.asarray(y, dtype=int), np.asarray(p, dtype=float)
-    wrong = ((p >= threshold).astype(int) != y).astype(float)
+    pred = (p >= threshold).astype(int)
     patients = frame["patient_id"].astype(str).to_numpy()
 
     def rows(attribute: str, labels: np.ndarray) -> list[dict[str, Any]]:
         names = sorted(set(labels), key=lambda v: (v in ("other", UNKNOWN), v))
-        return [_rate_row(attribute, str(g), y[m], wrong[m], patients[m], spec)
+        return [_rate_row(attribute, str(g), y[m], pred[m], patients[m], spec)
                 for g in names for m in [labels == g]]
 
     subgroups = [r for a, labels in _pooled_attributes(frame, spec.attributes, spec.min_patients).items()
@@ -185,7 +185,7 @@ def error_rates(frame: pd.DataFrame, y: np.ndarray, p: np.ndarray, threshold: fl
         labels, merges[feature] = quality_bins(frame[feature].to_numpy(), patients, spec.quality_bins,
                                                spec.min_patients)
         quality += sorted(rows(feature, labels), key=lambda r: _bin_start(r["group"]))
-    return {"overall": _rate_row("all", "all", y, wrong, patients, spec), "subgroups": subgroups,
+    return {"overall": _rate_row("all", "all", y, pred, patients, spec), "subgroups": subgroups,
             "quality": quality, "quality_merges": merges}
 
 
@@ -217,13 +217,10 @@ def _shuffle_order(groups: np.ndarray, seed: int) -> np.ndarray:
 
 def _rescored(y: np.ndarray, p: np.ndarray, p_new: np.ndarray, threshold: float, weights: np.ndarray,
               spec: FailureSpec) -> dict[str, Any]:
-    ones = np.ones((1, len(y)))
-    auc, auc_new = batched_auc(y, p, ones)[0], batched_auc(y, p_new, ones)[0]
-    deltas = batched_auc(y, p_new, weights) - batched_auc(y, p, weights)
-    delta = auc_new - auc
-    ci = percentile_interval(deltas, spec.level)
+    paired = batched_paired_delta(batched_auc, y, p_new, p, weights, spec.level)
+    delta, ci = paired["delta"], paired["ci"]
     pos = y == 1
-    return {"auc": _r(auc_new), "sensitivity": _r((p_new[pos] >= threshold).mean()) if pos.any() else None,
+    return {"auc": _r(paired["new"]), "sensitivity": _r((p_new[pos] >= threshold).mean()) if pos.any() else None,
             "delta_auc": _r(delta), "delta_auc_ci": [_r(v) for v in ci],
             "delta_sensitivity": _r((p_new[pos] >= threshold).mean() - (p[pos] >= threshold).mean())
             if pos.any() else None,

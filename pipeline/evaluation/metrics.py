@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+# a metric evaluated once per row of ``(R, n)`` weights: ``(y, p, w) -> (R,)``
+BatchedMetric = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------- binary metrics
@@ -38,7 +40,10 @@ def _pr_auc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
 
 
 def confusion_cells(y: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean masks of the four binary confusion cells (``tp``, ``fn``, ``tn``, ``fp``)."""
+    """Boolean masks of the four binary confusion cells (``tp``, ``fn``, ``tn``, ``fp``).
+
+    The one definition of the cells: every count below (scalar, weighted, batched) sums over these masks.
+    """
     y, pred = np.asarray(y), np.asarray(pred)
     return {"tp": (y == 1) & (pred == 1), "fn": (y == 1) & (pred == 0),
             "tn": (y == 0) & (pred == 0), "fp": (y == 0) & (pred == 1)}
@@ -50,16 +55,26 @@ def confusion(y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None) -> d
     return {cell: float(w[mask].sum()) for cell, mask in confusion_cells(y, pred).items()}
 
 
+def batched_confusion(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`confusion` for each row of the weights ``w`` at once (``(R, n)`` → ``(R,)`` per cell)."""
+    return {cell: w @ mask for cell, mask in confusion_cells(y, pred).items()}
+
+
 def confusion_counts(y: np.ndarray, pred: np.ndarray) -> dict[str, int]:
     """Unweighted binary confusion counts as integers."""
     return {cell: int(v) for cell, v in confusion(y, pred).items()}
 
 
-def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> list[list[int]]:
-    """``k × k`` counts, rows = true class, columns = predicted class."""
+def confusion_array(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """``k × k`` integer counts, rows = true class, columns = predicted class."""
     m = np.zeros((k, k), int)
     np.add.at(m, (np.asarray(y).astype(int), np.asarray(pred).astype(int)), 1)
-    return m.tolist()
+    return m
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> list[list[int]]:
+    """:func:`confusion_array` as nested lists (for JSON and MLflow)."""
+    return confusion_array(y, pred, k).tolist()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -201,22 +216,34 @@ def percentile_interval(samples: Any, level: float) -> list[float]:
     return [float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))]
 
 
+def batched_paired_delta(metric: BatchedMetric, y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray,
+                         weights: np.ndarray, level: float) -> dict[str, Any]:
+    """``metric`` new − old on the same images, point and per resample of the ``(R, n)`` ``weights``.
+
+    Returns ``{"new", "old": point values, "delta": new − old, "ci": percentile interval of the finite
+    resampled deltas, "resamples": how many were finite}``.
+    """
+    ones = np.ones((1, len(y)))
+    new, old = metric(y, p_new, ones)[0], metric(y, p_old, ones)[0]
+    deltas = np.asarray(metric(y, p_new, weights) - metric(y, p_old, weights), dtype=float)
+    return {"new": float(new), "old": float(old), "delta": float(new - old),
+            "ci": percentile_interval(deltas, level), "resamples": int(np.isfinite(deltas).sum())}
+
+
+def _rowwise(metric: Metric) -> BatchedMetric:
+    """A scalar ``metric`` as a :data:`BatchedMetric`: evaluated once per weight row."""
+    return lambda y, p, w: np.array([metric(y, p, row) for row in w])
+
+
 def paired_delta(metric: Metric, name: str, y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray,
                  patients: np.ndarray, *, n_resamples: int, seed: int, level: float) -> dict[str, Any]:
     """``metric`` new − old on the same images, with a paired patient-level bootstrap CI.
 
     Returns ``{"delta_<name>": point estimate, "ci": [lo, hi], "resamples": finite resamples used}``.
     """
-    w_all = patient_weights(patients, n_resamples, seed)
-    y = np.asarray(y, dtype=int)
-    deltas = np.array([metric(y, p_new, w) - metric(y, p_old, w) for w in w_all])
-    deltas = deltas[np.isfinite(deltas)]
-    ones = np.ones(len(y), dtype=float)
-    return {
-        f"delta_{name}": metric(y, p_new, ones) - metric(y, p_old, ones),
-        "ci": percentile_interval(deltas, level),
-        "resamples": int(len(deltas)),
-    }
+    out = batched_paired_delta(_rowwise(metric), np.asarray(y, dtype=int), p_new, p_old,
+                               patient_weights(patients, n_resamples, seed), level)
+    return {f"delta_{name}": out["delta"], "ci": out["ci"], "resamples": out["resamples"]}
 
 
 def _top1_accuracy(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> float:

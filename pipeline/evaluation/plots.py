@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.metrics import confusion_counts
+
 
 def _plt() -> Any:
     import matplotlib
@@ -46,9 +48,9 @@ def roc_figure(y: np.ndarray, p: np.ndarray, threshold: float) -> Any:
     if len(np.unique(y)) > 1:
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label="ROC")
-        pred = p >= threshold
-        sens = (pred & (y == 1)).sum() / max(1, (y == 1).sum())
-        fp = (pred & (y == 0)).sum() / max(1, (y == 0).sum())
+        c = confusion_counts(y, p >= threshold)
+        sens = c["tp"] / max(1, c["tp"] + c["fn"])
+        fp = c["fp"] / max(1, c["fp"] + c["tn"])
         ax.scatter([fp], [sens], color="red", zorder=3, label=f"operating point t={threshold:.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test)")
@@ -66,9 +68,8 @@ def pr_figure(y: np.ndarray, p: np.ndarray, threshold: float) -> Any:
     if y.sum() > 0:
         prec, rec, _ = precision_recall_curve(y, p)
         ax.plot(rec, prec, label="PR")
-        pred = p >= threshold
-        tp = (pred & (y == 1)).sum()
-        ax.scatter([tp / max(1, (y == 1).sum())], [tp / max(1, pred.sum())], color="red", zorder=3,
+        c = confusion_counts(y, p >= threshold)
+        ax.scatter([c["tp"] / max(1, c["tp"] + c["fn"])], [c["tp"] / max(1, c["tp"] + c["fp"])], color="red", zorder=3,
                    label=f"operating point t={threshold:.3f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall (test)")
     ax.legend(fontsize=7, loc="lower left")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.evaluation.calibration import calibration_intercept, calibration_slope
-from pipeline.evaluation.metrics import patient_weights, percentile_interval
+from pipeline.evaluation.metrics import batched_confusion, patient_weights, percentile_interval
 
 # attribute → manifest columns it is read from, first present wins
 SUBGROUP_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -72,9 +72,8 @@ def batched_binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np
     """The subgroup metrics (:data:`SUBGROUP_METRICS`) at ``threshold`` for each row of the weights ``w``."""
     y, p = np.asarray(y, dtype=int), np.asarray(p, dtype=float)
     w = np.atleast_2d(np.asarray(w, dtype=float))
-    pred = p >= threshold
-    tp, fn = w @ ((y == 1) & pred), w @ ((y == 1) & ~pred)
-    tn, fp = w @ ((y == 0) & ~pred), w @ ((y == 0) & pred)
+    c = batched_confusion(y, p >= threshold, w)
+    tp, fn, tn, fp = c["tp"], c["fn"], c["tn"], c["fp"]
     return {
         "auc": batched_auc(y, p, w),
         "sensitivity": _ratio(tp, tp + fn),

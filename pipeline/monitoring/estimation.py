@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import MonitorSection
+from pipeline.evaluation.metrics import confusion_array, percentile_interval
 from pipeline.serving.predictor import EMB_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,12 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def rates(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
-    """Sensitivity and specificity (soft labels allowed: ``y`` may be a probability)."""
+    """Sensitivity and specificity (soft labels allowed: ``y`` may be a probability).
+
+    Not :func:`pipeline.evaluation.metrics.confusion`: with a probability as ``y`` each row adds ``y`` to the
+    positive cells and ``1 − y`` to the negative ones (CBPE's expected counts ``E[TP] = Σ p·pred``), which the
+    hard-label cell masks there cannot express; for 0/1 labels the two agree.
+    """
     y, pred = np.asarray(y, dtype=float), np.asarray(pred, dtype=float)
     pos, neg = y.sum(), (1 - y).sum()
     sens = float((y * pred).sum() / pos) if pos > 0 else float("nan")
@@ -83,13 +89,9 @@ def rates(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def interval(samples: Any, level: float) -> list[float | None]:
-    """Central percentile interval of the finite ``samples`` (``[None, None]`` when none is finite)."""
-    arr = np.asarray(samples, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if not len(arr):
-        return [None, None]
-    alpha = (1 - level) / 2
-    return [round(float(np.quantile(arr, alpha)), 4), round(float(np.quantile(arr, 1 - alpha)), 4)]
+    """:func:`~pipeline.evaluation.metrics.percentile_interval` rounded to 4 digits, ``None`` where it is NaN
+    (no finite sample): the form the monitoring summary stores."""
+    return [_round(v) for v in percentile_interval(samples, level)]
 
 
 # --------------------------------------------------------------------------- CBPE
@@ -117,10 +119,8 @@ def cbpe(p: np.ndarray, pred: np.ndarray, *, n_resamples: int, seed: int, level:
 
 
 def joint_confusion(y: np.ndarray, pred: np.ndarray, k: int = 2) -> np.ndarray:
-    """``C[i, j] = P(pred = i, y = j)``."""
-    c = np.zeros((k, k))
-    np.add.at(c, (np.asarray(pred, dtype=int), np.asarray(y, dtype=int)), 1.0)
-    return c / max(len(y), 1)
+    """``C[i, j] = P(pred = i, y = j)``: the transposed confusion counts over the number of rows."""
+    return confusion_array(y, pred, k).T / max(len(y), 1)
 
 
 def bbse_prevalence(confusion: np.ndarray, pred_dist: np.ndarray) -> np.ndarray:

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from pipeline.evaluation.metrics import (
+    batched_confusion,
+    batched_paired_delta,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
@@ -19,6 +21,8 @@ from pipeline.evaluation.metrics import (
     patient_weights,
     percentile_interval,
 )
+from pipeline.evaluation.subgroups import batched_auc
+from pipeline.monitoring.estimation import interval, joint_confusion, rates
 
 
 def _clustered(n_patients: int = 40, per_patient: int = 15, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -136,3 +140,34 @@ def test_confusion_counts_and_matrix() -> None:
     assert confusion_counts(y, pred) == {"tp": 2, "fn": 1, "tn": 1, "fp": 1}
     assert confusion(y, pred, np.array([2.0, 1, 1, 1, 0])) == {"tp": 2.0, "fn": 1.0, "tn": 1.0, "fp": 1.0}
     assert confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 1, 1, 2]), 3) == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_batched_paired_delta_of_the_batched_auc_equals_the_gates_paired_delta_auc() -> None:
+    y, p, patients = _clustered(seed=6)
+    p_old = np.clip(p + np.random.default_rng(1).normal(0, 0.2, len(p)), 0, 1)
+    gate = paired_delta_auc(y, p, p_old, patients, n_resamples=50, seed=3, level=0.9)
+    batched = batched_paired_delta(batched_auc, y, p, p_old, patient_weights(patients, 50, 3), 0.9)
+    assert batched["delta"] == pytest.approx(gate["delta_auc"], abs=1e-12) and gate["delta_auc"] != 0
+    assert batched["ci"] == pytest.approx(gate["ci"], abs=1e-12) and batched["resamples"] == gate["resamples"] == 50
+    assert batched["delta"] == pytest.approx(batched["new"] - batched["old"], abs=0)
+
+
+def test_batched_confusion_is_the_weighted_confusion_of_each_row() -> None:
+    rng = np.random.default_rng(2)
+    y, pred = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    w = patient_weights(np.arange(40) // 2, 5, seed=0)
+    batched = batched_confusion(y, pred, w)
+    for r in range(len(w)):
+        assert {cell: float(v[r]) for cell, v in batched.items()} == confusion(y, pred, w[r])
+    assert sum(batched.values()).tolist() == w.sum(axis=1).tolist()
+
+
+def test_monitoring_confusion_and_intervals_are_the_metrics_ones_on_hard_labels() -> None:
+    rng = np.random.default_rng(3)
+    y, pred = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    assert (joint_confusion(y, pred) * 50).T.tolist() == confusion_matrix(y, pred, 2)
+    c = confusion(y, pred)
+    assert rates(y, pred) == (c["tp"] / (c["tp"] + c["fn"]), c["tn"] / (c["tn"] + c["fp"]))
+    samples = rng.normal(size=30)
+    assert interval(samples, 0.9) == [round(v, 4) for v in percentile_interval(samples, 0.9)]
+    assert interval([float("nan")], 0.9) == [None, None]

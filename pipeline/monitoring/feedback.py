@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -48,6 +47,7 @@ import pandas as pd
 
 from pipeline.config import Settings
 from pipeline.data.imaging import DecodedImage, encode_png
+from pipeline.durable import write_atomic
 from pipeline.errors import FeedbackError
 from pipeline.serving.production_log import append, read_part, warn_skipped
 
@@ -141,11 +141,9 @@ def record_feedback(feedback_dir: Path, record: FeedbackRecord, image: DecodedIm
         raise FeedbackError("an 'agree' verdict must keep the predicted label")
     row = {**asdict(record), "comment": record.comment.strip()[:MAX_COMMENT], "has_image": image is not None}
     if image is not None:
-        images = feedback_dir / IMAGES_DIR
-        images.mkdir(parents=True, exist_ok=True)
-        tmp = images / f".{record.request_id}.png.tmp"
-        tmp.write_bytes(encode_png(image))
-        os.replace(tmp, images / f"{record.request_id}.png")
+        # a unique hidden temp name, fsynced before the rename: two answers to one request never share a temp
+        # file, and a crash never publishes a PNG the disk did not receive
+        write_atomic(feedback_dir / IMAGES_DIR / f"{record.request_id}.png", encode_png(image))
     return append(feedback_dir / RECORDS_DIR, pd.DataFrame([row]), time_column="submitted_at")[0]
 
 

@@ -65,6 +65,55 @@ def test_records_are_validated_and_append_only(tmp_path: Path) -> None:
     assert len(read_feedback(tmp_path)) == 2 and (tmp_path / "images" / f"{rid}.png").is_file()
 
 
+def test_clinicians_answering_one_case_at_once_each_store_a_whole_image(tmp_path: Path) -> None:
+    """Before: every answer to a request wrote the same temp name (``.<rid>.png.tmp``), so two at once
+    renamed each other's file away (FileNotFoundError) or published a half-written one."""
+    import threading
+
+    rid, n = uuid.uuid4().hex, 8
+    images = {png(seed) for seed in range(n)}
+    start, errors = threading.Barrier(n), []
+
+    def answer(seed: int) -> None:
+        try:
+            start.wait(30)
+            record_feedback(tmp_path, rec(rid, "1", "NORMAL", "PNEUMONIA", CLINICIANS[seed % 3]),
+                            image=decode_bytes(png(seed), max_pixels=10**6), classes=XRAY)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=answer, args=(seed,)) for seed in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(read_feedback(tmp_path)) == n
+    assert [p.name for p in (tmp_path / IMAGES_DIR).iterdir()] == [f"{rid}.png"], "a temp file was left behind"
+    stored = decode_bytes((tmp_path / IMAGES_DIR / f"{rid}.png").read_bytes(), max_pixels=10**6)
+    assert any(stored.pixels.tobytes() == decode_bytes(img, max_pixels=10**6).pixels.tobytes() for img in images)
+
+
+def test_a_disk_error_before_the_image_is_durable_publishes_neither_image_nor_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image is fsynced before its rename: a disk that fails the flush leaves no image (not even a
+    temp file) and no record pointing at one."""
+    import errno
+    import os
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "injected I/O error")
+
+    rid = uuid.uuid4().hex
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="injected"):
+        record_feedback(tmp_path, rec(rid, "1", "NORMAL", "PNEUMONIA"), image=decode_bytes(png(1), max_pixels=10**6),
+                        classes=XRAY)
+    monkeypatch.undo()
+    assert list((tmp_path / IMAGES_DIR).iterdir()) == []
+    assert read_feedback(tmp_path).empty
+
+
 @pytest.mark.parametrize("label", ["../../x", "PNEUMONA", "pneumonia", "", "NORMAL/../PNEUMONIA"])
 def test_a_label_outside_the_model_classes_is_rejected_when_recorded(tmp_path: Path, label: str) -> None:
     with pytest.raises(FeedbackError, match="not one of the model's classes: NORMAL, PNEUMONIA") as err:

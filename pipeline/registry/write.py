@@ -377,9 +377,17 @@ def rollback(settings: Settings, *, reason: str, actor: str, lock: AliasLock | N
     rolled-back version can never be champion again (:func:`check_promotable`).
     ``previous-champion`` then points at the champion before the restored one, if known.
 
+    Fail-closed order: the rolled-back version is marked (``rolled_back_*`` tags, the ``rolled_back_at``
+    marker last) and the restored one tagged (``champion_since``, ``restored_by``) *before* any alias
+    moves, so an interruption at any point leaves the bad version marked: it can no longer be
+    approved or made champion, and serving no longer trusts it. A registry error while moving the
+    aliases puts them back (:func:`_undo`) and raises; the mark stays (retry the rollback).
+
     Raises:
         PromotionError: no champion or no previous champion to return to, or that one was rolled back.
-        RegistryUnavailable: the registry failed (the message says whether the aliases are unchanged).
+        RegistryUnavailable: the registry failed (the message says what was written and whether the
+            aliases are unchanged).
+        RegistryError: the aliases read back differ from what was written (a writer outside the lock).
     """
     from mlflow.exceptions import MlflowException
 
@@ -396,41 +404,62 @@ def rollback(settings: Settings, *, reason: str, actor: str, lock: AliasLock | N
             raise PromotionError(f"{name}: previous-champion v{previous.version} was itself rolled back at "
                                  f"{target.rollback.at}; promote a gated version instead")
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        record = {"action": "rollback", "model": name, "from_version": str(current.version),
-                  "to_version": str(previous.version), "reason": reason, "actor": actor, "at": now}
+        bad, good = str(current.version), str(previous.version)
+        record = {"action": "rollback", "model": name, "from_version": bad, "to_version": good,
+                  "reason": reason, "actor": actor, "at": now}
         before = aliases(settings)
         earlier = target.champion.previous_version
-        expected = {**before, CHAMPION: str(previous.version)}
-        keep_earlier = bool(earlier) and earlier not in (str(previous.version), str(current.version))
-        moves = {CHAMPION: str(previous.version), PREVIOUS: earlier if keep_earlier else None}
-        with audit.audited(settings, audit.ROLLBACK, version=previous.version, actor=actor, details={
-                "from_version": str(current.version), "to_version": str(previous.version), "reason": reason,
-                "aliases": moves, "before": before}):
+        expected = {**before, CHAMPION: good}
+        keep_earlier = bool(earlier) and earlier not in (good, bad)
+        moves = {CHAMPION: good, PREVIOUS: earlier if keep_earlier else None}
+        retry = "retry `xrayops registry rollback` when the registry answers (`xrayops registry show` checks it)"
+        with audit.audited(settings, audit.ROLLBACK, version=good, actor=actor, details={
+                "from_version": bad, "to_version": good, "reason": reason, "aliases": moves, "before": before}):
+            marks = RollbackTags(at=now, reason=reason, by=actor).to_tags()
+            at = marks.pop("rolled_back_at")
+            try:  # the marker last: a partly written mark is no mark
+                _set_tags(client, name, bad, {**marks, "rolled_back_at": at})
+            except MlflowException as exc:
+                raise registry_failure(settings, f"mark v{bad} as rolled back", exc,
+                                       outcome="the aliases are unchanged (champion is still v" + bad + ")",
+                                       hint=retry) from exc
             try:
+                _set_tags(client, name, good, ChampionTags(since=now, reason=f"rollback: {reason}",
+                                                           restored_by=actor).to_tags())
                 for run_id in {current.run_id, previous.run_id}:
                     client.log_dict(run_id, record, rollback_artifact(now))
-                client.set_registered_model_alias(name, CHAMPION, previous.version)
+            except (MlflowException, OSError) as exc:
+                raise registry_failure(
+                    settings, f"record the rollback to v{good}", exc,
+                    outcome=f"the aliases are unchanged (champion is still v{bad}); v{bad} is already marked "
+                            "rolled back, so it can no longer be approved, made champion or trusted by serving",
+                    hint=retry) from exc
+            try:
+                client.set_registered_model_alias(name, CHAMPION, good)
                 if keep_earlier:
+                    assert earlier is not None
                     client.set_registered_model_alias(name, PREVIOUS, earlier)
                     expected[PREVIOUS] = earlier
                 else:
                     client.delete_registered_model_alias(name, PREVIOUS)
                     expected.pop(PREVIOUS, None)
             except MlflowException as exc:
-                raise _undo(settings, client, before, None, f"roll back to v{previous.version}", exc) from exc
-            _confirm(settings, expected, f"rollback to v{previous.version}")
-        _audit(client, name, current.version, RollbackTags(at=now, reason=reason, by=actor).to_tags(),
-               f"Rolled back {now} by {actor}: {reason}")
-        _audit(client, name, previous.version,
-               ChampionTags(since=now, reason=f"rollback: {reason}", restored_by=actor).to_tags(),
-               f"Restored as champion {now} by {actor}: {reason}")
-    logger.warning("%s: rolled back champion v%s → v%s (%s)", name, current.version, previous.version, reason)
-    for v in (current.version, previous.version):
-        publish_card(settings, str(v))
+                raise _undo(settings, client, before, None, f"roll back to v{good} (v{bad} stays marked rolled "
+                            "back)", exc) from exc
+            _confirm(settings, expected, f"rollback to v{good}")
+        for version, line in ((bad, f"Rolled back {now} by {actor}: {reason}"),
+                              (good, f"Restored as champion {now} by {actor}: {reason}")):
+            try:  # the record is complete without it (tags + artifact): a failure here is not fatal
+                _describe(client, name, version, line)
+            except MlflowException as exc:
+                logger.warning("rollback to v%s done; could not add its line to v%s's description (%s)",
+                               good, version, getattr(exc, "error_code", None) or type(exc).__name__)
+    logger.warning("%s: rolled back champion v%s → v%s (%s)", name, bad, good, reason)
+    for v in (bad, good):
+        publish_card(settings, v)
     return {**record, "aliases": aliases(settings)}
 
 
-def _audit(client: Any, name: str, version: str, tags: dict[str, str], line: str) -> None:
-    _set_tags(client, name, version, tags)
+def _describe(client: Any, name: str, version: str, line: str) -> None:
     description = client.get_model_version(name, version).description or ""
     client.update_model_version(name, version, description=f"{description}\n\n{line}".strip())

@@ -158,6 +158,105 @@ def test_a_failed_version_cannot_be_approved(registry: Settings) -> None:
     assert get_alias(registry, CHAMPION) is None
 
 
+# --------------------------------------------------------------------------- (3) rollback under faults
+
+
+def champions(settings: Settings, n: int) -> list[Any]:
+    """``n`` versions made champion one after the other, each gated against its predecessor."""
+    versions: list[Any] = []
+    for _ in range(n):
+        v = new_version(settings, gated_against=str(versions[-1].version) if versions else None)
+        move_champion(settings, v.version, reason="test",
+                      expected_champion=str(versions[-1].version) if versions else None)
+        versions.append(v)
+    return versions
+
+
+def is_key(key: str) -> Callable[..., bool]:
+    return lambda name, version, k, value: k == key
+
+
+# (id, MlflowClient method, when it fails, chain length, is the champion marked rolled back after the error)
+ROLLBACK_FAULTS = [
+    ("first-rollback-tag", "set_model_version_tag", is_key("rolled_back_reason"), 3, False),
+    ("rollback-marker", "set_model_version_tag", is_key("rolled_back_at"), 3, False),
+    ("restored-champion-tag", "set_model_version_tag", is_key("champion_since"), 3, True),
+    ("audit-artifact", "log_dict", lambda *a, **k: True, 3, True),
+    ("champion-alias", "set_registered_model_alias", lambda name, alias, v: alias == CHAMPION, 3, True),
+    ("previous-alias", "set_registered_model_alias", lambda name, alias, v: alias == PREVIOUS, 3, True),
+    ("previous-alias-delete", "delete_registered_model_alias", lambda name, alias: alias == PREVIOUS, 2, True),
+]
+
+
+@pytest.mark.parametrize(("method", "when", "n", "marked"), [pytest.param(*f[1:], id=f[0]) for f in ROLLBACK_FAULTS])
+def test_a_registry_error_at_any_write_of_a_rollback_fails_closed(
+        registry: Settings, monkeypatch: pytest.MonkeyPatch, method: str, when: Callable[..., bool], n: int,
+        marked: bool) -> None:
+    """Before: the rollback tags were written after the aliases moved, unwrapped: an error there was a raw
+    MlflowException traceback and left the rolled-back version untagged, so it could be approved again.
+    Now the bad version is marked before any alias moves; every error is one RegistryUnavailable that
+    says the aliases are unchanged, the chain is intact, and a marked version cannot come back."""
+    from pipeline.errors import RegistryUnavailable
+    from pipeline.registry.promote import approve_version
+
+    versions = champions(registry, n)
+    bad = str(versions[-1].version)
+    before, links = aliases(registry), [r.version for r in chain(registry)]
+
+    with failing(monkeypatch, method, when) as calls, pytest.raises(RegistryUnavailable) as err:
+        rollback(registry, reason="bad in production", actor="ops")
+    assert calls, f"{method} was never called"
+    assert "INTERNAL_ERROR" in str(err.value) and "aliases are unchanged" in str(err.value), str(err.value)
+    assert err.value.hint and "xrayops registry" in err.value.hint
+    assert aliases(registry) == before and [r.version for r in chain(registry)] == links
+
+    assert (VersionRecord.from_version(get_version(registry, bad)).rollback is not None) is marked
+    if marked:
+        with pytest.raises(PromotionError, match="rolled back"):
+            approve_version(registry, bad, reviewer="r", comment="again", approve=True)
+        with pytest.raises(PromotionError, match="rolled back"):
+            move_champion(registry, bad, reason="forced")
+
+    done = rollback(registry, reason="bad in production", actor="ops")  # the retry completes
+    assert done["from_version"] == bad and aliases(registry)[CHAMPION] == str(versions[-2].version)
+    assert aliases(registry).get(PREVIOUS) == (str(versions[-3].version) if n >= 3 else None)
+    assert VersionRecord.from_version(get_version(registry, bad)).rollback is not None
+    with pytest.raises(PromotionError, match="rolled back"):
+        approve_version(registry, bad, reviewer="r", comment="again", approve=True)
+
+
+def test_a_failed_description_line_does_not_undo_a_complete_rollback(
+        registry: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    versions = champions(registry, 2)
+    with failing(monkeypatch, "update_model_version") as calls:
+        done = rollback(registry, reason="bad", actor="ops")
+    assert calls and done["aliases"] == {CHAMPION: str(versions[0].version)}
+    assert "could not add its line" in caplog.text
+    record = VersionRecord.from_version(get_version(registry, versions[1].version))
+    assert record.rollback is not None and record.rollback.by == "ops"
+
+
+def test_the_cli_reports_a_registry_error_during_rollback_in_one_line(
+        registry: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.test_cli_errors import error_lines
+
+    champions(registry, 2)
+    before = aliases(registry)
+    argv = ["registry", "rollback", "--reason", "bad", "--params", str(registry.root / "params.yaml"),
+            "--set", f"promote.registered_model={registry.registered_model}"]
+    with failing(monkeypatch, "set_model_version_tag", is_key("rolled_back_at")):
+        out = CliRunner().invoke(app, argv)
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output
+    error, hint = error_lines(out.output)
+    assert "failed to mark v2 as rolled back" in error and "aliases are unchanged" in error, error
+    assert hint is not None and "xrayops registry" in hint
+    assert aliases(registry) == before
+
+
 # --------------------------------------------------------------------------- races
 
 

@@ -4,6 +4,11 @@ An http(s) tracking or registry server that does not answer fails fast (one requ
 seconds, no retries) with :class:`~pipeline.errors.TrackingUnavailable` naming the fix, instead of
 MLflow's minutes of retries; a password in a URI is masked (``user:***@``) wherever it is shown,
 and in the run's params (:func:`loggable_params`) and tags.
+
+A local SQLite store is created once per process, under a file lock next to the database
+(:func:`ensure_sqlite_store`): MLflow creates a missing schema on first open without any lock
+across processes, so runs started at once in a fresh project crashed in each other's
+migrations ("table ... already exists", "duplicate column name").
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from urllib.parse import urlsplit
 
 from pipeline.config import Settings
 from pipeline.connections import connection_reason, exception_chain, mask_uri
-from pipeline.errors import TrackingUnavailable, XrayopsError
+from pipeline.errors import RegistryBusy, TrackingUnavailable, XrayopsError
+from pipeline.locking import file_lock
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0  # connect (and read) timeout of the reachability check of an http(s) server
 _ANSWERED: set[str] = set()  # http(s) servers that answered in this process (checked once)
+_CREATED: set[str] = set()  # sqlite:/// stores whose schema this process has seen complete
+INIT_LOCK_NAME = ".mlflow-init.lock"  # beside the database file
 
 
 def configure_mlflow(settings: Settings) -> Any:
@@ -47,12 +55,46 @@ def mlflow_client(settings: Settings) -> Any:
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    for store in dict.fromkeys((uri, settings.registry_uri)):
+        ensure_sqlite_store(store, timeout_s=settings.promote.registry_lock_timeout_s)
     check_server(uri, "paths.mlflow_tracking_uri")
     if settings.registry_uri != uri:
         check_server(settings.registry_uri, "paths.mlflow_registry_uri")
     return MlflowClient(tracking_uri=uri, registry_uri=settings.registry_uri)
+
+
+def ensure_sqlite_store(uri: str, *, timeout_s: float = 120.0) -> None:
+    """Create the schema of the local SQLite MLflow store ``uri`` if it is missing, one process at a time.
+
+    MLflow's stores create a missing schema when first opened (create tables, then alembic
+    migrations), with nothing that excludes another process doing the same: three runs started
+    at once on a fresh database crashed two of three. Here the check and the creation run under
+    an exclusive lock on ``<db folder>/.mlflow-init.lock``, held only for that; a process that
+    waited finds the schema complete and creates nothing. Once seen complete, a store is not
+    checked again in this process. Other URIs (servers) are left alone: a server migrates its
+    own database. An out-of-date schema is not upgraded here (MLflow refuses to open it and
+    names `mlflow db upgrade`; back the database up first).
+
+    Raises:
+        RegistryBusy: another process held the lock for ``timeout_s`` (``promote.registry_lock_timeout_s``).
+    """
+    if not uri.startswith("sqlite:///") or uri in _CREATED:
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.store.db import utils as db_utils
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with file_lock(path.parent / INIT_LOCK_NAME, what=f"creation of the MLflow database {path}",
+                   timeout_s=timeout_s, setting="promote.registry_lock_timeout_s", busy=RegistryBusy,
+                   reentrant=False):
+        engine = SqlAlchemyStore._get_or_create_engine(uri)  # the engine the stores reuse (cached per URI)
+        if not db_utils._all_tables_exist(engine):
+            logger.info("creating the MLflow database %s", path)
+            db_utils._initialize_tables(engine)
+    _CREATED.add(uri)
 
 
 def check_server(uri: str, setting: str = "paths.mlflow_tracking_uri") -> None:

@@ -4,34 +4,31 @@ The library serialises alias moves with a file lock (``pipeline/registry/lock.py
 covers the processes of one machine. When several machines (workers) write to one MLflow
 registry server, ``promote.registry_write_limit`` names a Prefect global concurrency limit
 (create it once: ``prefect gcl create registry-write --limit 1``) that the flows take around
-every alias move as well. It must exist: a missing limit is an error, never "no lock".
+every alias move as well. It must exist: a missing limit is an error, never "no lock". A shared
+registry (a server or database, not a local SQLite file) without the setting is refused before
+the gate runs (:func:`pipeline.registry.lock.check_shared_lock`): no alias moves without a shared lock.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
-
 from pipeline.config import Settings
-from pipeline.connections import mask_uri
 from pipeline.errors import RegistryBusy, RegistryError
-from pipeline.registry.lock import AliasLock
+from pipeline.registry.lock import AliasLock, check_shared_lock
 
 
 def registry_write_lock(settings: Settings) -> AliasLock | None:
     """The lock the flows add around alias moves: the limit ``promote.registry_write_limit``, or None
-    (the library's file lock only; a warning when the registry is a server other machines may share)."""
+    (the library's file lock only, for a local SQLite/file registry).
+
+    Raises:
+        ConfigError: the registry is shared (a server or database) and the setting is null.
+    """
     name = settings.promote.registry_write_limit
     if not name:
-        if settings.registry_uri.startswith(("http://", "https://")):
-            _logger().warning(
-                "registry %s is a server but promote.registry_write_limit is null: alias moves are serialised on "
-                "this machine only (set it and run `prefect gcl create registry-write --limit 1`)",
-                mask_uri(settings.registry_uri))
+        check_shared_lock(settings, None)
         return None
     timeout = settings.promote.registry_lock_timeout_s
 
@@ -56,9 +53,3 @@ def registry_write_lock(settings: Settings) -> AliasLock | None:
 
     return limit
 
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:  # type: ignore[type-arg]
-    try:
-        return get_run_logger()
-    except MissingContextError:  # the CLI, outside a flow run
-        return logging.getLogger(__name__)

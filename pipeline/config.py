@@ -326,9 +326,11 @@ class PromoteSection(_Section):
     registry_lock_timeout_s: float = Field(gt=0, description="How long an alias move (promotion, approval, "
                                            "rollback) waits for another writer's registry lock before it fails.")
     registry_write_limit: str | None = Field(
-        description="Prefect global concurrency limit (limit 1) the flows also take around alias moves, for a "
-        "registry server shared by several machines (the file lock under paths.home covers one machine); it must "
-        "exist: `prefect gcl create registry-write --limit 1`. null = the file lock only.")
+        description="Prefect global concurrency limit (limit 1) the flows and the CLI also take around alias moves, "
+        "for a registry other machines can write to (the file lock under paths.home covers one machine); it must "
+        "exist: `prefect gcl create registry-write --limit 1`. null = the file lock only, which is allowed only "
+        "for a local SQLite/file registry: with a registry server or database (http(s)://, postgresql://, ...) "
+        "alias moves are refused until this is set (e.g. registry-write).")
     subgroup_by: SubgroupAttribute = Field(description="Attribute whose subgroups the subgroup criteria check.")
     subgroup_min_patients: int = Field(ge=1, description="Subgroups with fewer test patients are not checked by "
                                        "the subgroup criteria (they are still reported).")

@@ -8,10 +8,14 @@ for a registry server, ``paths.home``. ``flock`` excludes other processes and ot
 that open the file separately, and the kernel drops it when its holder dies (``kill -9``
 included), so a crash never leaves a stale lock.
 
-A file lock covers one machine. For a registry server shared by several machines the caller
-adds a lock of its own: the Prefect flows take the global concurrency limit named by
-``promote.registry_write_limit`` around this one (``flows/training.py``); the library never
-imports Prefect, so it takes that lock as a context-manager factory (:data:`AliasLock`).
+A file lock covers one machine. For a registry other machines may write to (an MLflow server,
+``http(s)://``, or a database such as ``postgresql://``: anything but a local SQLite file or file
+store, :func:`shared_registry`) the caller adds a lock of its own: the flows and the CLI take the
+Prefect global concurrency limit named by ``promote.registry_write_limit`` around this one
+(``flows/registry_lock.py``); the library never imports Prefect, so it takes that lock as a
+context-manager factory (:data:`AliasLock`). Without one, an alias move on a shared registry is
+refused (:func:`check_shared_lock`, fail closed): a file lock that other machines never see is no
+lock, and two moves at once would lose a link of the ``previous-champion`` chain.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.config import Settings
-from pipeline.errors import RegistryBusy
+from pipeline.connections import mask_uri
+from pipeline.errors import ConfigError, RegistryBusy
 from pipeline.locking import file_lock
 
 logger = logging.getLogger(__name__)
@@ -53,9 +59,47 @@ def registry_file_lock(settings: Settings) -> AbstractContextManager[None]:
                      timeout_s=settings.promote.registry_lock_timeout_s, setting="promote.registry_lock_timeout_s")
 
 
+#: URI schemes of registries that live in one machine's files (the file lock covers every writer)
+LOCAL_SCHEMES = ("", "file", "sqlite")
+
+
+def shared_registry(settings: Settings) -> bool:
+    """Whether other machines may write to the registry: any URI but a local SQLite file or file store."""
+    uri = settings.registry_uri
+    if re.match(r"^[A-Za-z]:[\\/]", uri):  # a Windows drive path, not a scheme
+        return False
+    return urlsplit(uri).scheme.lower() not in LOCAL_SCHEMES
+
+
+def check_shared_lock(settings: Settings, outer: AliasLock | None) -> None:
+    """Refuse to move aliases of a shared registry (:func:`shared_registry`) without a lock all its writers take.
+
+    Raises:
+        ConfigError: the registry is shared and no outer lock (``promote.registry_write_limit``) was given.
+    """
+    if outer is not None or not shared_registry(settings):
+        return
+    name = settings.promote.registry_write_limit
+    why = ("promote.registry_write_limit is null" if not name
+           else f"the caller did not take promote.registry_write_limit ({name!r})")
+    raise ConfigError(
+        f"refusing to move aliases of {settings.registered_model}: the registry at {mask_uri(settings.registry_uri)} "
+        f"is shared (other machines can write to it) and {why}, so this machine's file lock cannot keep two "
+        "moves apart",
+        hint="set promote.registry_write_limit: registry-write (params.yaml, or --set "
+             "promote.registry_write_limit=registry-write) and create that Prefect limit once: "
+             "`prefect gcl create registry-write --limit 1`")
+
+
 @contextmanager
 def alias_lock(settings: Settings, outer: AliasLock | None = None) -> Iterator[None]:
-    """The registry file lock, inside ``outer()`` when given (e.g. a Prefect global concurrency limit)."""
+    """The registry file lock, inside ``outer()`` when given (e.g. a Prefect global concurrency limit).
+
+    Raises:
+        ConfigError: a shared registry and no ``outer`` lock (:func:`check_shared_lock`).
+        RegistryBusy: a lock stayed taken for ``promote.registry_lock_timeout_s``.
+    """
+    check_shared_lock(settings, outer)
     if outer is None:
         with registry_file_lock(settings):
             yield

@@ -5,14 +5,17 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.config import Settings, with_overrides
-from pipeline.errors import RegistryBusy, RegistryError
+from pipeline.errors import ConfigError, RegistryBusy, RegistryError
 from pipeline.registry.contract import CHAMPION, PREVIOUS, VersionRecord
-from pipeline.registry.lock import lock_path, registry_file_lock
+from pipeline.registry.lock import alias_lock, lock_path, registry_file_lock, shared_registry
 from pipeline.registry.read import aliases, get_alias, get_version
 from pipeline.registry.write import move_champion
 from tests.registry.versions import gate_against_current, new_version
@@ -27,6 +30,54 @@ def test_a_held_lock_makes_an_alias_move_wait_then_fail_naming_the_holder(regist
     assert get_alias(settings, CHAMPION) is None
     move_champion(settings, v1.version, reason="free again")
     assert aliases(settings)[CHAMPION] == str(v1.version)
+
+
+# (tracking URI, registry URI, shared?) with {tmp} = a temporary folder; None = the default
+REGISTRIES = [
+    (None, None, False),  # the default: SQLite in paths.home
+    ("sqlite:///{tmp}/mlflow.db", None, False),
+    ("file://{tmp}/mlruns", None, False),
+    ("{tmp}/mlruns", None, False),
+    ("http://mlflow:5000", None, True),
+    ("https://alice:s3cret@mlflow.example.org", None, True),
+    ("postgresql://alice:s3cret@db.example.org/mlflow", None, True),
+    ("mysql+pymysql://db.example.org/mlflow", None, True),
+    (None, "http://mlflow:5000", True),  # local tracking, shared registry
+    ("http://mlflow:5000", "sqlite:///{tmp}/registry.db", False),  # shared tracking, local registry
+]
+
+
+@pytest.mark.parametrize(("tracking", "registry_uri", "shared"), REGISTRIES)
+def test_alias_moves_on_a_shared_registry_need_the_prefect_limit(
+        make_settings: Callable[..., Settings], tmp_path: Path, tracking: str | None, registry_uri: str | None,
+        shared: bool) -> None:
+    """Before: a registry server without promote.registry_write_limit only logged a warning, and moves on two
+    machines each took their own file lock. Now the move is refused, naming the setting to set."""
+    from flows.registry_lock import registry_write_lock
+
+    sets = [f"paths.mlflow_tracking_uri={tracking.format(tmp=tmp_path)}"] if tracking else []
+    sets += [f"paths.mlflow_registry_uri={registry_uri.format(tmp=tmp_path)}"] if registry_uri else []
+    settings = make_settings(*sets, "promote.registered_model=xr-shared")
+    assert shared_registry(settings) is shared, settings.registry_uri
+    if not shared:  # the file lock alone, as before
+        assert registry_write_lock(settings) is None
+        with alias_lock(settings):
+            pass
+        return
+    with pytest.raises(ConfigError, match="is shared .* promote.registry_write_limit is null") as err:
+        with alias_lock(settings):
+            pytest.fail("a shared registry's aliases were writable without the Prefect limit")
+    assert "s3cret" not in str(err.value)
+    assert err.value.hint is not None and "promote.registry_write_limit: registry-write" in err.value.hint
+    assert "prefect gcl create registry-write --limit 1" in err.value.hint
+    with pytest.raises(ConfigError, match="promote.registry_write_limit is null"):
+        registry_write_lock(settings)  # the flows refuse before the gate runs
+    taken: list[str] = []
+    with alias_lock(settings, lambda: nullcontext(taken.append("outer"))):  # an outer lock: the move may go on
+        taken.append("file")
+    assert taken == ["outer", "file"]
+    limited = with_overrides(settings, ["promote.registry_write_limit=registry-write"])
+    assert registry_write_lock(limited) is not None
 
 
 def _promote_in_process(params: str, model: str, version: str, attempts: int, barrier: Any, results: Any) -> None:

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 XRAYOPS = str(Path(sys.executable).parent / "xrayops")
 TZ = "Europe/Paris"
 LENIENT_GATE = ["promote.min_auc=0", "promote.sensitivity_ci_floor=0", "promote.max_ece=1"]
+REGISTRY_LIMIT = "registry-write"  # an MLflow server is a shared registry: alias moves need this Prefect limit
 
 
 @dataclass
@@ -92,7 +93,7 @@ def make_project(root: Path, mlflow_url: str, training_cron: str, monitoring_cro
     params = write_params(root, [*TINY, *LENIENT_GATE, f"paths.mlflow_tracking_uri={mlflow_url}",
                                  f"orchestrate.timezone={TZ}", f"orchestrate.training_cron='{training_cron}'",
                                  f"orchestrate.monitoring_cron='{monitoring_cron}'", "orchestrate.task_retries=1",
-                                 "promote.export_onnx=false"])
+                                 "promote.export_onnx=false", f"promote.registry_write_limit={REGISTRY_LIMIT}"])
     init_git_dvc(root)
     return params
 
@@ -140,6 +141,9 @@ def test_deploy_schedule_and_ui_triggered_training_on_real_servers(stack: Stack,
     out = cli(["deploy", "--params", str(params)], env, cwd=project, timeout=120)
     assert "xrayops-training/training" in out.stdout and training_cron in out.stdout
     with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1))
         pool = client.read_work_pool("xrayops-process")
         assert pool.type == "process"
         deployment = client.read_deployment_by_name("xrayops-training/training")

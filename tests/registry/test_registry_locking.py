@@ -102,11 +102,11 @@ def _promote_in_process(params: str, model: str, version: str, attempts: int, ba
 
 @pytest.mark.slow
 def test_promotions_racing_in_processes_keep_the_chain(registry: Settings) -> None:
-    """Four processes promote at once: every one ends as a link of the previous-champion chain, each
+    """Eight processes promote at once: every one ends as a link of the previous-champion chain, each
     gated against the champion it replaced (the file lock excludes processes, not only threads)."""
     v0 = new_version(registry)
     move_champion(registry, v0.version, reason="first")
-    racers = [str(new_version(registry).version) for _ in range(4)]
+    racers = [str(new_version(registry).version) for _ in range(8)]
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(racers)), ctx.Queue()
     procs = [ctx.Process(target=_promote_in_process, args=(str(registry.root / "params.yaml"),

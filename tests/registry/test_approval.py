@@ -34,17 +34,17 @@ def _paused_run(flow_name: str, timeout: float = 60) -> Any:
     raise AssertionError(f"flow {flow_name} never paused")
 
 
-def _start_promotion(settings: Any, version: Any, decision: Any) -> tuple[str, threading.Thread, list[Any]]:
-    """Run the real ``promote`` task inside a flow in a thread (it blocks while paused)."""
+def _start_promotion(settings: Any, version: Any, candidate: Any) -> tuple[str, threading.Thread, list[Any]]:
+    """Run the flow's real ``gate-and-promote`` task inside a flow in a thread (it blocks while paused)."""
     from prefect import flow
 
-    from flows.training import promote
+    from flows.training import gate_and_promote
 
     name = f"approval-{uuid.uuid4().hex[:8]}"
 
     @flow(name=name)
     def promotion() -> dict[str, Any]:
-        return promote(settings, version, decision)
+        return gate_and_promote(settings, version, candidate.evaluation, candidate.trained).promotion
 
     results: list[Any] = []
     thread = threading.Thread(target=lambda: results.append(promotion(return_state=True)), daemon=True)
@@ -54,7 +54,7 @@ def _start_promotion(settings: Any, version: Any, decision: Any) -> tuple[str, t
 
 @pytest.fixture
 def gated_challenger(gate_project: GateProject, register_and_gate: Callable[..., Any]) -> tuple[Any, ...]:
-    """A champion (v1) and a gate-passing challenger (v2) awaiting approval."""
+    """A champion (v1), a gate-passing challenger (v2) awaiting approval and v2's candidate."""
     plain = gate_project.named()
     v1, d1 = register_and_gate(plain, gate_project.good)
     move_champion(plain, v1.version, reason=d1.reason)
@@ -62,7 +62,7 @@ def gated_challenger(gate_project: GateProject, register_and_gate: Callable[...,
                                   f"promote.registered_model={plain.registered_model}")
     v2, d2 = register_and_gate(settings, gate_project.good)
     assert d2.promote, d2.reason
-    return settings, v1, v2, d2
+    return settings, v1, v2, d2, gate_project.good
 
 
 @pytest.mark.parametrize("approve", [True, False], ids=["approve", "reject"])
@@ -70,8 +70,8 @@ def test_reviewer_decides_in_the_paused_flow(prefect_harness: None, gated_challe
                                              approve: bool) -> None:
     from prefect.flow_runs import resume_flow_run
 
-    settings, v1, v2, decision = gated_challenger
-    name, thread, results = _start_promotion(settings, v2, decision)
+    settings, v1, v2, _, candidate = gated_challenger
+    name, thread, results = _start_promotion(settings, v2, candidate)
     paused = _paused_run(name)
     assert aliases(settings)["champion"] == str(v1.version)  # nothing moves while waiting
 
@@ -97,9 +97,9 @@ def test_reviewer_decides_in_the_paused_flow(prefect_harness: None, gated_challe
 def test_no_answer_times_out_and_keeps_the_champion(prefect_harness: None, gated_challenger: tuple[Any, ...]) -> None:
     from pipeline.config import with_overrides
 
-    settings, v1, v2, decision = gated_challenger
+    settings, v1, v2, _, candidate = gated_challenger
     settings = with_overrides(settings, ["promote.approval_timeout_s=2"])
-    name, thread, results = _start_promotion(settings, v2, decision)
+    name, thread, results = _start_promotion(settings, v2, candidate)
     _paused_run(name)
     thread.join(60)
     assert not thread.is_alive()

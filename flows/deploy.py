@@ -15,7 +15,9 @@
   study with ``pacs.dispatch: deployment`` and ``pacs.deployment`` set to that name.
 - a concurrency limit per deployment, ``orchestrate.concurrency_limit`` (default 1): a run that
   would exceed it waits in the queue until one ends (two trainings never write the same
-  dataset, checkpoints and registry at once).
+  dataset, checkpoints and registry at once);
+- the global concurrency limit ``promote.registry_write_limit`` (limit 1), when set and missing:
+  the lock every writer of a shared registry takes around alias moves (:mod:`flows.registry_lock`).
 
 The training flow is always deployed; monitoring and feedback are deployed when
 ``flows/monitoring.py`` / ``flows/feedback.py`` exist and define a flow. Schedules only
@@ -132,6 +134,26 @@ def check_schedule(cron: str, timezone: str, setting: str) -> None:
                           "'Europe/Paris'.") from None
 
 
+async def ensure_registry_write_limit(settings: Settings) -> bool:
+    """Create the global concurrency limit ``promote.registry_write_limit`` (limit 1) when it is set and
+    missing; True if created. An existing limit is left as it is (an operator may have tuned it)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    name = settings.promote.registry_write_limit
+    if not name:
+        return False
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    logger.info("created global concurrency limit %s (limit 1) for registry alias moves", name)
+    return True
+
+
 async def ensure_work_pool(name: str, pool_type: str = POOL_TYPE) -> bool:
     """Create the work pool when missing (with the worker type's default job template); True if created."""
     from prefect import get_client
@@ -236,6 +258,7 @@ def deploy_all(settings: Settings, *, project_dir: Path | None = None, pool: str
     check_schedule(settings.orchestrate.training_cron, tz, "training_cron")
     check_schedule(settings.orchestrate.monitoring_cron, tz, "monitoring_cron")
     asyncio.run(ensure_work_pool(pool))
+    asyncio.run(ensure_registry_write_limit(settings))
     job_variables = {"env": {"XRAYOPS_PARAMS": str(params_file.resolve())}} if params_file else {}
     deployed = []
     for spec in SPECS:

@@ -27,6 +27,7 @@ from flows.caching import (
     write_stamp,
 )
 from flows.options import io_options
+from flows.registry_lock import registry_write_lock
 from pipeline.config import Settings, load_settings, with_overrides, with_values
 from pipeline.data.sources import SOURCES
 from pipeline.training.models import list_models
@@ -195,7 +196,6 @@ def gate_and_promote(settings: Settings, version: Any, evaluation: Any, trained:
     :func:`pipeline.registry.promote.promote_challenger`, the one promotion path. Each decision (a re-gate
     too, when the champion changed meanwhile) is published as the ``promotion-gate`` artifact."""
     from flows.approval import request_approval
-    from flows.registry_lock import registry_write_lock
     from pipeline.registry.promote import promote_challenger
 
     def publish(decision: Any) -> None:
@@ -246,6 +246,7 @@ def training_flow(params: TrainingParameters = TrainingParameters()) -> dict[str
     params = params or TrainingParameters()
     started = datetime.now(UTC)
     settings = params.settings()
+    registry_write_lock(settings)  # a shared registry without promote.registry_write_limit: refused before training
     logger = get_run_logger()
     logger.info("dataset %s (source %s), model %s", settings.dataset_name, settings.data.source,
                 settings.train.model)

@@ -24,7 +24,7 @@ from pipeline.evaluation.evaluate import EvalResult
 from pipeline.registry.contract import APPROVAL, CHAMPION, GATE, ApprovalRecord, VersionRecord, champion_blocker
 from pipeline.registry.decision import GateDecision
 from pipeline.registry.gate import gate
-from pipeline.registry.lock import AliasLock
+from pipeline.registry.lock import AliasLock, check_shared_lock
 from pipeline.registry.read import get_alias, get_version
 from pipeline.registry.write import (
     check_gated_against,
@@ -148,6 +148,8 @@ def promote_challenger(settings: Settings, trained: TrainResult, evaluation: Eva
             flow registers in its own retried task); None registers it here.
         on_decision: called with each recorded decision (the first and any re-gate), e.g. to publish it.
     """
+    if move_aliases:
+        check_shared_lock(settings, lock)  # refused before anything is registered, not at the alias move
     version = registered if registered is not None else register_version(settings, trained, evaluation)
     decisions: list[GateDecision] = []
 
@@ -178,6 +180,8 @@ def approve_version(settings: Settings, version: str, *, reviewer: str, comment:
         PromotionError: the version did not pass the gate, or may not be approved (see above).
         StaleGateDecision: the champion changed since the version was gated.
     """
+    if approve:
+        check_shared_lock(settings, lock)  # refused before the approval is recorded, not at the alias move
     mv = get_version(settings, version)
     record = VersionRecord.from_version(mv)
     if record.champion_blocker(require_approval=False) == GATE:

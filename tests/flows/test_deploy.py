@@ -102,3 +102,30 @@ def test_deploy_applies_the_pacs_deployment_the_listener_can_run(prefect_harness
     assert stored.work_pool_name == "xrayops-test-pool"
     schema = stored.parameter_openapi_schema
     assert schema["required"] == ["study_ref"] and "study_uid" not in schema["properties"]
+
+
+@pytest.mark.slow
+def test_deploy_creates_the_registry_write_limit_once(prefect_harness: None,
+                                                      make_settings: Callable[..., Settings]) -> None:
+    """With promote.registry_write_limit set, deploy creates that global limit (1 slot) on the server when missing
+    and leaves an existing one (an operator's setting) as it is; with the setting null it creates nothing."""
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import ensure_registry_write_limit
+
+    name = f"registry-write-{uuid.uuid4().hex[:6]}"
+    assert asyncio.run(ensure_registry_write_limit(make_settings())) is False  # null: nothing to create
+    settings = make_settings(f"promote.registry_write_limit={name}")
+    with get_client(sync_client=True) as client:
+        with pytest.raises(ObjectNotFound):
+            client.read_global_concurrency_limit_by_name(name)
+        assert asyncio.run(ensure_registry_write_limit(settings)) is True
+        assert client.read_global_concurrency_limit_by_name(name).limit == 1
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=2))
+        assert asyncio.run(ensure_registry_write_limit(settings)) is False
+        assert client.read_global_concurrency_limit_by_name(name).limit == 2
+        client.delete_global_concurrency_limit_by_name(name)

@@ -195,3 +195,16 @@ def test_the_flows_take_the_prefect_limit_named_by_registry_write_limit(prefect_
     approved = CliRunner().invoke(app, cli)
     assert approved.exit_code == 0, approved.output
     assert aliases(settings)[CHAMPION] == str(v2.version)
+
+
+def test_promotion_and_approval_on_a_shared_registry_without_the_limit_are_refused_before_any_write(
+        make_settings: Callable[..., Settings]) -> None:
+    """Refused up front, not at the alias move after registering and gating (or after recording an approval):
+    the registry URI names no running server, so any registry call would fail with a connection error instead."""
+    from pipeline.registry.promote import approve_version, promote_challenger
+
+    settings = make_settings("paths.mlflow_tracking_uri=http://127.0.0.1:9", "promote.registered_model=xr-shared")
+    with pytest.raises(ConfigError, match="promote.registry_write_limit is null"):
+        promote_challenger(settings, trained=None, evaluation=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="promote.registry_write_limit is null"):
+        approve_version(settings, "1", reviewer="Dr. R", comment="ok", approve=True)

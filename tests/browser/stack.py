@@ -75,7 +75,7 @@ def start_training_stack(root: Path) -> TrainingStack:
         groups.append(prefect_group)
         project = root / "project"
         project.mkdir()
-        # an MLflow server is a shared registry: alias moves need the Prefect limit (created below)
+        # an MLflow server is a shared registry: alias moves need the Prefect limit (deploy creates it)
         params = write_params(project, [*TINY, *LENIENT_GATE, f"paths.mlflow_tracking_uri={mlflow_url}",
                                         "promote.export_onnx=false", "orchestrate.task_retries=0",
                                         "promote.registry_write_limit=registry-write"])
@@ -87,9 +87,6 @@ def start_training_stack(root: Path) -> TrainingStack:
         wait_until(http_ok(f"{mlflow_url}/health"), mlflow_group, 240, "healthy /health")
         wait_until(http_ok(f"{prefect_api}/health"), prefect_group, 240, "healthy /api/health")
         stack = TrainingStack(mlflow_url, prefect_api, project, params, env, root, groups)
-        out = subprocess.run([str(Path(XRAYOPS).parent / "prefect"), "gcl", "create", "registry-write", "--limit", "1"],
-                             env=env, cwd=project, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, f"prefect gcl create → {out.returncode}\n{out.stdout}\n{out.stderr}"
         out = subprocess.run([XRAYOPS, "deploy", "--params", str(params), "--paused"], env=env, cwd=project,
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, f"xrayops deploy → {out.returncode}\n{out.stdout}\n{out.stderr}"

@@ -141,9 +141,8 @@ def test_deploy_schedule_and_ui_triggered_training_on_real_servers(stack: Stack,
     out = cli(["deploy", "--params", str(params)], env, cwd=project, timeout=120)
     assert "xrayops-training/training" in out.stdout and training_cron in out.stdout
     with temporary_settings({PREFECT_API_URL: stack.prefect_api}), get_client(sync_client=True) as client:
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=REGISTRY_LIMIT, limit=1))
+        # deploy created the registry's alias-move limit (promote.registry_write_limit), one slot
+        assert client.read_global_concurrency_limit_by_name(REGISTRY_LIMIT).limit == 1
         pool = client.read_work_pool("xrayops-process")
         assert pool.type == "process"
         deployment = client.read_deployment_by_name("xrayops-training/training")

@@ -45,7 +45,15 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import ServiceUnavailable
-from pipeline.registry.contract import CHAMPION, VersionRecord, approval_artifact, decision_artifact
+from pipeline.registry.contract import (
+    APPROVAL,
+    CHAMPION,
+    GATE,
+    VersionRecord,
+    approval_artifact,
+    champion_blocker,
+    decision_artifact,
+)
 from pipeline.registry.read import get_alias
 from pipeline.tracking import mlflow_client
 
@@ -116,20 +124,23 @@ def judge(ev: TrustEvidence, *, model: str, alias: str, require_approval: bool) 
     """The rule (pure): ``(reason, detail)`` when the version must not be served, else None."""
     r = ev.record
     what = f"{model} v{r.version} (alias '{alias}')"
-    if r.gate is None or not r.gate.passed:
+    approval = ev.approval or {}
+    # the registry's own rule (gate passed; approved when required), on the tags backed by their artifacts
+    blocker = champion_blocker(
+        gate_passed=r.gate is not None and r.gate.passed, require_approval=require_approval,
+        approved=(r.approval is not None and r.approval.approved and approval.get("approved") is True
+                  and str(approval.get("version")) == r.version))
+    if blocker == GATE:
         verdict = "missing" if r.gate is None else f"{r.gate.verdict!r} (failed: {r.gate.failed_text})"
         return NOT_GATED, f"{what}: gate verdict {verdict}; only versions that passed the promotion gate are served"
     problem = _decision_problem(ev.decision, r, model)
     if problem:
         return NOT_GATED, (f"{what}: the gate tags say pass but the recorded decision "
                            f"{decision_artifact(r.version)} {problem}; the tags were not written by the gate")
-    if require_approval:
-        approval = ev.approval or {}
-        if (r.approval is None or not r.approval.approved or approval.get("approved") is not True
-                or str(approval.get("version")) != r.version):
-            status = r.approval.status if r.approval else "missing"
-            return NOT_APPROVED, (f"{what}: promote.require_approval is set and it has no approval on record "
-                                  f"(approval_status={status!r}, record {'found' if ev.approval else 'missing'})")
+    if blocker == APPROVAL:
+        status = r.approval.status if r.approval else "missing"
+        return NOT_APPROVED, (f"{what}: promote.require_approval is set and it has no approval on record "
+                              f"(approval_status={status!r}, record {'found' if ev.approval else 'missing'})")
     if alias != CHAMPION:
         return None
     return _promotion_problem(ev, what)

@@ -39,6 +39,11 @@ TINY = [
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_environment() -> None:
     quiet_tools()
+    # `import dvc` binds DVC's log handlers to sys.stdout/stderr as they are at that moment. Imported first
+    # inside a test that swaps them (typer's CliRunner, capsys), the handlers keep that test's stream, which is
+    # closed after it: every later DVC log line then fails ("I/O operation on closed file"). Import it here,
+    # under the session's capture, whichever test a worker happens to run first.
+    import dvc  # noqa: F401
     os.environ.setdefault("XRAYOPS_PSEUDONYM_SALT", "test-salt-not-secret-0123456789abcdef")  # >= 32 bytes
 
 

@@ -310,41 +310,13 @@ def run_load(server: Server, images: list[bytes], *, requests: int, in_flight: i
 # --------------------------------------------------------------------------- set-up
 
 
-TINY = ["data.synthetic.n_patients=48", "data.synthetic.images_per_patient=[1, 3]", "data.synthetic.image_size=64",
-        "data.synthetic.preset=easy", "data.ingest.workers=2", "data.version_with_dvc=false", "validate.min_rows=10",
-        "train.image_size=64", "train.epochs=2", "train.batch_size=16", "evaluate.bootstrap_resamples=100",
-        "promote.min_auc=0", "promote.sensitivity_ci_floor=0", "promote.max_ece=1"]
-
-
 def tiny_champion(root: Path) -> Path:
-    """A tiny project under ``root`` whose trained model is ``champion``, made through the library path; returns
-    its params.yaml."""
-    import yaml
+    """A tiny project under ``root`` whose trained model is ``champion`` (the test suite's library path, lenient
+    gate, no DVC); returns its params.yaml."""
+    from tests.conftest import train_champion
 
-    from pipeline.config import apply_overrides, load_settings
-    from pipeline.data.ingest import prepare_raw, run_ingest
-    from pipeline.data.split import run_split
-    from pipeline.data.validate import run_validation
-    from pipeline.evaluation.evaluate import run_evaluate
-    from pipeline.job import log_reference_profile
-    from pipeline.registry.promote import promote_challenger
-    from pipeline.training.train import run_train
-
-    params = apply_overrides(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    settings = load_settings(path)
-    prepare_raw(settings)
-    run_ingest(settings, show_progress=False)
-    run_validation(settings)
-    run_split(settings)
-    trained = run_train(settings)
-    evaluation = run_evaluate(settings, trained)
-    log_reference_profile(settings, trained, evaluation)
-    result = promote_challenger(settings, trained, evaluation)
-    if not result.promoted:
-        raise RuntimeError(f"the tiny model was not promoted: {result.decision.reason}")
-    return path
+    train_champion(root)
+    return root / "params.yaml"  # written there by tests.conftest.write_params
 
 
 def main() -> None:

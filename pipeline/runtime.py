@@ -35,10 +35,32 @@ QUIET_ENV = {
 }
 
 
+#: Warnings libraries log about conditions that are expected here, dropped at their logger: logger → message
+#: prefixes. uv's virtual environments have no pip, so MLflow cannot pin it in a logged model's conda.yaml (it
+#: writes plain ``pip``; the model's requirements.txt, which serving uses, is unaffected).
+EXPECTED_WARNINGS = {
+    "mlflow.utils.environment": ("Failed to resolve installed pip version",),
+}
+
+
+class _DropExpected(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
 def quiet_tools() -> None:
-    """Turn off telemetry of every tool (does not override values the user set)."""
+    """Turn off telemetry of every tool (does not override values the user set) and drop the library
+    warnings of :data:`EXPECTED_WARNINGS` (each filter is added once)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    for name, prefixes in EXPECTED_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected(prefixes))
 
 
 def configure_logging(level: str = "INFO", *, plain: bool = False) -> None:

@@ -110,6 +110,7 @@ def run(
         from flows.environment import configure_prefect
 
         configure_prefect(settings)
+        _import_tensorflow_quietly()
         from flows.training import TrainingParameters
         from flows.training import run as run_flow
 
@@ -275,6 +276,7 @@ def train(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Train train.model on the split dataset (MLflow-tracked); writes <models_dir>/<dataset>/."""
     with friendly_errors():
         settings = settings_for(params, sets)
+        _import_tensorflow_quietly()
         from pipeline.training.train import run_train
 
         with tracking_errors(settings):
@@ -288,6 +290,7 @@ def evaluate(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Evaluate the last trained model on the test split (metrics with patient-level CIs)."""
     with friendly_errors():
         settings = settings_for(params, sets)
+        _import_tensorflow_quietly()
         from pipeline.evaluation.evaluate import run_evaluate
         from pipeline.job import log_reference_profile
         from pipeline.training.train import load_trained
@@ -304,6 +307,7 @@ def promote(sets: SetOpt = None, params: ParamsOpt = None) -> None:
     """Register the last evaluated model and promote it through the gate."""
     with friendly_errors():
         settings = settings_for(params, sets)
+        _import_tensorflow_quietly()
         from pipeline.registry.promote import promote_challenger
 
         trained, evaluation = _reload_evaluation(settings)
@@ -972,7 +976,8 @@ def pacs_listen(
 
 
 def _import_tensorflow_quietly() -> None:
-    """TensorFlow (the served model's) without its CUDA/oneDNN start-up noise on CPU hosts, as `serve` does."""
+    """TensorFlow without its CUDA/oneDNN start-up noise on CPU hosts, as `serve` does (the commands that train,
+    evaluate, export or serve a model)."""
     from pipeline.runtime import import_tensorflow_quietly
 
     import_tensorflow_quietly()

@@ -40,6 +40,13 @@ class DatasetVersion:
         return asdict(self)
 
 
+def _quiet_dvc_console() -> None:
+    """DVC's own console output at WARNING. ``import dvc`` sets its logger to INFO with handlers of its own on
+    stdout, so its hints ("To track the changes with git, run: …") were printed twice in a run, raw and again
+    through our log. Our one line per step says what was versioned; DVC's warnings and errors still show."""
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+
+
 def find_repo_root(path: Path) -> Path:
     """The DVC repo containing ``path``.
 
@@ -49,6 +56,7 @@ def find_repo_root(path: Path) -> Path:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
+    _quiet_dvc_console()
     probe = path if path.is_dir() else path.parent
     while not probe.exists():
         probe = probe.parent
@@ -81,6 +89,7 @@ def open_repo(root: Path) -> Iterator[Any]:
     from dvc.repo import Repo
     from dvc.scm import SCMError
 
+    _quiet_dvc_console()
     try:
         repo = Repo(str(root))
     except SCMError as exc:
@@ -192,6 +201,7 @@ def fetch(repo: str, path: str, rev: str | None, dest: Path, *, remote_url: str 
     """
     from dvc.api import DVCFileSystem
 
+    _quiet_dvc_console()
     config = {"remote": {REMOTE_NAME: {"url": remote_url}}, "core": {"remote": REMOTE_NAME}} if remote_url else None
     try:
         fs = DVCFileSystem(repo, rev=rev, config=config) if config else DVCFileSystem(repo, rev=rev)

@@ -72,6 +72,11 @@ def test_three_runs_started_at_once_in_a_fresh_project_without_a_prefect_server(
     print(f"{RUNS} concurrent runs in a fresh project, no Prefect server: {wall:.0f} s wall, all finished")
 
 
+#: lines tools print on their own that a run must not show (DVC's git hint, printed raw and again through our
+#: log; MLflow's missing-pip warning)
+RAW_TOOL_OUTPUT = ("To track the changes with git", "Failed to resolve installed pip version")
+
+
 def run_at_once(root: Path, params: Path, extra_env: dict[str, str]) -> tuple[float, list[dict]]:
     """Start :data:`RUNS` ``xrayops run`` processes at once in ``root``; all must exit 0. Returns the wall
     time and their run summaries. Prefect and MLflow settings come only from ``params`` and ``extra_env``."""
@@ -94,6 +99,8 @@ def run_at_once(root: Path, params: Path, extra_env: dict[str, str]) -> tuple[fl
     logs = [" ".join((root / f"run{i}.log").read_text().split()) for i in range(RUNS)]  # unwrapped
     failed = {i: log[-3000:] for i, ((proc, _), log) in enumerate(zip(procs, logs, strict=True)) if proc.returncode}
     assert not failed, failed  # all three finish (overlapping stages take turns on the dataset lock)
+    raw = {hint for hint in RAW_TOOL_OUTPUT for log in logs if hint in log}
+    assert not raw, f"a tool's raw console output in the run's output: {raw}"
     return wall, [json.loads((root / f"summary{i}.json").read_text()) for i in range(RUNS)]
 
 
